@@ -1,0 +1,3 @@
+from gpen_video.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""The one configuration object: defaults, TOML presets from ``configs/``, flag overrides.
+
+Precedence: built-in defaults < ``--config FILE`` < command-line flags. Unknown keys and
+wrong types are reported by name. Library entry points take a ``Config`` keyword argument;
+no module reads flags or environment variables on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+from gpen_video.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+Codec = Literal["h264", "h265", "prores", "ffv1"]
+Deinterlace = Literal["auto", "off", "frame", "field"]
+Precision = Literal["auto", "fp16", "bf16", "fp32"]
+Detector = Literal["retinaface-mobile", "retinaface-r50"]
+Mask = Literal["plain", "parse"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a restore job. Field docs say what raising or lowering trades."""
+
+    # --- model ---
+    model: str = "GPEN-BFR-512"
+    """Preset name (``gpen-video models`` lists them). Larger presets: sharper, slower."""
+    weights: str | None = None
+    """Local checkpoint path; when set nothing is downloaded."""
+    offline: bool = False
+    """Never download; fail with instructions when weights are missing."""
+    cache_dir: str | None = None
+    """Where weights are cached (default: $GPEN_VIDEO_HOME or the platform cache dir)."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    precision: Precision = "auto"
+    """auto = fp16 on CUDA, fp32 on CPU. bf16 on CPU is faster but slightly less exact."""
+    batch_size: int | None = None
+    """Faces per restorer call; None picks by device. Higher: more throughput, more memory."""
+
+    # --- detection and tracking ---
+    detector: Detector = "retinaface-mobile"
+    detect_size: int = 1024
+    """Long side of the copy the detector sees. Higher: finds smaller faces, slower."""
+    score_threshold: float = 0.9
+    """Detections below this confidence are ignored. Lower: more faces, more false ones."""
+    min_face: int = 24
+    """Faces whose box's shorter side is under this many pixels are left alone."""
+    only_largest_face: bool = False
+    """Restore only the largest face of each frame."""
+    single_pass: bool = False
+    """Causal smoothing in one decode pass (for inputs that cannot be read twice); a little lag."""
+    smooth_window: int = 9
+    """Zero-phase smoother length in frames. Longer: steadier faces, slower reaction to motion."""
+    max_gap: int = 8
+    """A track survives this many frames without detection; the gap is interpolated."""
+
+    # --- blending ---
+    strength: float = 1.0
+    """0 keeps the original face, 1 uses the restored one fully."""
+    mask: Mask = "plain"
+    """plain: the original demo's feathered square; parse: face-parsing mask (downloads weights)."""
+
+    # --- output ---
+    codec: Codec = "h264"
+    crf: int = 18
+    """Quality for h264/h265. Lower: larger, closer to the input."""
+    preset: str = "medium"
+    """x264/x265 speed preset. Slower presets: smaller files at the same quality."""
+    deinterlace: Deinterlace = "auto"
+    strict: bool = False
+    """Fail instead of warning when a stream cannot be copied into the output container."""
+    overwrite: bool = False
+
+    # --- run ---
+    quiet: bool = False
+    debug: bool = False
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(Config)
+        for f in fields(self):
+            allowed = get_args(hints[f.name])
+            if allowed and all(isinstance(a, str) for a in allowed):
+                if getattr(self, f.name) not in allowed:
+                    raise ConfigError(
+                        f"{f.name} must be one of {', '.join(allowed)}, got {getattr(self, f.name)!r}"
+                    )
+        checks = {
+            "strength": 0.0 <= self.strength <= 1.0,
+            "score_threshold": 0.0 < self.score_threshold <= 1.0,
+            "detect_size": self.detect_size >= 64,
+            "min_face": self.min_face >= 0,
+            "crf": 0 <= self.crf <= 51,
+            "smooth_window": self.smooth_window >= 1,
+            "max_gap": self.max_gap >= 0,
+            "batch_size": self.batch_size is None or self.batch_size >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"{name} is out of range: {getattr(self, name)!r}")
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with ``changes`` applied (None values are ignored: flag not given)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    base = {float: (int, float), int: (int,), bool: (bool,), str: (str,)}
+    options = [a for a in get_args(hint)] or [hint]
+    for option in options:
+        if option is type(None) and value is None:
+            return value
+        if isinstance(option, str) and isinstance(value, str):
+            return value
+        if option in base and isinstance(value, base[option]) and not (
+            option is not bool and isinstance(value, bool)
+        ):
+            return option(value)
+    raise ConfigError(f"config key {name!r} has the wrong type: {value!r}")
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Build a Config from an optional TOML preset and overrides.
+
+    ``path`` may be a file path or a preset name from ``configs/`` (``home-video``).
+    Overrides whose value is None are ignored, so parsed flags can be passed as they are.
+
+    >>> load_config(None, crf=20).crf
+    20
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.exists() and (CONFIG_DIR / f"{path}.toml").exists():
+            file = CONFIG_DIR / f"{path}.toml"
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+            raise ConfigError(f"config file {file} does not exist (shipped presets: {presets})") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+        hints = get_type_hints(Config)
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, dict):
+                flat.update(value)
+            else:
+                flat[key] = value
+        for key, value in flat.items():
+            key = key.replace("-", "_")
+            if key not in hints:
+                raise ConfigError(f"config file {file} has an unknown key {key!r}")
+            values[key] = _coerce(key, value, hints[key])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Config(**values)

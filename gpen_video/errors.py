@@ -1,0 +1,64 @@
+"""Typed errors. The library raises these; only the CLI formats them for people.
+
+Every message is one sentence a user can act on: what went wrong, with which file,
+and what to do. Each class also inherits the matching built-in so callers that catch
+``OSError`` or ``ValueError`` keep working.
+"""
+
+from __future__ import annotations
+
+
+class GpenVideoError(Exception):
+    """Base class of every error gpen-video raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(GpenVideoError, ValueError):
+    """A preset file or option is invalid (unknown key, wrong type, out of range)."""
+
+    exit_code = 2
+
+
+class InputError(GpenVideoError, OSError):
+    """The input cannot be used: missing, empty, not media, no video stream."""
+
+    exit_code = 3
+
+
+class DecodeError(GpenVideoError, OSError):
+    """The input opened but could not be decoded far enough to do the job."""
+
+    exit_code = 3
+
+
+class OutputError(GpenVideoError, OSError):
+    """The output cannot be written: exists without -y, equals the input, bad container."""
+
+    exit_code = 4
+
+
+class EncodeError(GpenVideoError, OSError):
+    """The encoder or muxer failed while writing the output."""
+
+    exit_code = 4
+
+
+class StreamCopyError(OutputError):
+    """A non-video stream cannot be copied into the chosen container (raised with --strict)."""
+
+
+class WeightsError(GpenVideoError, OSError):
+    """Model weights are missing, corrupt, of the wrong preset, or cannot be downloaded."""
+
+    exit_code = 5
+
+
+class DownloadError(WeightsError):
+    """A download failed (no network, HTTP error, truncated transfer)."""
+
+
+class DeviceError(GpenVideoError, RuntimeError):
+    """The requested compute device is not available."""
+
+    exit_code = 6

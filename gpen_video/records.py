@@ -1,0 +1,141 @@
+"""Small typed records the stages pass to each other.
+
+Conventions shared by every stage:
+- Images are numpy arrays (H, W, 3) in RGB order, ``uint8`` for 8-bit sources and
+  ``uint16`` (full 16-bit scale) for sources of higher bit depth.
+- Coordinates are float pixels in the *displayed* (upright) frame, origin at the
+  top-left corner of the top-left pixel's centre (OpenCV's convention).
+- Five-point landmarks are ordered: left eye, right eye, nose tip, left mouth corner,
+  right mouth corner, as seen in the image.
+- Times are exact: ``pts`` in units of ``time_base`` (a ``Fraction``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+
+def check_shape(name: str, array: np.ndarray, shape: tuple[int | None, ...]) -> None:
+    """Raise ValueError unless ``array`` has ``shape`` (None matches any size)."""
+    actual = tuple(array.shape)
+    ok = len(actual) == len(shape) and all(e is None or e == a for e, a in zip(shape, actual))
+    if not ok:
+        want = "(" + ", ".join("n" if e is None else str(e) for e in shape) + ")"
+        raise ValueError(f"{name} must have shape {want}, got {actual}")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded video frame, upright as a player shows it.
+
+    Attributes:
+        index: position in decode output order, counting from 0.
+        pts: presentation timestamp in ``time_base`` units (None if the stream has none).
+        time_base: the stream's time base.
+        rgb: (H, W, 3) RGB image, uint8 or uint16.
+    """
+
+    index: int
+    pts: int | None
+    time_base: Fraction
+    rgb: np.ndarray
+
+    def __post_init__(self) -> None:
+        check_shape("Frame.rgb", self.rgb, (None, None, 3))
+        if self.rgb.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"Frame.rgb must be uint8 or uint16, got {self.rgb.dtype}")
+
+    @property
+    def time(self) -> float:
+        """Presentation time in seconds (0.0 when pts is unknown)."""
+        return float(self.pts * self.time_base) if self.pts is not None else 0.0
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Faces found in one frame.
+
+    Attributes:
+        boxes: (n, 4) float32 x1, y1, x2, y2.
+        landmarks: (n, 5, 2) float32.
+        scores: (n,) float32 detector confidence in [0, 1].
+    """
+
+    boxes: np.ndarray
+    landmarks: np.ndarray
+    scores: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.scores)
+        check_shape("Detections.boxes", self.boxes, (n, 4))
+        check_shape("Detections.landmarks", self.landmarks, (n, 5, 2))
+        check_shape("Detections.scores", self.scores, (n,))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @staticmethod
+    def empty() -> "Detections":
+        return Detections(
+            np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros((0,), np.float32)
+        )
+
+    def select(self, keep: np.ndarray) -> "Detections":
+        """The detections at the given indices or boolean mask."""
+        return Detections(self.boxes[keep], self.landmarks[keep], self.scores[keep])
+
+
+@dataclass(frozen=True)
+class TrackedFace:
+    """One face of one track in one frame.
+
+    Attributes:
+        track_id: stable id of the face across frames.
+        frame_index: the ``Frame.index`` it belongs to.
+        box: (4,) float32 x1, y1, x2, y2.
+        landmarks_raw: (5, 2) float32 as detected, or None where the frame was interpolated.
+        landmarks: (5, 2) float32 used for alignment (smoothed / interpolated).
+        score: detector confidence, or None where interpolated.
+        interpolated: True where the detector missed and the face was filled in.
+    """
+
+    track_id: int
+    frame_index: int
+    box: np.ndarray
+    landmarks_raw: np.ndarray | None
+    landmarks: np.ndarray
+    score: float | None
+    interpolated: bool = False
+
+    def __post_init__(self) -> None:
+        check_shape("TrackedFace.box", self.box, (4,))
+        check_shape("TrackedFace.landmarks", self.landmarks, (5, 2))
+        if self.landmarks_raw is not None:
+            check_shape("TrackedFace.landmarks_raw", self.landmarks_raw, (5, 2))
+
+    @property
+    def size(self) -> float:
+        """Shorter side of the box in pixels."""
+        return float(min(self.box[2] - self.box[0], self.box[3] - self.box[1]))
+
+
+@dataclass(frozen=True)
+class AlignedFace:
+    """A face crop warped to the GPEN template.
+
+    Attributes:
+        face: the TrackedFace it was cut from.
+        crop: (S, S, 3) RGB, same dtype as the frame.
+        affine: (2, 3) float64 matrix mapping frame pixels to crop pixels.
+    """
+
+    face: TrackedFace
+    crop: np.ndarray
+    affine: np.ndarray
+
+    def __post_init__(self) -> None:
+        check_shape("AlignedFace.crop", self.crop, (None, None, 3))
+        check_shape("AlignedFace.affine", self.affine, (2, 3))
