@@ -1,0 +1,200 @@
+"""Command line: ``gpen-video restore`` and ``gpen-video models``.
+
+Exit codes: 0 success; 1 some files of a folder failed, or an unexpected error; 2 bad
+options or config; 3 unusable input; 4 output cannot be written; 5 weights problem;
+6 device unavailable; 130 interrupted. Errors print one line; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gpen_video import __version__
+from gpen_video.config import Config, load_config
+from gpen_video.errors import GpenVideoError, InputError
+
+log = logging.getLogger("gpen_video")
+
+VIDEO_SUFFIXES = frozenset(
+    {".mp4", ".mov", ".mkv", ".avi", ".webm", ".mts", ".m2ts", ".ts", ".mpg", ".mpeg", ".vob", ".dv", ".3gp", ".m4v", ".wmv", ".flv"}
+)
+
+
+def _flag(parser: argparse.ArgumentParser, *names: str, **kwargs) -> None:
+    kwargs.setdefault("default", None)
+    parser.add_argument(*names, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpen-video", description="Restore faces in videos and images with GPEN.")
+    parser.add_argument("--version", action="version", version=f"gpen-video {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    _flag(common, "-q", "--quiet", action="store_const", const=True, help="no progress bars or summary")
+    _flag(common, "--cache-dir", help="where weights are cached (default $GPEN_VIDEO_HOME or the user cache dir)")
+
+    r = sub.add_parser("restore", parents=[common], help="restore the faces of a video, an image or a folder")
+    r.add_argument("input", help="video, image, or folder of them")
+    r.add_argument("-o", "--output", help="output file (folder when INPUT is a folder); default NAME.restored.EXT")
+    r.add_argument("--config", help="TOML preset: a file or a name from configs/ (home-video, fast, archival)")
+    r.add_argument("--report", help="write a JSON report of every track and frame here")
+    _flag(r, "-y", "--overwrite", action="store_const", const=True, help="replace an existing output")
+    g = r.add_argument_group("model")
+    _flag(g, "--model", help="GPEN preset (see `gpen-video models`); default GPEN-BFR-512")
+    _flag(g, "--weights", help="local checkpoint file; nothing is downloaded")
+    _flag(g, "--offline", action="store_const", const=True, help="never download weights")
+    _flag(g, "--device", help="auto, cpu, cuda or cuda:N")
+    _flag(g, "--precision", choices=["auto", "fp16", "bf16", "fp32"])
+    _flag(g, "--batch-size", type=int, help="faces per GPEN call (default: chosen for the device)")
+    d = r.add_argument_group("faces")
+    _flag(d, "--detector", choices=["retinaface-mobile", "retinaface-r50"])
+    _flag(d, "--detect-size", type=int, help="long side the detector sees (default 1024)")
+    _flag(d, "--score-threshold", type=float, help="detector confidence threshold (default 0.9)")
+    _flag(d, "--min-face", type=int, help="leave faces smaller than this many pixels alone (default 24)")
+    _flag(d, "--only-largest-face", action="store_const", const=True)
+    _flag(d, "--single-pass", action="store_const", const=True, help="one decode, causal smoothing")
+    _flag(d, "--smooth-window", type=int, help="landmark smoothing window in frames (default 9)")
+    _flag(d, "--strength", type=float, help="0 keeps the original face, 1 the restored one (default 1)")
+    _flag(d, "--mask", choices=["plain", "parse"], help="blend mask (parse downloads a face parser)")
+    o = r.add_argument_group("output")
+    _flag(o, "--codec", choices=["h264", "h265", "prores", "ffv1"])
+    _flag(o, "--crf", type=int, help="h264/h265 quality (default 18)")
+    _flag(o, "--preset", help="x264/x265 preset (default medium)")
+    _flag(o, "--deinterlace", choices=["auto", "off", "frame", "field"])
+    _flag(o, "--strict", action="store_const", const=True, help="fail when a stream cannot be copied")
+
+    m = sub.add_parser("models", parents=[common], help="list weight presets, or download one")
+    m.add_argument("action", nargs="?", choices=["list", "download"], default="list")
+    m.add_argument("name", nargs="?", help="preset to download")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    from gpen_video.weights import default_cache_dir
+
+    names = {f for f in Config.__dataclass_fields__}
+    overrides = {k: v for k, v in vars(args).items() if k in names and k != "debug"}
+    config = load_config(getattr(args, "config", None), **overrides)
+    if config.cache_dir is None:
+        config = config.replace(cache_dir=str(default_cache_dir(os.environ)))
+    return config.replace(debug=args.debug or None)
+
+
+def default_output(input_path: Path) -> Path:
+    return input_path.with_name(f"{input_path.stem}.restored{input_path.suffix}")
+
+
+def _media_in(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and ".restored." not in p.name
+        and p.suffix.lower() in VIDEO_SUFFIXES | {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+    )
+
+
+def _summary(result) -> str:
+    extra = f", {result.damaged_frames} damaged frames dropped" if result.damaged_frames else ""
+    return (
+        f"{result.input.name} -> {result.output}: {result.frames} frames, {result.faces_restored} faces restored, "
+        f"{result.tracks} tracks, {result.seconds:.1f} s ({result.fps:.1f} fps){extra}"
+    )
+
+
+def run_restore(args: argparse.Namespace, config: Config) -> int:
+    from gpen_video.pipeline import FacePipeline, is_image
+
+    source = Path(args.input)
+    if not source.exists():
+        raise InputError(f"input {source} does not exist; check the path")
+    if source.is_dir():
+        jobs = _media_in(source)
+        if not jobs:
+            raise InputError(f"folder {source} holds no video or image files")
+        out_dir = Path(args.output) if args.output else None
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        outputs = [(p, (out_dir / default_output(p).name) if out_dir else default_output(p)) for p in jobs]
+        if args.report:
+            raise InputError("--report takes a single input file, not a folder")
+    else:
+        outputs = [(source, Path(args.output) if args.output else default_output(source))]
+
+    pipeline = FacePipeline(config)
+    failed: list[tuple[Path, str]] = []
+    done = []
+    for input_path, output_path in outputs:
+        try:
+            if is_image(input_path):
+                result = pipeline.restore_image(input_path, output_path)
+            else:
+                result = pipeline.restore_video(input_path, output_path, report_path=args.report)
+        except GpenVideoError as exc:
+            if len(outputs) == 1:
+                raise
+            if config.debug:
+                log.exception("failed: %s", input_path)
+            print(f"error: {input_path}: {exc}", file=sys.stderr)
+            failed.append((input_path, str(exc)))
+            continue
+        done.append(result)
+        if not config.quiet:
+            print(_summary(result), file=sys.stderr)
+    if len(outputs) > 1 and not config.quiet:
+        print(f"{len(done)} restored, {len(failed)} failed", file=sys.stderr)
+        for path, reason in failed:
+            print(f"  failed: {path.name}: {reason}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_models(args: argparse.Namespace, config: Config) -> int:
+    from gpen_video.weights import list_models, resolve_weights
+
+    if args.action == "download":
+        if not args.name:
+            raise InputError("name the preset to download, e.g. `gpen-video models download GPEN-BFR-512`")
+        path = resolve_weights(args.name, cache_dir=config.cache_dir, progress=not config.quiet)
+        print(path)
+        return 0
+    rows = list_models(config.cache_dir)
+    print(f"cache: {config.cache_dir}")
+    for row in rows:
+        state = "cached" if row.present else "not downloaded"
+        print(f"{row.name:<16} {row.kind:<9} {state:<15} {row.path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s: %(message)s" if not args.debug else "%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = config_from_args(args)
+        if args.command == "restore":
+            return run_restore(args, config)
+        return run_models(args, config)
+    except GpenVideoError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for users, traceback with --debug
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (run again with --debug for details)", file=sys.stderr)
+        return 1

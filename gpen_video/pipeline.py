@@ -1,0 +1,436 @@
+"""Wire the stages: decode → detect → track → smooth → align → restore → blend → encode.
+
+Two passes by default. Pass 1 (``analyse``) decodes, detects and tracks the whole video,
+keeping only the small per-face records, then smooths every track with a zero-phase
+smoother and fills short gaps. Pass 2 (``render``) decodes again, crops, restores in
+batches, blends and encodes, every stage in its own thread. ``single_pass`` does both in
+one decode with a causal smoother, for inputs that cannot be read twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from gpen_video import align, blend, detect, smooth, track
+from gpen_video.config import Config
+from gpen_video.decode import VideoReader
+from gpen_video.encode import VideoWriter
+from gpen_video.engine import StageTimer, prefetch, timed_map
+from gpen_video.errors import InputError, OutputError
+from gpen_video.records import AlignedFace, Detections, Frame, TrackedFace
+from gpen_video.report import build_report, write_json_atomic
+from gpen_video.device import resolve_device, resolve_dtype
+from gpen_video.restore import Restorer, default_batch_size, fit_batch_size
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+DETECT_BATCH = 8
+"""Frames per detector call in pass 1. Higher: better accelerator use, more memory."""
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What pass 1 learnt: every frame's timestamp and every track's faces."""
+
+    pts: tuple[int | None, ...]
+    time_base: Fraction
+    tracks: dict[int, list[TrackedFace]]
+    restored_tracks: frozenset[int]
+    faces_by_frame: dict[int, list[TrackedFace]]
+    scene_cuts: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """Summary of one restored file."""
+
+    input: Path
+    output: Path
+    frames: int
+    faces_restored: int
+    tracks: int
+    seconds: float
+    damaged_frames: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def select_faces(faces: Sequence[TrackedFace], *, only_largest: bool) -> list[TrackedFace]:
+    """The faces of one frame to restore (largest first when only one is wanted)."""
+    if only_largest and faces:
+        return [max(faces, key=lambda f: f.size)]
+    return list(faces)
+
+
+def _median_size(faces: Sequence[TrackedFace]) -> float:
+    return float(np.median([f.size for f in faces]))
+
+
+class FacePipeline:
+    """Models and settings of a job, built once and reused across files.
+
+    Args:
+        config: the job's settings.
+        restorer: an already built restorer (tests pass one with an identity network).
+        detector: an already built detector.
+        progress: show tqdm bars on stderr.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        restorer: Restorer | None = None,
+        detector: detect.FaceDetector | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.progress = progress and not config.quiet
+        self.device = resolve_device(config.device) if restorer is None else restorer.device
+        self.restorer = restorer if restorer is not None else self._build_restorer()
+        self.detector = detector if detector is not None else detect.create_detector(
+            config.detector,
+            detect_size=config.detect_size,
+            score_threshold=config.score_threshold,
+            device=str(self.device),
+            cache_dir=config.cache_dir,
+            offline=config.offline,
+            progress=self.progress,
+        )
+        self.masker = None
+        if config.mask == "parse":
+            self.masker = blend.ParsingMasker(
+                device=str(self.device), cache_dir=config.cache_dir, offline=config.offline, progress=self.progress
+            )
+
+    def _build_restorer(self) -> Restorer:
+        from gpen_video.weights import load_gpen, spec_for
+
+        dtype = resolve_dtype(self.config.precision, self.device)
+        model = load_gpen(
+            self.config.model,
+            path=self.config.weights,
+            cache_dir=self.config.cache_dir,
+            offline=self.config.offline,
+            progress=self.progress,
+        )
+        size = spec_for(self.config.model).config.size
+        batch = self.config.batch_size or default_batch_size(self.device)
+        restorer = Restorer(model, size, device=self.device, dtype=dtype, batch_size=batch)
+        if self.config.batch_size is None and self.device.type == "cuda":
+            restorer.batch_size = fit_batch_size(restorer)
+            log.info("batch size %d fits the free GPU memory", restorer.batch_size)
+        return restorer
+
+    # ------------------------------------------------------------------ pass 1
+
+    def _bar(self, total: int | None, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, unit="frame", disable=not self.progress, leave=False, dynamic_ncols=True)
+
+    def _detections(self, frames: Iterable[Frame]) -> Iterator[tuple[Frame, Detections, bool]]:
+        """(frame, detections, starts_new_shot) for every frame, detected in small batches."""
+        cuts = track.SceneCutDetector()
+        batch: list[tuple[Frame, bool]] = []
+
+        def flush() -> Iterator[tuple[Frame, Detections, bool]]:
+            found = self.detector.detect([f.rgb for f, _ in batch])
+            for (frame, cut), det in zip(batch, found):
+                yield frame, det, cut
+            batch.clear()
+
+        for frame in frames:
+            batch.append((frame, cuts.update(track.cut_signature(frame.rgb))))
+            if len(batch) == DETECT_BATCH:
+                yield from flush()
+        if batch:
+            yield from flush()
+
+    def analyse(self, path: Path, *, timer: StageTimer | None = None) -> Analysis:
+        """Pass 1: detect and track every face, then smooth each track without lag."""
+        tracker = track.Tracker(max_gap=self.config.max_gap)
+        pts: list[int | None] = []
+        raw: dict[int, list[TrackedFace]] = defaultdict(list)
+        cuts: list[int] = []
+        with VideoReader(path, deinterlace=self.config.deinterlace) as reader:
+            time_base = reader.info.time_base
+            frames = prefetch(reader.frames(), 8, name="decode", timer=timer)
+            detected = prefetch(self._detections(frames), 2 * DETECT_BATCH, name="detect")
+            with self._bar(reader.info.frame_count, "analyse") as bar:
+                for frame, det, cut in detected:
+                    pts.append(frame.pts)
+                    if cut and frame.index > 0:
+                        tracker.reset()
+                        cuts.append(frame.index)
+                    for face in tracker.update(frame.index, det):
+                        raw[face.track_id].append(face)
+                    bar.update()
+        tracks = smooth.smooth_tracks(raw, window=self.config.smooth_window)
+        return self._select(tuple(pts), time_base, tracks, tuple(cuts))
+
+    def _select(
+        self,
+        pts: tuple[int | None, ...],
+        time_base: Fraction,
+        tracks: dict[int, list[TrackedFace]],
+        cuts: tuple[int, ...] = (),
+    ) -> Analysis:
+        restored = frozenset(
+            tid for tid, faces in tracks.items() if faces and _median_size(faces) >= self.config.min_face
+        )
+        by_frame: dict[int, list[TrackedFace]] = defaultdict(list)
+        for tid in restored:
+            for face in tracks[tid]:
+                by_frame[face.frame_index].append(face)
+        chosen = {
+            index: select_faces(faces, only_largest=self.config.only_largest_face) for index, faces in by_frame.items()
+        }
+        return Analysis(pts, time_base, tracks, restored, chosen, cuts)
+
+    # ------------------------------------------------------------------ pass 2
+
+    def _crop(self, item: tuple[Frame, list[TrackedFace]]) -> tuple[Frame, list[AlignedFace]]:
+        frame, faces = item
+        return frame, align.align_faces(frame.rgb, faces, self.restorer.size) if faces else []
+
+    def _restore_in_batches(
+        self, items: Iterable[tuple[Frame, list[AlignedFace]]], timer: StageTimer | None
+    ) -> Iterator[tuple[Frame, list[AlignedFace], list[np.ndarray]]]:
+        """Fill whole batches from consecutive frames (and every track in them), keep order.
+
+        A partial batch waits for more faces; it is flushed when the frames held back behind
+        it would stall the encoder, and at the end.
+        """
+        batch = self.restorer.batch_size
+        max_held = max(16, 2 * batch)
+        held: list[tuple[Frame, list[AlignedFace]]] = []
+        crops = 0
+
+        def flush() -> Iterator[tuple[Frame, list[AlignedFace], list[np.ndarray]]]:
+            nonlocal crops
+            restored: list[np.ndarray] = []
+            if crops:
+                start = time.perf_counter()
+                stacked = np.stack([a.crop for _, faces in held for a in faces])
+                restored = list(self.restorer.restore(stacked))
+                if timer is not None:
+                    timer.add("restore", time.perf_counter() - start)
+            offset = 0
+            for frame, faces in held:
+                yield frame, faces, restored[offset : offset + len(faces)]
+                offset += len(faces)
+            held.clear()
+            crops = 0
+
+        for frame, faces in items:
+            held.append((frame, faces))
+            crops += len(faces)
+            if crops >= batch or len(held) >= max_held:
+                yield from flush()
+        if held:
+            yield from flush()
+
+    def _blend(self, item: tuple[Frame, list[AlignedFace], list[np.ndarray]]) -> Frame:
+        frame, faces, restored = item
+        if not faces:
+            return frame
+        masks = self.masker.masks(np.stack(restored)) if self.masker is not None else None
+        rgb = blend.paste_faces(frame.rgb, faces, restored, strength=self.config.strength, masks=masks)
+        return replace(frame, rgb=rgb)
+
+    def render(
+        self,
+        frames: Iterable[tuple[Frame, list[TrackedFace]]],
+        writer: VideoWriter,
+        *,
+        total: int | None,
+        timer: StageTimer | None = None,
+    ) -> int:
+        """Pass 2: crop, restore, blend and write every frame in order; returns faces restored."""
+        cropped = prefetch(timed_map(self._crop, frames, name="crop", timer=timer), 16, name="crop")
+        restored = self._restore_in_batches(cropped, timer)
+        blended = prefetch(timed_map(self._blend, restored, name="blend", timer=timer), 16, name="blend")
+        faces = 0
+        with self._bar(total, "restore") as bar:
+            for frame in blended:
+                start = time.perf_counter()
+                writer.write(frame)
+                if timer is not None:
+                    timer.add("encode", time.perf_counter() - start)
+                bar.update()
+        faces = self.restorer.stats.faces
+        return faces
+
+    # ------------------------------------------------------------------ jobs
+
+    def _writer(self, source: VideoReader, output: Path) -> VideoWriter:
+        c = self.config
+        return VideoWriter(
+            output, source, codec=c.codec, crf=c.crf, preset=c.preset, strict=c.strict, overwrite=c.overwrite
+        )
+
+    def restore_video(self, input_path: str | Path, output_path: str | Path, *, report_path: str | Path | None = None) -> JobResult:
+        """Restore every face of a video; write the output (and the JSON report) atomically."""
+        input_path, output_path = Path(input_path), Path(output_path)
+        started = time.perf_counter()
+        timer = StageTimer()
+        faces_before = self.restorer.stats.faces
+        if self.config.single_pass:
+            analysis, damaged = self._single_pass(input_path, output_path, timer)
+        else:
+            analysis = self.analyse(input_path, timer=timer)
+            with VideoReader(input_path, deinterlace=self.config.deinterlace) as reader:
+                with self._writer(reader, output_path) as writer:
+                    frames = prefetch(reader.frames(), 8, name="decode", timer=timer)
+                    planned = ((f, analysis.faces_by_frame.get(f.index, [])) for f in frames)
+                    self.render(planned, writer, total=len(analysis.pts), timer=timer)
+                damaged = reader.damaged_frames
+        if report_path is not None:
+            write_json_atomic(report_path, self.report(input_path, analysis))
+        return JobResult(
+            input=input_path,
+            output=output_path,
+            frames=len(analysis.pts),
+            faces_restored=self.restorer.stats.faces - faces_before,
+            tracks=len(analysis.restored_tracks),
+            seconds=time.perf_counter() - started,
+            damaged_frames=damaged,
+            stage_seconds=dict(timer.busy),
+        )
+
+    def _single_pass(self, input_path: Path, output_path: Path, timer: StageTimer) -> tuple[Analysis, int]:
+        tracker = track.Tracker(max_gap=self.config.max_gap)
+        smoother = smooth.OneEuroSmoother()
+        pts: list[int | None] = []
+        tracks: dict[int, list[TrackedFace]] = defaultdict(list)
+
+        def planned(detected: Iterable[tuple[Frame, Detections, bool]]) -> Iterator[tuple[Frame, list[TrackedFace]]]:
+            for frame, det, cut in detected:
+                pts.append(frame.pts)
+                if cut and frame.index > 0:
+                    tracker.reset()
+                    smoother.reset()
+                faces = smoother.update(tracker.update(frame.index, det), frame.time)
+                for face in faces:
+                    tracks[face.track_id].append(face)
+                keep = [f for f in faces if f.size >= self.config.min_face]
+                yield frame, select_faces(keep, only_largest=self.config.only_largest_face)
+
+        with VideoReader(input_path, deinterlace=self.config.deinterlace) as reader:
+            with self._writer(reader, output_path) as writer:
+                frames = prefetch(reader.frames(), 8, name="decode", timer=timer)
+                detected = prefetch(self._detections(frames), 2 * DETECT_BATCH, name="detect")
+                self.render(planned(detected), writer, total=reader.info.frame_count, timer=timer)
+            time_base = reader.info.time_base
+            damaged = reader.damaged_frames
+        analysis = self._select(tuple(pts), time_base, dict(tracks))
+        return analysis, damaged
+
+    def report(self, input_path: Path, analysis: Analysis) -> dict:
+        from gpen_video.decode import probe
+
+        info = probe(input_path)
+        return build_report(
+            input_path,
+            fps=float(info.average_rate) if info.average_rate else 0.0,
+            pts=analysis.pts,
+            time_base=analysis.time_base,
+            tracks=analysis.tracks,
+            restored_tracks=set(analysis.restored_tracks),
+            extra={"scene_cuts": list(analysis.scene_cuts)},
+        )
+
+    # ------------------------------------------------------------------ images
+
+    def restore_image(self, input_path: str | Path, output_path: str | Path) -> JobResult:
+        """Restore every face of one still image (jpg/png/bmp/webp/tiff)."""
+        input_path, output_path = Path(input_path), Path(output_path)
+        started = time.perf_counter()
+        check_output(input_path, output_path, overwrite=self.config.overwrite)
+        rgb, alpha = read_image(input_path)
+        frame = Frame(0, 0, Fraction(1), rgb)
+        det = self.detector.detect([rgb])[0]
+        faces = [
+            TrackedFace(i, 0, det.boxes[i], det.landmarks[i], det.landmarks[i], float(det.scores[i]))
+            for i in range(len(det))
+        ]
+        faces = select_faces([f for f in faces if f.size >= self.config.min_face], only_largest=self.config.only_largest_face)
+        before = self.restorer.stats.faces
+        (_, aligned), = [self._crop((frame, faces))]
+        restored = list(self.restorer.restore(np.stack([a.crop for a in aligned]))) if aligned else []
+        out = self._blend((frame, aligned, restored))
+        write_image(output_path, out.rgb, alpha)
+        return JobResult(
+            input=input_path,
+            output=output_path,
+            frames=1,
+            faces_restored=self.restorer.stats.faces - before,
+            tracks=len(faces),
+            seconds=time.perf_counter() - started,
+        )
+
+
+def check_output(input_path: Path, output_path: Path, *, overwrite: bool) -> None:
+    """Refuse to write over the input, or over an existing file without ``overwrite``."""
+    if output_path.exists():
+        if input_path.exists() and os.path.samefile(input_path, output_path):
+            raise OutputError(f"output {output_path} is the input; choose another name with -o")
+        if not overwrite:
+            raise OutputError(f"output {output_path} already exists; pass -y to replace it")
+
+
+def read_image(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(H, W, 3) RGB uint8/uint16 and the alpha channel if there is one."""
+    if not path.is_file():
+        raise InputError(f"input {path} does not exist; check the path")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    flags = cv2.IMREAD_UNCHANGED if path.suffix.lower() in {".png", ".tif", ".tiff"} else cv2.IMREAD_COLOR
+    image = cv2.imdecode(data, flags) if data.size else None
+    if image is None:
+        raise InputError(f"input {path} is not a readable image; check that the file is complete")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise InputError(f"input {path} has {image.dtype} pixels; only 8- and 16-bit images are supported")
+    alpha = None
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    elif image.shape[2] == 4:
+        alpha = image[:, :, 3].copy()
+        image = image[:, :, :3]
+    return np.ascontiguousarray(image[:, :, ::-1]), alpha
+
+
+def write_image(path: Path, rgb: np.ndarray, alpha: np.ndarray | None = None) -> None:
+    """Encode by the path's extension to a temporary file beside it, then rename."""
+    bgr = rgb[:, :, ::-1]
+    if alpha is not None:
+        bgr = np.dstack([bgr, alpha])
+    ok, data = cv2.imencode(path.suffix.lower() or ".png", np.ascontiguousarray(bgr))
+    if not ok:
+        raise OutputError(f"cannot encode {path} as {path.suffix}; pick another image extension")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

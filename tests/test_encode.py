@@ -1,0 +1,270 @@
+"""VideoWriter: a pass-through must give back the input, only the video re-encoded."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import replace
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+
+from gpen_video.decode import VideoReader, probe
+from gpen_video.encode import VideoWriter, choose_pix_fmt, default_output_path
+from gpen_video.errors import OutputError, StreamCopyError
+from tests.clips import corrupt_middle, make_clip, read_frames, read_packets, truncate
+
+FAST = dict(preset="ultrafast")
+
+
+def _yuv(frame: av.VideoFrame) -> np.ndarray:
+    """All samples of a planar frame, concatenated (padding excluded)."""
+    parts = []
+    for plane in frame.planes:
+        dtype = np.uint16 if frame.format.components[0].bits > 8 else np.uint8
+        width = plane.line_size // np.dtype(dtype).itemsize
+        parts.append(np.frombuffer(plane, dtype).reshape(-1, width)[: plane.height, : plane.width]
+                     .ravel())
+    return np.concatenate(parts).astype(np.int64)
+
+
+def _yuv_psnr(a: av.VideoFrame, b: av.VideoFrame) -> float:
+    peak = (1 << a.format.components[0].bits) - 1
+    mse = float(np.mean((_yuv(a) - _yuv(b)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+def _pass_through(src, dst, *, deinterlace="auto", edit=None, **kwargs):
+    with VideoReader(src, deinterlace=deinterlace) as reader, \
+            VideoWriter(dst, reader, **kwargs) as writer:
+        for frame in reader.frames():
+            writer.write(edit(frame) if edit else frame)
+    return reader, writer
+
+
+@pytest.mark.parametrize("ext", ["mp4", "mov", "mkv"])
+def test_pass_through_keeps_everything_but_the_picture_bits(tmp_path, ext):
+    src = make_clip(
+        tmp_path / f"in.{ext}", frames=30, size=(64, 48), rate=Fraction(30000, 1001),
+        rotation=90, audio_tracks=2, subtitle=True,
+        metadata={"title": "Holiday 1998", "creation_time": "1998-07-01T10:00:00.000000Z"},
+        stream_metadata={"language": "fra", "handler_name": "Camcorder"} if ext != "mkv"
+        else {"language": "fra", "title": "Camcorder"},
+        color={"range": 1, "primaries": 1, "trc": 1, "space": 1},
+        sample_aspect_ratio=Fraction(16, 15),
+    )
+    dst = tmp_path / f"out.{ext}"
+    _pass_through(src, dst, **FAST)
+
+    a, b = probe(src), probe(dst)
+    same = ["width", "height", "coded_width", "coded_height", "rotation", "time_base",
+            "average_rate", "pix_fmt", "bit_depth", "color_range", "color_primaries",
+            "color_trc", "colorspace", "sample_aspect_ratio", "interlaced"]
+    assert {k: getattr(b, k) for k in same} == {k: getattr(a, k) for k in same}
+    fa, fb = read_frames(src), read_frames(dst)
+    assert len(fb) == len(fa) == 30
+    assert [f.pts for f in fb] == [f.pts for f in fa]
+
+    with av.open(str(src)) as ca, av.open(str(dst)) as cb:
+        assert [s.type for s in cb.streams] == [s.type for s in ca.streams]
+        assert [s.codec_context.name for s in cb.streams][1:] == \
+            [s.codec_context.name for s in ca.streams][1:]
+        assert cb.metadata["title"] == "Holiday 1998"
+        if ext != "mkv":
+            assert cb.metadata["creation_time"] == ca.metadata["creation_time"]
+        for sa, sb in zip(ca.streams, cb.streams):
+            assert sb.metadata.get("language") == sa.metadata.get("language")
+            for key in ("handler_name", "title"):
+                assert sb.metadata.get(key) == sa.metadata.get(key)
+    pa, pb = read_packets(src), read_packets(dst)
+    for index in (1, 2, 3):  # two audio tracks and the subtitles: identical bytes and times
+        assert pb[index] == pa[index]
+    assert min(_yuv_psnr(x, y) for x, y in zip(fa, fb)) > 40
+
+
+def test_unchanged_frames_reach_the_encoder_exactly(tmp_path):
+    """Lossless output: decoded output samples equal decoded input samples bit for bit."""
+    src = make_clip(tmp_path / "in.mp4", frames=8, size=(96, 64), audio_tracks=0)
+    dst = tmp_path / "out.mkv"
+    _pass_through(src, dst, codec="ffv1")
+    for x, y in zip(read_frames(src), read_frames(dst), strict=True):
+        assert np.array_equal(_yuv(x), _yuv(y))
+
+
+@pytest.mark.parametrize("splice", [True, False])
+def test_edited_region_changes_and_the_rest_stays(tmp_path, splice):
+    src = make_clip(tmp_path / "in.mkv", frames=4, size=(96, 64), codec="ffv1", audio_tracks=0)
+    dst = tmp_path / "out.mkv"
+    patch = (slice(16, 32), slice(32, 64))  # rows, columns; even so 4:2:0 chroma aligns
+
+    def edit(frame):
+        rgb = frame.rgb.copy()
+        rgb[patch] = (200, 60, 40)
+        return replace(frame, rgb=rgb)
+
+    _pass_through(src, dst, codec="ffv1", edit=edit, splice=splice)
+    for x, y in zip(read_frames(src), read_frames(dst), strict=True):
+        ox, oy = x.to_ndarray(format="rgb24"), y.to_ndarray(format="rgb24")
+        assert np.abs(oy[patch].astype(int) - (200, 60, 40)).max() <= 3
+        outside = np.ones(ox.shape[:2], bool)
+        outside[patch] = False
+        luma_x, luma_y = _plane(x, 0), _plane(y, 0)
+        # ffv1 input is ringing-free, so even the RGB reference path is exact outside
+        assert np.array_equal(luma_x[outside], luma_y[outside])
+        assert np.array_equal(_plane(x, 1)[:8], _plane(y, 1)[:8])  # chroma rows above the patch
+
+
+def _plane(frame: av.VideoFrame, i: int) -> np.ndarray:
+    plane = frame.planes[i]
+    return np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[: plane.height, : plane.width]
+
+
+def test_splice_keeps_out_of_gamut_samples_that_rgb_would_clip(tmp_path):
+    """Lossy sources ring near edges; RGB clips those samples, splicing keeps them."""
+    src = make_clip(tmp_path / "in.mp4", frames=4, size=(96, 64), audio_tracks=0,
+                    options={"crf": "35"})
+    results = {}
+    for splice in (True, False):
+        dst = tmp_path / f"out-{splice}.mkv"
+        _pass_through(src, dst, codec="ffv1", splice=splice)
+        results[splice] = [
+            int(np.abs(_yuv(x) - _yuv(y)).max()) for x, y in zip(read_frames(src), read_frames(dst))
+        ]
+    assert results[True] == [0, 0, 0, 0]
+    assert max(results[False]) > 0  # the reference path really does lose those samples
+
+
+@pytest.mark.parametrize(
+    "codec,ext", [("h264", "mov"), ("h265", "mkv"), ("prores", "mov"), ("ffv1", "mkv")]
+)
+def test_ten_bit_422_stays_ten_bit_422(tmp_path, codec, ext):
+    src = make_clip(tmp_path / f"in.{ext}", frames=4, size=(64, 48), pix_fmt="yuv422p10le",
+                    audio_tracks=0)
+    dst = tmp_path / f"out.{ext}"
+    _pass_through(src, dst, codec=codec, **({} if codec in ("prores", "ffv1") else FAST))
+    info = probe(dst)
+    assert (info.pix_fmt, info.bit_depth) == ("yuv422p10le", 10)
+    fa, fb = read_frames(src), read_frames(dst)
+    assert [f.pts for f in fb] == [f.pts for f in fa]
+    worst = min(_yuv_psnr(x, y) for x, y in zip(fa, fb))
+    assert worst == math.inf if codec == "ffv1" else worst > 40
+
+
+def test_variable_frame_rate_is_kept(tmp_path):
+    pts = [0, 33, 66, 100, 180, 200, 290, 300]
+    src = make_clip(tmp_path / "in.mkv", frames=8, vfr_pts=pts, time_base=Fraction(1, 1000))
+    for ext in ("mkv", "mp4"):
+        dst = tmp_path / f"out.{ext}"
+        _pass_through(src, dst, **FAST)
+        out = read_frames(dst)
+        assert [f.pts * f.time_base for f in out] == [Fraction(p, 1000) for p in pts]
+
+
+def test_deinterlaced_field_output_doubles_rate(tmp_path):
+    src = make_clip(tmp_path / "in.mkv", frames=6, size=(64, 48), interlaced=True)
+    dst = tmp_path / "out.mkv"
+    reader, _ = _pass_through(src, dst, deinterlace="field", **FAST)
+    out = read_frames(dst)
+    assert len(out) == 12
+    times = [f.pts * f.time_base for f in out]
+    assert {b - a for a, b in zip(times, times[1:])} == {Fraction(1, 50)}
+    assert not probe(dst).interlaced
+    assert read_packets(dst)[1] == read_packets(src)[1]  # audio untouched
+
+
+def test_damaged_input_gives_complete_output(tmp_path, caplog):
+    src = make_clip(tmp_path / "in.mkv", frames=50, size=(96, 64))
+    truncate(src, 0.6)
+    dst = tmp_path / "out.mkv"
+    with caplog.at_level(logging.WARNING):
+        reader, writer = _pass_through(src, dst, **FAST)
+    assert reader.damaged_frames > 0
+    assert writer.frames_written == len(read_frames(dst)) == 50 - reader.damaged_frames
+    assert read_packets(dst)[1] == read_packets(src)[1]
+
+    src2 = make_clip(tmp_path / "in2.mp4", frames=50, size=(96, 64))
+    corrupt_middle(src2, start=0.4, length=0.05)
+    dst2 = tmp_path / "out2.mp4"
+    reader, writer = _pass_through(src2, dst2, **FAST)
+    assert len(read_frames(dst2)) == writer.frames_written == 50 - reader.damaged_frames
+
+
+def test_stream_the_container_cannot_hold_warns_or_fails_strict(tmp_path, caplog):
+    src = make_clip(tmp_path / "in.mkv", frames=5, subtitle=True)  # SubRip: not in MP4
+    dst = tmp_path / "out.mp4"
+    with caplog.at_level(logging.WARNING, logger="gpen_video.encode"):
+        _pass_through(src, dst, **FAST)
+    assert any("subtitle stream #2 (srt)" in r.message for r in caplog.records)
+    assert [s.type for s in av.open(str(dst)).streams] == ["video", "audio"]
+
+    dst2 = tmp_path / "strict.mp4"
+    with pytest.raises(StreamCopyError, match="srt"):
+        VideoWriter(dst2, src, strict=True).__enter__()
+    assert not dst2.exists() and not list(tmp_path.glob(".strict.tmp-*"))
+
+
+def test_existing_output_and_input_as_output_are_refused(tmp_path):
+    src = make_clip(tmp_path / "in.mp4", frames=3)
+    existing = tmp_path / "out.mp4"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(OutputError, match="already exists"):
+        VideoWriter(existing, src)
+    assert existing.read_bytes() == b"keep me"
+    with pytest.raises(OutputError, match="is the input"):
+        VideoWriter(src, src, overwrite=True)
+    link = tmp_path / "link.mp4"
+    os.symlink(src, link)
+    with pytest.raises(OutputError, match="is the input"):
+        VideoWriter(link, src, overwrite=True)
+    with pytest.raises(OutputError, match="does not exist"):
+        VideoWriter(tmp_path / "nowhere" / "out.mp4", src)
+    _pass_through(src, existing, overwrite=True, **FAST)
+    assert len(read_frames(existing)) == 3
+
+
+def test_failure_removes_the_temporary_file(tmp_path):
+    src = make_clip(tmp_path / "in.mp4", frames=6)
+    dst = tmp_path / "out.mp4"
+    with pytest.raises(RuntimeError, match="boom"):
+        with VideoReader(src) as reader, VideoWriter(dst, reader, **FAST) as writer:
+            for frame in reader.frames():
+                writer.write(frame)
+                assert list(tmp_path.glob(".out.tmp-*.mp4"))  # writing goes to a temp file
+                raise RuntimeError("boom")
+    assert not dst.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
+
+
+def test_wrong_frame_is_rejected(tmp_path):
+    src = make_clip(tmp_path / "in.mp4", frames=2)
+    with VideoReader(src) as reader, VideoWriter(tmp_path / "o.mp4", reader, **FAST) as writer:
+        frame = next(reader.frames())
+        with pytest.raises(ValueError, match="must have shape"):
+            writer.write(replace(frame, rgb=frame.rgb[:10]))
+        with pytest.raises(ValueError, match="uint8"):
+            writer.write(replace(frame, rgb=frame.rgb.astype(np.uint16)))
+        writer.write(frame)
+
+
+@pytest.mark.parametrize(
+    "source,encoder,expected",
+    [
+        ("yuv420p", "libx264", "yuv420p"),
+        ("yuv422p10le", "libx264", "yuv422p10le"),
+        ("yuv420p", "prores_ks", "yuv422p10le"),
+        ("yuv444p", "prores_ks", "yuv444p10le"),
+        ("gbrp", "libx264", "yuv444p"),
+        ("yuv420p12le", "libx264", "yuv420p10le"),
+        ("yuvj420p", "libx264", "yuv420p"),
+        ("yuv411p", "libx265", "yuv422p"),
+    ],
+)
+def test_choose_pix_fmt(source, encoder, expected):
+    assert choose_pix_fmt(source, encoder) == expected
+
+
+def test_default_output_path(tmp_path):
+    assert default_output_path(tmp_path / "tape.final.mkv") == tmp_path / "tape.final.restored.mkv"

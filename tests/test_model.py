@@ -1,0 +1,174 @@
+"""GPEN network: fidelity to the original, official layouts, fast paths against reference paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.signal import convolve2d
+
+from gpen_video.model import (
+    GPEN,
+    PRESET_CONFIGS,
+    ModelConfig,
+    build_model,
+    expected_layout,
+    identify_preset,
+    layout_mismatch,
+    upfirdn2d,
+)
+from gpen_video.weights import REGISTRY
+
+from conftest import random_state_dict
+
+LAYOUTS = next(
+    (p for p in (Path(__file__).parent / "data" / "layouts.json", Path("/work/shared/gpen/layouts.json")) if p.exists()),
+    None,
+)
+GPEN_SPECS = [s for s in REGISTRY.values() if s.kind == "gpen"]
+
+
+def _tiny_model(config: ModelConfig, seed: int = 0, **kwargs) -> GPEN:
+    model = build_model(config, **kwargs)
+    model.load_state_dict(random_state_dict(config, seed), strict=True)
+    return model.eval()
+
+
+def _reference_model(reference_64: dict) -> GPEN:
+    c = reference_64["config"]
+    model = GPEN(c["size"], c["style_dim"], c["n_mlp"], c["channel_multiplier"], c["narrow"])
+    model.load_state_dict(reference_64["state_dict"], strict=True)
+    return model.eval()
+
+
+@pytest.mark.parametrize("impl", ["batched", "grouped"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matches_original_implementation(reference_64: dict, impl: str, channels_last: bool) -> None:
+    model = _reference_model(reference_64)
+    x = reference_64["input"]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = model(x, impl=impl)
+    assert out.shape == reference_64["output"].shape
+    err = (out - reference_64["output"]).abs().max().item()
+    assert err <= 1e-5, f"max abs error {err:.2e} against the original implementation"
+
+
+def test_bf16_close_to_fp32_on_cpu(reference_64: dict) -> None:
+    model = _reference_model(reference_64)
+    x = reference_64["input"]
+    with torch.inference_mode():
+        ref = model(x)
+        out_input_cast = model(x.bfloat16())
+        out_module_cast = model.bfloat16()(x.bfloat16())
+    for out in (out_input_cast, out_module_cast):
+        assert out.dtype == torch.bfloat16
+        diff = (out.float() - ref).abs()
+        # bf16 keeps 8 mantissa bits; through ~20 layers this stays below 0.05 of a 2.0 range.
+        assert diff.max().item() < 0.05 and diff.mean().item() < 5e-3, (diff.max().item(), diff.mean().item())
+
+
+def test_batched_and_grouped_agree_on_random_weights(tiny_config: ModelConfig) -> None:
+    config = ModelConfig(size=32, style_dim=32, n_mlp=2, channel_multiplier=2, narrow=0.05)
+    for cfg, seed in ((tiny_config, 3), (config, 4)):
+        model = _tiny_model(cfg, seed)
+        x = torch.rand(3, 3, cfg.size, cfg.size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        with torch.inference_mode():
+            fast, slow = model(x), model(x, impl="grouped")
+        assert fast.abs().max() > 0.1
+        assert (fast - slow).abs().max().item() <= 1e-5 * max(1.0, slow.abs().max().item())
+
+
+def test_samples_in_a_batch_are_independent(reference_64: dict) -> None:
+    model = _reference_model(reference_64)
+    x = reference_64["input"]
+    with torch.inference_mode():
+        both = model(x)
+        second = model(x[1:])
+    assert (both[1:] - second).abs().max().item() <= 1e-5
+
+
+def test_memoised_weights_follow_new_state_dict(reference_64: dict, tiny_config: ModelConfig) -> None:
+    model = _reference_model(reference_64)
+    x = reference_64["input"]
+    with torch.inference_mode():
+        model(x)
+    other = random_state_dict(tiny_config, seed=7)
+    model.load_state_dict(other, strict=True)
+    fresh = _tiny_model(tiny_config, seed=7)
+    with torch.inference_mode():
+        assert torch.allclose(model(x), fresh(x), atol=1e-6)
+        assert (model(x) - reference_64["output"]).abs().max() > 0.1
+
+
+def test_rejects_wrong_input_shape(reference_64: dict) -> None:
+    model = _reference_model(reference_64)
+    with pytest.raises(ValueError, match=r"GPEN input must have shape \(\*, 3, 64, 64\), got \(1, 3, 32, 32\)"):
+        model(torch.zeros(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize(("up", "pad"), [(1, (2, 2)), (1, (1, 1)), (2, (2, 1)), (2, (-1, 0))])
+def test_upfirdn2d_matches_direct_convolution(up: int, pad: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((6, 5))
+    kernel = rng.standard_normal((4, 4))
+    up_img = np.zeros((6 * up, 5 * up))
+    up_img[::up, ::up] = img
+    p0, p1 = pad
+    padded = np.pad(up_img, ((max(p0, 0), max(p1, 0)),) * 2)
+    padded = padded[max(-p0, 0): padded.shape[0] - max(-p1, 0), max(-p0, 0): padded.shape[1] - max(-p1, 0)]
+    want = convolve2d(padded, kernel, mode="valid")
+    got = upfirdn2d(torch.from_numpy(img)[None, None], torch.from_numpy(kernel), up=up, pad=pad)[0, 0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", GPEN_SPECS, ids=lambda s: s.name)
+def test_official_layout_loads_strictly(spec) -> None:
+    if LAYOUTS is None:
+        pytest.skip("layouts.json not found (tests/data or /work/shared/gpen)")
+    preset = json.loads(LAYOUTS.read_text())[spec.name]
+    assert {k: v for k, v in preset["config"].items() if k != "isconcat"} == {
+        "size": spec.config.size, "style_dim": spec.config.style_dim, "n_mlp": spec.config.n_mlp,
+        "channel_multiplier": spec.config.channel_multiplier, "narrow": spec.config.narrow,
+    }
+    official = {key: torch.empty(shape) for key, shape in preset["state_dict"]}
+    model = build_model(spec.config)
+    model.load_state_dict(official, strict=True)
+    assert list(model.state_dict()) == [key for key, _ in preset["state_dict"]]
+    assert sum(v.numel() for v in model.state_dict().values()) == preset["num_values"]
+    assert layout_mismatch(official, spec.config) is None
+    assert identify_preset(official) == spec.name
+
+
+def test_layout_mismatch_describes_the_difference() -> None:
+    cfg = PRESET_CONFIGS["GPEN-BFR-256"]
+    state = {k: torch.empty(s, device="meta") for k, s in expected_layout(cfg).items()}
+    del state["final_linear.0.bias"]
+    state["extra.weight"] = torch.empty(1, device="meta")
+    state["ecd0.0.0.weight"] = torch.empty(64, 3, 1, 1, device="meta")
+    text = layout_mismatch(state, cfg)
+    assert text is not None
+    assert "1 missing keys (final_linear.0.bias)" in text
+    assert "1 unexpected keys (extra.weight)" in text
+    assert "ecd0.0.0.weight: expected (32, 3, 1, 1), got (64, 3, 1, 1)" in text
+    assert identify_preset(state) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_close_to_fp32_on_cuda(reference_64: dict) -> None:
+    model = _reference_model(reference_64).cuda()
+    x = reference_64["input"].cuda()
+    with torch.inference_mode():
+        ref = model(x, impl="grouped").float()
+        out16 = model.half()(x.half())
+        out16_cl = model(x.half().contiguous(memory_format=torch.channels_last))
+    assert (ref.cpu() - reference_64["output"]).abs().max().item() < 1e-3  # TF32 may be on
+    for out in (out16, out16_cl):
+        assert out.dtype == torch.float16 and torch.isfinite(out).all()
+        diff = (out.float() - ref).abs()
+        assert diff.max().item() < 0.02 and diff.mean().item() < 2e-3, (diff.max().item(), diff.mean().item())
