@@ -264,12 +264,11 @@ class FacePipeline:
         *,
         total: int | None,
         timer: StageTimer | None = None,
-    ) -> int:
-        """Pass 2: crop, restore, blend and write every frame in order; returns faces restored."""
+    ) -> None:
+        """Pass 2: crop, restore, blend and write every frame in order."""
         cropped = prefetch(timed_map(self._crop, frames, name="crop", timer=timer), 16, name="crop")
         restored = self._restore_in_batches(cropped, timer)
         blended = prefetch(timed_map(self._blend, restored, name="blend", timer=timer), 16, name="blend")
-        faces = 0
         with self._bar(total, "restore") as bar:
             for frame in blended:
                 start = time.perf_counter()
@@ -277,8 +276,6 @@ class FacePipeline:
                 if timer is not None:
                     timer.add("encode", time.perf_counter() - start)
                 bar.update()
-        faces = self.restorer.stats.faces
-        return faces
 
     # ------------------------------------------------------------------ jobs
 
@@ -319,7 +316,6 @@ class FacePipeline:
 
     def _single_pass(self, input_path: Path, output_path: Path, timer: StageTimer) -> tuple[Analysis, int]:
         tracker = track.Tracker(max_gap=self.config.max_gap)
-        smoother = smooth.OneEuroSmoother()
         pts: list[int | None] = []
         tracks: dict[int, list[TrackedFace]] = defaultdict(list)
 
@@ -336,6 +332,8 @@ class FacePipeline:
                 yield frame, select_faces(keep, only_largest=self.config.only_largest_face)
 
         with VideoReader(input_path, deinterlace=self.config.deinterlace) as reader:
+            rate = reader.info.average_rate
+            smoother = smooth.OneEuroSmoother(frame_step=float(1 / rate) if rate else 1 / 30)
             with self._writer(reader, output_path) as writer:
                 frames = prefetch(reader.frames(), 8, name="decode", timer=timer)
                 detected = prefetch(self._detections(frames), 2 * DETECT_BATCH, name="detect")

@@ -78,11 +78,18 @@ def degrade(rgb: np.ndarray, rng: np.random.Generator, *, blur: float = 2.0, noi
     return cv2.imdecode(data, cv2.IMREAD_COLOR)[:, :, ::-1].copy()
 
 
-def compose(face: np.ndarray, transforms: Sequence[np.ndarray], size: tuple[int, int]) -> np.ndarray:
-    """Paste the face (with a soft round mask) at every transform on a gradient background."""
+def compose(face: np.ndarray, transforms: Sequence[np.ndarray], size: tuple[int, int], shot: int = 0) -> np.ndarray:
+    """Paste the face (with a soft round mask) at every transform on a gradient background.
+
+    ``shot`` picks the background: even and odd shots look clearly different (a scene cut).
+    """
     w, h = size
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    canvas = np.dstack([60 + 80 * x / w, 90 + 40 * y / h, 120 - 50 * x / w]).astype(np.float32)
+    if shot % 2 == 0:
+        canvas = np.dstack([60 + 80 * x / w, 90 + 40 * y / h, 120 - 50 * x / w]).astype(np.float32)
+    else:
+        stripes = 40 * (np.sin(x / 9.0) > 0)
+        canvas = np.dstack([200 - 60 * y / h + stripes, 150 + stripes, 40 + 30 * x / w]).astype(np.float32)
     yy, xx = np.mgrid[0 : face.shape[0], 0 : face.shape[1]].astype(np.float32)
     dist = np.hypot(xx - HEAD_CENTRE[0], yy - HEAD_CENTRE[1])
     mask = np.clip((HEAD_RADIUS - dist) / 15.0, 0, 1)
@@ -102,13 +109,15 @@ def render_clip(
     paths: Sequence[FacePath] | None = None,
     faces: int = 1,
     visible: Callable[[int, int], bool] | None = None,
+    cut_at: int | None = None,
     degraded: bool = True,
     audio: bool = True,
     seed: int = 0,
 ) -> list[list[np.ndarray | None]]:
     """Write the clip; returns, per frame, each face's (2, 3) transform (None where hidden).
 
-    ``visible(face, frame_index)`` hides a face on some frames (faces entering and leaving).
+    ``visible(face, frame_index)`` hides a face on some frames (faces entering and leaving);
+    from frame ``cut_at`` on, the background changes (a scene cut).
     """
     from skimage.data import astronaut
 
@@ -124,7 +133,8 @@ def render_clip(
         for i in range(frames):
             shown = [p.at(i / rate) if visible is None or visible(k, i) else None for k, p in enumerate(paths)]
             truth.append(shown)
-            rgb = compose(face, [m for m in shown if m is not None], size)
+            shot = int(cut_at is not None and i >= cut_at)
+            rgb = compose(face, [m for m in shown if m is not None], size, shot)
             if degraded:
                 rgb = degrade(rgb, rng)
             for packet in video.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):

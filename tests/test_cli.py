@@ -1,0 +1,155 @@
+"""The command line as users meet it: exit codes, one-line errors, images, folders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+from skimage.data import astronaut
+
+from gpen_video.cli import main
+from samples.make_demo import render_clip
+from tests.clips import read_packets
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "tape.mp4"
+    render_clip(path, seconds=0.4, size=(320, 180), faces=1)
+    return path
+
+
+@pytest.fixture
+def portrait(tmp_path) -> Path:
+    canvas = np.full((400, 640, 3), 90, np.uint8)
+    canvas[:, 64:576] = cv2.resize(astronaut(), (512, 400))
+    path = tmp_path / "portrait.jpg"
+    cv2.imwrite(str(path), canvas[:, :, ::-1])
+    return path
+
+
+def cli(*args, capsys=None) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err if capsys else ""
+    return code, err
+
+
+def test_restore_with_generated_gpen256_weights(clip, gpen256_file, tmp_path, capsys):
+    """The issue's acceptance run: a real GPEN-BFR-256 (random weights) on the CPU."""
+    out, report = tmp_path / "tape.out.mp4", tmp_path / "r.json"
+    code, err = cli(
+        "restore", clip, "-o", out, "--model", "GPEN-BFR-256", "--weights", gpen256_file,
+        "--device", "cpu", "--report", report, "-q", capsys=capsys,
+    )
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["frames"] == 10 and len(data["tracks"]) == 1
+    with av.open(str(clip)) as a, av.open(str(out)) as b:
+        frames_in = [f.to_ndarray(format="rgb24") for f in a.decode(video=0)]
+        frames_out = [f.to_ndarray(format="rgb24") for f in b.decode(video=0)]
+    assert len(frames_out) == len(frames_in)
+    x1, y1, x2, y2 = (int(v) for v in data["tracks"][0]["frames"][5]["box"])
+    changed = np.abs(frames_out[5][y1:y2, x1:x2].astype(int) - frames_in[5][y1:y2, x1:x2]).mean()
+    assert changed > 5, "random GPEN weights must visibly change the face"
+    assert read_packets(out)[1] == read_packets(clip)[1]
+
+
+def test_image_input(portrait, detector_pipeline_args, tmp_path, capsys):
+    code, err = cli("restore", portrait, *detector_pipeline_args, capsys=capsys)
+    assert code == 0, err
+    out = portrait.with_name("portrait.restored.jpg")
+    restored = cv2.imread(str(out))
+    assert restored.shape == (400, 640, 3)
+    assert "1 faces restored" in err
+
+
+def test_folder_goes_on_after_a_failure(portrait, clip, detector_pipeline_args, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(portrait.read_bytes())
+    (folder / "b.mp4").write_bytes(clip.read_bytes())
+    (folder / "c.mp4").write_bytes(b"this is not a video")
+    (folder / "notes.txt").write_text("ignored")
+    code, err = cli("restore", folder, "-o", tmp_path / "out", *detector_pipeline_args, capsys=capsys)
+    assert code == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.restored.jpg", "b.restored.mp4"]
+    assert "2 restored, 1 failed" in err and "c.mp4" in err
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def detector_pipeline_args(gpen256_file) -> list:
+    """The smallest real preset, with the session's generated checkpoint."""
+    return ["--model", "GPEN-BFR-256", "--weights", gpen256_file, "--device", "cpu"]
+
+
+@pytest.mark.parametrize(
+    "make, expected_code, message",
+    [
+        (lambda d: d / "missing.mp4", 3, "does not exist"),
+        (lambda d: (d / "empty.mp4").write_bytes(b"") or d / "empty.mp4", 3, "empty"),
+        (lambda d: (d / "text.mp4").write_text("hello") or d / "text.mp4", 3, "not"),
+    ],
+    ids=["missing", "empty", "not-media"],
+)
+def test_bad_input_is_one_line_with_exit_code(tmp_path, gpen256_file, make, expected_code, message, capsys):
+    path = make(tmp_path)
+    code, err = cli("restore", path, "--weights", gpen256_file, "--model", "GPEN-BFR-256", capsys=capsys)
+    assert code == expected_code
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0].lower(), err
+    assert not list(tmp_path.glob("*.restored.*"))
+
+
+def test_existing_output_refused_without_y(clip, gpen256_file, tmp_path, capsys):
+    out = tmp_path / "exists.mp4"
+    out.write_bytes(b"keep me")
+    code, err = cli("restore", clip, "-o", out, "--weights", gpen256_file, "--model", "GPEN-BFR-256", capsys=capsys)
+    assert code == 4 and "-y" in err
+    assert out.read_bytes() == b"keep me"
+
+
+def test_output_equal_to_input_refused(clip, tmp_path, gpen256_file, capsys):
+    copy = tmp_path / "same.mp4"
+    copy.write_bytes(clip.read_bytes())
+    before = copy.read_bytes()
+    code, err = cli("restore", copy, "-o", copy, "-y", "--weights", gpen256_file, "--model", "GPEN-BFR-256", capsys=capsys)
+    assert code == 4 and "input" in err
+    assert copy.read_bytes() == before
+
+
+def test_offline_without_weights_says_where_to_put_them(clip, tmp_path, capsys):
+    code, err = cli("restore", clip, "--offline", "--cache-dir", tmp_path / "cache", capsys=capsys)
+    assert code == 5
+    assert str(tmp_path / "cache") in err and "http" in err and "--weights" in err
+
+
+def test_bad_config_names_the_key(clip, tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[output]\ncodek = 'h264'\n")
+    code, err = cli("restore", clip, "--config", bad, capsys=capsys)
+    assert code == 2 and "codek" in err
+
+
+def test_models_lists_presets(tmp_path, capsys):
+    code = main(["models", "--cache-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    for name in ("GPEN-BFR-256", "GPEN-BFR-512", "GPEN-BFR-1024", "GPEN-BFR-2048"):
+        assert name in out
+    assert "not downloaded" in out
+
+
+def test_console_script_runs_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "gpen_video", "restore", str(tmp_path / "nope.mp4")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 3
+    assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
