@@ -27,6 +27,7 @@ Deinterlace = Literal["auto", "off", "frame", "field"]
 Precision = Literal["auto", "fp16", "bf16", "fp32"]
 Detector = Literal["retinaface-mobile", "retinaface-r50"]
 Mask = Literal["plain", "parse"]
+Warp = Literal["auto", "opencv", "torch"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class Config:
     """auto = fp16 on CUDA, fp32 on CPU. bf16 on CPU is faster but slightly less exact."""
     batch_size: int | None = None
     """Faces per restorer call; None picks by device. Higher: more throughput, more memory."""
+    warp: Warp = "auto"
+    """Crop and paste-back engine: torch (on the model's device) or opencv; auto = torch on CUDA."""
 
     # --- detection and tracking ---
     detector: Detector = "retinaface-mobile"

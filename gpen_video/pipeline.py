@@ -21,6 +21,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from gpen_video import align, blend, detect, smooth, track
@@ -71,6 +72,21 @@ class JobResult:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class _Work:
+    """One frame on its way through pass 2.
+
+    ``crops`` are (M, S, S, 3) arrays on the OpenCV path and [M,3,S,S] tensors in [0, 1] on
+    the torch path, where ``pixels`` holds the frame as a [3,H,W] tensor in [0, 1] on the device.
+    """
+
+    frame: Frame
+    aligned: list[AlignedFace]
+    crops: np.ndarray | torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+    restored: np.ndarray | torch.Tensor | None = None
+
+
 def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
@@ -117,6 +133,7 @@ class FacePipeline:
             offline=config.offline,
             progress=self.progress,
         )
+        self.torch_warp = config.warp == "torch" or (config.warp == "auto" and self.device.type == "cuda")
         self.masker = None
         if config.mask == "parse":
             self.masker = blend.ParsingMasker(
@@ -208,13 +225,31 @@ class FacePipeline:
 
     # ------------------------------------------------------------------ pass 2
 
-    def _crop(self, item: tuple[Frame, list[TrackedFace]]) -> tuple[Frame, list[AlignedFace]]:
+    def _crop(self, item: tuple[Frame, list[TrackedFace]]) -> _Work:
         frame, faces = item
-        return frame, align.align_faces(frame.rgb, faces, self.restorer.size) if faces else []
+        if not faces:
+            return _Work(frame, [])
+        if not self.torch_warp:
+            aligned = align.align_faces(frame.rgb, faces, self.restorer.size)
+            return _Work(frame, aligned, np.stack([a.crop for a in aligned]))
+        size = self.restorer.size
+        affines = np.stack([align.face_affine(f.landmarks, size) for f in faces])
+        pixels = self._upload(frame.rgb)
+        crops = align.align_faces_torch(pixels[None], [0] * len(faces), affines, size)  # [M3SS]
+        empty = np.zeros((0, 0, 3), frame.rgb.dtype)
+        aligned = [AlignedFace(f, empty, a) for f, a in zip(faces, affines)]
+        return _Work(frame, aligned, crops, pixels)
 
-    def _restore_in_batches(
-        self, items: Iterable[tuple[Frame, list[AlignedFace]]], timer: StageTimer | None
-    ) -> Iterator[tuple[Frame, list[AlignedFace], list[np.ndarray]]]:
+    def _upload(self, rgb: np.ndarray) -> torch.Tensor:
+        """[3,H,W] float32 in [0, 1] on the restorer's device (pinned, non-blocking copy)."""
+        scale = float(np.iinfo(rgb.dtype).max)
+        host = torch.from_numpy(rgb if rgb.dtype == np.uint8 else rgb.astype(np.float32))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        pixels = host.to(self.device, non_blocking=True).permute(2, 0, 1).float()  # [3HW]
+        return pixels.div_(scale)
+
+    def _restore_in_batches(self, items: Iterable[_Work], timer: StageTimer | None) -> Iterator[_Work]:
         """Fill whole batches from consecutive frames (and every track in them), keep order.
 
         A partial batch waits for more faces; it is flushed when the frames held back behind
@@ -222,40 +257,62 @@ class FacePipeline:
         """
         batch = self.restorer.batch_size
         max_held = max(16, 2 * batch)
-        held: list[tuple[Frame, list[AlignedFace]]] = []
+        held: list[_Work] = []
         crops = 0
 
-        def flush() -> Iterator[tuple[Frame, list[AlignedFace], list[np.ndarray]]]:
+        def flush() -> Iterator[_Work]:
             nonlocal crops
-            restored: list[np.ndarray] = []
             if crops:
                 start = time.perf_counter()
-                stacked = np.stack([a.crop for _, faces in held for a in faces])
-                restored = list(self.restorer.restore(stacked))
+                parts = [w.crops for w in held if w.aligned]
+                if self.torch_warp:
+                    restored = self.restorer.restore_tensor(torch.cat(parts))
+                else:
+                    restored = self.restorer.restore(np.concatenate(parts))
                 if timer is not None:
                     timer.add("restore", time.perf_counter() - start)
             offset = 0
-            for frame, faces in held:
-                yield frame, faces, restored[offset : offset + len(faces)]
-                offset += len(faces)
+            for work in held:
+                n = len(work.aligned)
+                yield replace(work, crops=None, restored=restored[offset : offset + n]) if n else work
+                offset += n
             held.clear()
             crops = 0
 
-        for frame, faces in items:
-            held.append((frame, faces))
-            crops += len(faces)
+        for work in items:
+            held.append(work)
+            crops += len(work.aligned)
             if crops >= batch or len(held) >= max_held:
                 yield from flush()
         if held:
             yield from flush()
 
-    def _blend(self, item: tuple[Frame, list[AlignedFace], list[np.ndarray]]) -> Frame:
-        frame, faces, restored = item
-        if not faces:
+    def _masks(self, restored: np.ndarray | torch.Tensor) -> np.ndarray | None:
+        if self.masker is None:
+            return None
+        if isinstance(restored, torch.Tensor):
+            restored = (restored * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+        elif restored.dtype != np.uint8:
+            restored = (restored >> 8).astype(np.uint8)
+        return self.masker.masks(restored)
+
+    def _blend(self, work: _Work) -> Frame:
+        frame = work.frame
+        if not work.aligned:
             return frame
-        masks = self.masker.masks(np.stack(restored)) if self.masker is not None else None
-        rgb = blend.paste_faces(frame.rgb, faces, restored, strength=self.config.strength, masks=masks)
-        return replace(frame, rgb=rgb)
+        masks = self._masks(work.restored)
+        strength = self.config.strength
+        if not self.torch_warp:
+            rgb = blend.paste_faces(frame.rgb, work.aligned, list(work.restored), strength=strength, masks=masks)
+            return replace(frame, rgb=rgb)
+        mask_t = None if masks is None else torch.from_numpy(masks).to(self.device)
+        small = [a.face.size < blend.SMALL_FACE for a in work.aligned]
+        affines = np.stack([a.affine for a in work.aligned])
+        out = blend.paste_faces_torch(work.pixels, work.restored, affines, mask_t, strength, smooth=small)
+        scale = float(np.iinfo(frame.rgb.dtype).max)
+        out = (out * scale).round_().clamp_(0, scale).permute(1, 2, 0)  # [HW3]
+        host = out.to(torch.uint8 if frame.rgb.dtype == np.uint8 else torch.int32).cpu().numpy()
+        return replace(frame, rgb=host.astype(frame.rgb.dtype, copy=False))
 
     def render(
         self,
@@ -373,10 +430,8 @@ class FacePipeline:
         ]
         faces = select_faces([f for f in faces if f.size >= self.config.min_face], only_largest=self.config.only_largest_face)
         before = self.restorer.stats.faces
-        (_, aligned), = [self._crop((frame, faces))]
-        restored = list(self.restorer.restore(np.stack([a.crop for a in aligned]))) if aligned else []
-        out = self._blend((frame, aligned, restored))
-        write_image(output_path, out.rgb, alpha)
+        (work,) = self._restore_in_batches([self._crop((frame, faces))], None)
+        write_image(output_path, self._blend(work).rgb, alpha)
         return JobResult(
             input=input_path,
             output=output_path,
