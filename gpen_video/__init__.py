@@ -1,8 +1,37 @@
-"""gpen-video: restore faces in videos with GPEN, keeping everything else intact."""
+"""gpen-video: restore faces in videos with GPEN, keeping everything else intact.
+
+>>> from gpen_video import FacePipeline, load_config
+>>> pipeline = FacePipeline(load_config("fast", device="cpu"))          # doctest: +SKIP
+>>> pipeline.restore_video("tape.mp4", "tape.restored.mp4")              # doctest: +SKIP
+"""
 
 __version__ = "0.1.0"
 
 from gpen_video.config import Config, load_config  # noqa: E402
 from gpen_video.errors import GpenVideoError  # noqa: E402
+from gpen_video.records import AlignedFace, Detections, Frame, TrackedFace  # noqa: E402
 
-__all__ = ["Config", "GpenVideoError", "__version__", "load_config"]
+
+def __getattr__(name: str):
+    """Heavy entry points (torch, PyAV) load on first use, so ``import gpen_video`` stays quick."""
+    lazy = {
+        "FacePipeline": ("gpen_video.pipeline", "FacePipeline"),
+        "GPEN": ("gpen_video.model", "GPEN"),
+        "load_gpen": ("gpen_video.weights", "load_gpen"),
+        "resolve_weights": ("gpen_video.weights", "resolve_weights"),
+        "list_models": ("gpen_video.weights", "list_models"),
+        "create_detector": ("gpen_video.detect", "create_detector"),
+    }
+    if name not in lazy:
+        raise AttributeError(f"module 'gpen_video' has no attribute {name!r}")
+    import importlib
+
+    module, attr = lazy[name]
+    return getattr(importlib.import_module(module), attr)
+
+
+__all__ = [
+    "AlignedFace", "Config", "Detections", "FacePipeline", "Frame", "GPEN", "GpenVideoError",
+    "TrackedFace", "__version__", "create_detector", "list_models", "load_config", "load_gpen",
+    "resolve_weights",
+]

@@ -25,6 +25,19 @@ VIDEO_SUFFIXES = frozenset(
 )
 
 
+class _UserFormatter(logging.Formatter):
+    """``warning: …`` for problems, the bare message for progress news."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return f"{record.levelname.lower()}: {message}" if record.levelno >= logging.WARNING else message
+
+
+class _DebugFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+
 def _flag(parser: argparse.ArgumentParser, *names: str, **kwargs) -> None:
     kwargs.setdefault("default", None)
     parser.add_argument(*names, **kwargs)
@@ -53,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--device", help="auto, cpu, cuda or cuda:N")
     _flag(g, "--precision", choices=["auto", "fp16", "bf16", "fp32"])
     _flag(g, "--batch-size", type=int, help="faces per GPEN call (default: chosen for the device)")
+    _flag(g, "--warp", choices=["auto", "opencv", "torch"], help="crop/paste engine (auto: torch on CUDA)")
     d = r.add_argument_group("faces")
     _flag(d, "--detector", choices=["retinaface-mobile", "retinaface-r50"])
     _flag(d, "--detect-size", type=int, help="long side the detector sees (default 1024)")
@@ -61,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(d, "--only-largest-face", action="store_const", const=True)
     _flag(d, "--single-pass", action="store_const", const=True, help="one decode, causal smoothing")
     _flag(d, "--smooth-window", type=int, help="landmark smoothing window in frames (default 9)")
+    _flag(d, "--max-gap", type=int, help="frames a face may be missed and still keep its track (default 8)")
     _flag(d, "--strength", type=float, help="0 keeps the original face, 1 the restored one (default 1)")
     _flag(d, "--mask", choices=["plain", "parse"], help="blend mask (parse downloads a face parser)")
     o = r.add_argument_group("output")
@@ -176,9 +191,11 @@ def run_models(args: argparse.Namespace, config: Config) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="%(levelname)s: %(message)s" if not args.debug else "%(levelname)s %(name)s: %(message)s",
+    handler = logging.StreamHandler()
+    handler.setFormatter(_DebugFormatter() if args.debug else _UserFormatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    logging.getLogger("gpen_video").setLevel(
+        logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     )
     try:
         config = config_from_args(args)

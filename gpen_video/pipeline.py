@@ -345,6 +345,7 @@ class FacePipeline:
     def restore_video(self, input_path: str | Path, output_path: str | Path, *, report_path: str | Path | None = None) -> JobResult:
         """Restore every face of a video; write the output (and the JSON report) atomically."""
         input_path, output_path = Path(input_path), Path(output_path)
+        check_output(input_path, output_path, overwrite=self.config.overwrite)
         started = time.perf_counter()
         timer = StageTimer()
         faces_before = self.restorer.stats.faces

@@ -153,3 +153,42 @@ def test_console_script_runs_without_traceback(tmp_path):
     )
     assert result.returncode == 3
     assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+
+
+def test_phone_clip_with_vfr_rotation_two_audio_tracks_and_subtitles(gpen256_file, tmp_path, capsys):
+    """Issue 3's acceptance run through `gpen-video restore`: everything but the faces survives."""
+    from fractions import Fraction
+
+    from gpen_video.decode import probe
+    from tests.clips import make_clip
+
+    face = cv2.resize(astronaut(), (192, 192))
+
+    def stored(i: int) -> np.ndarray:
+        display = np.full((256, 192, 3), 70, np.uint8)  # portrait, as the phone shows it
+        display[32 + i % 3 : 224 + i % 3] = face
+        return np.ascontiguousarray(np.rot90(display, k=-1))  # stored sideways, shown rotated 90°
+
+    durations = [40, 40, 33, 50, 40, 33, 33, 67, 40, 40]
+    pts = [sum(durations[:i]) for i in range(len(durations))]
+    clip = make_clip(
+        tmp_path / "phone.mp4", frames=len(pts), size=(256, 192), vfr_pts=pts, time_base=Fraction(1, 1000),
+        frame_fn=stored, rotation=90, audio_tracks=2, subtitle=True, metadata={"title": "beach"},
+    )
+    out = tmp_path / "phone.out.mp4"
+    code, err = cli(
+        "restore", clip, "-o", out, "--model", "GPEN-BFR-256", "--weights", gpen256_file, "--device", "cpu",
+        capsys=capsys,
+    )
+    assert code == 0, err
+    assert f"{len(pts)} faces restored" in err, "faces must be found upright in a rotated clip"
+    before, after = probe(clip), probe(out)
+    assert after.rotation == before.rotation == 90
+    assert (after.width, after.height) == (before.width, before.height) == (192, 256)
+    with av.open(str(clip)) as a, av.open(str(out)) as b:
+        assert [s.type for s in b.streams] == [s.type for s in a.streams]
+        assert b.metadata.get("title") == "beach"
+        assert [f.pts for f in b.decode(video=0)] == [f.pts for f in a.decode(video=0)]
+    packets_in, packets_out = read_packets(clip), read_packets(out)
+    for index in (1, 2, 3):  # two audio tracks and the subtitles, byte for byte
+        assert packets_out[index] == packets_in[index]

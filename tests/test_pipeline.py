@@ -7,6 +7,7 @@ frame's known similarity transform.
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -275,3 +276,39 @@ def test_torch_warp_path_matches_opencv_path(one_face, detector, tmp_path, dtype
         # where the reference left the frame alone, the fast path may differ only on the
         # mask's faint outer rim (bilinear vs OpenCV's fixed-point mask warp)
         assert ((fast != orig).any(axis=-1) & untouched).mean() < 0.01
+
+
+def test_render_memory_is_flat_over_a_long_clip():
+    """Peak traced memory of pass 2 does not grow with the number of frames."""
+    import tracemalloc
+
+    from gpen_video.align import template
+    from gpen_video.records import Frame, TrackedFace
+
+    class Discard:
+        frames = 0
+
+        def write(self, frame):
+            self.frames += 1
+
+    landmarks = (template(256) * 0.5 + [40, 30]).astype(np.float32)
+    face = TrackedFace(0, 0, np.array([40, 30, 170, 160], np.float32), landmarks, landmarks, 0.99)
+    base = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+
+    def frames(n):
+        for i in range(n):
+            yield Frame(i, i, Fraction(1, 25), base.copy()), [face]
+
+    pipeline = make_pipeline(detector=object())
+
+    def peak(n):
+        sink = Discard()
+        tracemalloc.start()
+        pipeline.render(frames(n), sink, total=n)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert sink.frames == n
+        return top
+
+    short, long = peak(60), peak(600)
+    assert long < 1.3 * short, (short, long)

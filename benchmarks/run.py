@@ -1,0 +1,186 @@
+"""One command, one table: where the time of a restore goes, and how much the engine hides.
+
+    python benchmarks/run.py                      # 720p, 10 s, 0/1/4 faces, memory 10 s vs 60 s
+    python benchmarks/run.py --seconds 4 --long-seconds 12 --faces 1   # a quicker look
+
+Rows, each measured in a fresh process (so peak memory is per row) on generated clips
+(scikit-image's astronaut moving, degraded, with AAC audio):
+
+1. ``io``       bare PyAV decode → encode, same encoder settings, audio copied: the I/O ceiling
+2. ``nofaces``  the whole pipeline on a clip without faces: decode twice, detection, encode
+3. ``model``    model-only faces/s (random weights in the preset's architecture; speed does
+                not depend on the values), at the pipeline's batch size
+4. ``e2e``      the whole pipeline with 1 and 4 faces (two passes, start-up included)
+
+Ratios: ``e2e / (model + io)`` (CPU target ≤ 1.25: every stage shares two cores, so the best
+an engine can do is hide everything but the sum) and efficiency = slowest stage alone ÷
+end-to-end (GPU target ≥ 0.85). Memory: peak RSS (and peak CUDA memory) of the 10 s and
+the long clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _restorer(args):
+    import torch
+
+    from gpen_video.device import resolve_device, resolve_dtype
+    from gpen_video.model import build_model, preset_config
+    from gpen_video.restore import Restorer, default_batch_size, fit_batch_size
+
+    device = resolve_device(args.device)
+    config = preset_config(args.model)
+    torch.manual_seed(0)
+    model = build_model(config)
+    batch = args.batch_size or default_batch_size(device)
+    restorer = Restorer(model, config.size, device=device, dtype=resolve_dtype(args.precision, device), batch_size=batch)
+    if args.batch_size is None and device.type == "cuda":
+        restorer.batch_size = fit_batch_size(restorer)
+    return restorer
+
+
+def measure(kind: str, clip: str, args) -> dict:
+    """One row, in this process."""
+    import numpy as np
+    import torch
+
+    start = time.perf_counter()
+    row: dict = {"kind": kind, "clip": Path(clip).name}
+    if kind == "io":
+        from benchmarks.bench_io import bare
+
+        with tempfile.TemporaryDirectory() as tmp:
+            row["frames"] = bare(Path(clip), Path(tmp) / "out.mp4", args.crf, args.preset)
+    elif kind == "model":
+        restorer = _restorer(args)
+        crops = np.random.default_rng(0).integers(0, 256, (args.model_faces, restorer.size, restorer.size, 3), np.uint8)
+        restorer.restore(crops[: restorer.batch_size])  # warm-up
+        if restorer.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        restorer.restore(crops)
+        if restorer.device.type == "cuda":
+            torch.cuda.synchronize()
+        row["faces"] = len(crops)
+        row["batch"] = restorer.batch_size
+    else:
+        from gpen_video.config import load_config
+        from gpen_video.pipeline import FacePipeline
+
+        config = load_config(None, device=args.device, overwrite=True, crf=args.crf, preset=args.preset, quiet=True)
+        pipeline = FacePipeline(config, restorer=_restorer(args), progress=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = pipeline.restore_video(clip, Path(tmp) / "out.mp4")
+        row.update(frames=result.frames, faces=result.faces_restored, stages=result.stage_seconds)
+        row["batch"] = pipeline.restorer.batch_size
+    row["seconds"] = time.perf_counter() - start
+    row["rss_mib"] = _peak_rss_mib()
+    if torch.cuda.is_available():
+        row["cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
+
+
+def run_child(kind: str, clip: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--measure", kind, "--clip", str(clip)]
+    for name in ("device", "model", "precision", "crf", "preset", "model_faces"):
+        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def make_clips(folder: Path, args) -> dict[str, Path]:
+    from samples.make_demo import render_clip
+
+    w, h = (int(v) for v in args.size.split("x"))
+    clips = {}
+    for faces in sorted({0, *args.faces}):
+        clips[f"{faces}f"] = folder / f"{faces}f-{args.seconds:g}s.mp4"
+        render_clip(clips[f"{faces}f"], seconds=args.seconds, size=(w, h), faces=faces, paths=[] if faces == 0 else None)
+    if args.long_seconds:
+        clips["long"] = folder / f"1f-{args.long_seconds:g}s.mp4"
+        render_clip(clips["long"], seconds=args.long_seconds, size=(w, h), faces=1)
+    return clips
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", default=None, help="default GPEN-BFR-256 on CPU, GPEN-BFR-512 on CUDA")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--size", default="1280x720")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--long-seconds", type=float, default=60.0, help="0 skips the memory comparison")
+    parser.add_argument("--faces", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4])
+    parser.add_argument("--crf", type=int, default=18)
+    parser.add_argument("--preset", default="medium")
+    parser.add_argument("--model-faces", type=int, default=None, help="faces timed in the model row")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--clip", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    import torch
+
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    args.model = args.model or ("GPEN-BFR-512" if cuda else "GPEN-BFR-256")
+    args.model_faces = args.model_faces or (512 if cuda else 24)
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.clip, args)))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clips = make_clips(Path(tmp), args)
+        io = run_child("io", clips["1f"], args)
+        model = run_child("model", clips["1f"], args)
+        per_face = model["seconds"] / model["faces"]
+        rows = [("io", "bare PyAV decode+encode, 1-face clip", io), ("model", f"{args.model} alone", model)]
+        rows.append(("nofaces", "pipeline, no faces", run_child("nofaces", clips["0f"], args)))
+        for faces in args.faces:
+            rows.append((f"e2e {faces}f", f"pipeline, {faces} face(s)", run_child("e2e", clips[f"{faces}f"], args)))
+        if "long" in clips:
+            rows.append(("e2e long", f"pipeline, 1 face, {args.long_seconds:g} s", run_child("e2e", clips["long"], args)))
+
+    gpu = torch.cuda.get_device_name() if cuda else "none"
+    print(f"gpen-video benchmark, {date.today()}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, GPU: {gpu}; {args.model}, {args.size}, {args.seconds:g} s at 25 fps")
+    print(f"{'row':<10} {'what':<36} {'frames':>6} {'faces':>6} {'s':>8} {'fps':>7} {'faces/s':>8} "
+          f"{'model+io':>9} {'e2e/(m+io)':>10} {'effic.':>7} {'RSS MiB':>8} {'GPU MiB':>8}")
+    io_fps = io["frames"] / io["seconds"]
+    for name, what, row in rows:
+        frames, faces, secs = row.get("frames", 0), row.get("faces", 0), row["seconds"]
+        cells = [f"{name:<10}", f"{what:<36}", f"{frames:>6}", f"{faces:>6}", f"{secs:>8.1f}",
+                 f"{frames / secs if frames else 0:>7.1f}", f"{faces / secs if faces else 0:>8.2f}"]
+        if name.startswith("e2e") or name == "nofaces":
+            alone_io, alone_model = frames / io_fps, faces * per_face
+            cells += [f"{alone_io + alone_model:>9.1f}", f"{secs / (alone_io + alone_model):>10.2f}",
+                      f"{max(alone_io, alone_model) / secs:>7.2f}"]
+        else:
+            cells += [f"{'':>9}", f"{'':>10}", f"{'':>7}"]
+        cells += [f"{row['rss_mib']:>8.0f}", f"{row.get('cuda_mib', 0):>8.0f}"]
+        print(" ".join(cells))
+        if row.get("stages"):
+            busy = ", ".join(f"{k} {v:.1f}" for k, v in sorted(row["stages"].items(), key=lambda kv: -kv[1]))
+            print(f"{'':<10} busy seconds by stage: {busy}")
+
+
+if __name__ == "__main__":
+    main()
