@@ -312,3 +312,37 @@ def test_render_memory_is_flat_over_a_long_clip():
 
     short, long = peak(60), peak(600)
     assert long < 1.3 * short, (short, long)
+
+
+def test_parse_mask_from_the_weights_cache(detector, tmp_path):
+    """--mask parse end to end: the parser's weights come from the cache (offline, hash
+    recorded), and a parser that calls everything skin pastes over the plain mask's support."""
+    from gpen_video import blend
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    state = blend._parse_net().state_dict()
+    # a parser that calls every pixel skin (label 1): the parse mask must then cover the crop
+    state["out_mask_conv.conv2d.weight"].zero_()
+    state["out_mask_conv.conv2d.bias"].copy_(torch.nn.functional.one_hot(torch.tensor(1), 19).float())
+    torch.save(state, cache / "ParseNet-latest.pth")
+    clip = tmp_path / "still.mp4"
+    render_clip(clip, seconds=0.04, size=SIZE, faces=1, audio=False, degraded=False)
+
+    class Grey(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros_like(x)
+
+    outputs = {}
+    for mask in ("plain", "parse"):
+        config = load_config(None, device="cpu", overwrite=True, codec="ffv1", mask=mask, cache_dir=str(cache), offline=True)
+        pipeline = FacePipeline(config, restorer=Restorer(Grey(), 256), detector=detector, progress=False)
+        out = tmp_path / f"{mask}.mkv"
+        pipeline.restore_video(clip, out)
+        outputs[mask] = decoded_rgb(out)[0].astype(int)
+    source = decoded_rgb(clip)[0].astype(int)
+    assert (cache / "ParseNet-latest.pth.sha256").exists()
+    changed = {m: (np.abs(o - source).sum(axis=-1) > 0) for m, o in outputs.items()}
+    assert changed["parse"].sum() > 0.8 * changed["plain"].sum()
+    outside = (changed["parse"] & ~changed["plain"]).sum()
+    assert outside < 0.02 * changed["plain"].sum(), "the parse mask lies inside the plain one"
