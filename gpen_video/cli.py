@@ -120,9 +120,26 @@ def _media_in(folder: Path) -> list[Path]:
 def _summary(result) -> str:
     extra = f", {result.damaged_frames} damaged frames dropped" if result.damaged_frames else ""
     return (
-        f"{result.input.name} -> {result.output}: {result.frames} frames, {result.faces_restored} faces restored, "
-        f"{result.tracks} tracks, {result.seconds:.1f} s ({result.fps:.1f} fps){extra}"
+        f"{result.input.name} -> {result.output}: {_plural(result.frames, 'frame')}, "
+        f"{_plural(result.faces_restored, 'face')} restored, {_plural(result.tracks, 'track')}, "
+        f"{result.seconds:.1f} s ({result.fps:.1f} fps){extra}"
     )
+
+
+def _check_before_loading_models(input_path: Path, output_path: Path, *, overwrite: bool) -> None:
+    """Fail on an unusable input or output before spending time on model weights."""
+    from gpen_video.decode import probe
+    from gpen_video.pipeline import check_output, is_image, read_image
+
+    check_output(input_path, output_path, overwrite=overwrite)
+    if is_image(input_path):
+        read_image(input_path)
+    else:
+        probe(input_path)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def run_restore(args: argparse.Namespace, config: Config) -> int:
@@ -144,6 +161,8 @@ def run_restore(args: argparse.Namespace, config: Config) -> int:
     else:
         outputs = [(source, Path(args.output) if args.output else default_output(source))]
 
+    if len(outputs) == 1:
+        _check_before_loading_models(*outputs[0], overwrite=config.overwrite)
     pipeline = FacePipeline(config)
     failed: list[tuple[Path, str]] = []
     done = []

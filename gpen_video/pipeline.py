@@ -77,7 +77,9 @@ class _Work:
     """One frame on its way through pass 2.
 
     ``crops`` are (M, S, S, 3) arrays on the OpenCV path and [M,3,S,S] tensors in [0, 1] on
-    the torch path, where ``pixels`` holds the frame as a [3,H,W] tensor in [0, 1] on the device.
+    the torch path, where ``pixels`` holds the frame on the device as a [3,H,W] tensor of the
+    frame's integer values (uint8, or int32 for 16-bit frames), four times smaller than floats
+    while the frame waits for its batch.
     """
 
     frame: Frame
@@ -235,19 +237,22 @@ class FacePipeline:
         size = self.restorer.size
         affines = np.stack([align.face_affine(f.landmarks, size) for f in faces])
         pixels = self._upload(frame.rgb)
-        crops = align.align_faces_torch(pixels[None], [0] * len(faces), affines, size)  # [M3SS]
+        crops = align.align_faces_torch(self._unit(pixels, frame)[None], [0] * len(faces), affines, size)  # [M3SS]
         empty = np.zeros((0, 0, 3), frame.rgb.dtype)
         aligned = [AlignedFace(f, empty, a) for f, a in zip(faces, affines)]
         return _Work(frame, aligned, crops, pixels)
 
     def _upload(self, rgb: np.ndarray) -> torch.Tensor:
-        """[3,H,W] float32 in [0, 1] on the restorer's device (pinned, non-blocking copy)."""
-        scale = float(np.iinfo(rgb.dtype).max)
-        host = torch.from_numpy(rgb if rgb.dtype == np.uint8 else rgb.astype(np.float32))
+        """[3,H,W] integer tensor on the restorer's device (pinned, non-blocking copy)."""
+        host = torch.from_numpy(rgb if rgb.dtype == np.uint8 else rgb.astype(np.int32))
         if self.device.type == "cuda":
             host = host.pin_memory()
-        pixels = host.to(self.device, non_blocking=True).permute(2, 0, 1).float()  # [3HW]
-        return pixels.div_(scale)
+        return host.to(self.device, non_blocking=True).permute(2, 0, 1)  # [3HW]
+
+    @staticmethod
+    def _unit(pixels: torch.Tensor, frame: Frame) -> torch.Tensor:
+        """The frame's values as float32 in [0, 1]."""
+        return pixels.float().div_(float(np.iinfo(frame.rgb.dtype).max))
 
     def _restore_in_batches(self, items: Iterable[_Work], timer: StageTimer | None) -> Iterator[_Work]:
         """Fill whole batches from consecutive frames (and every track in them), keep order.
@@ -308,7 +313,7 @@ class FacePipeline:
         mask_t = None if masks is None else torch.from_numpy(masks).to(self.device)
         small = [a.face.size < blend.SMALL_FACE for a in work.aligned]
         affines = np.stack([a.affine for a in work.aligned])
-        out = blend.paste_faces_torch(work.pixels, work.restored, affines, mask_t, strength, smooth=small)
+        out = blend.paste_faces_torch(self._unit(work.pixels, frame), work.restored, affines, mask_t, strength, smooth=small)
         scale = float(np.iinfo(frame.rgb.dtype).max)
         out = (out * scale).round_().clamp_(0, scale).permute(1, 2, 0)  # [HW3]
         host = out.to(torch.uint8 if frame.rgb.dtype == np.uint8 else torch.int32).cpu().numpy()

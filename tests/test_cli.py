@@ -66,7 +66,7 @@ def test_image_input(portrait, detector_pipeline_args, tmp_path, capsys):
     out = portrait.with_name("portrait.restored.jpg")
     restored = cv2.imread(str(out))
     assert restored.shape == (400, 640, 3)
-    assert "1 faces restored" in err
+    assert "1 face restored" in err
 
 
 def test_folder_goes_on_after_a_failure(portrait, clip, detector_pipeline_args, tmp_path, capsys):
@@ -192,3 +192,12 @@ def test_phone_clip_with_vfr_rotation_two_audio_tracks_and_subtitles(gpen256_fil
     packets_in, packets_out = read_packets(clip), read_packets(out)
     for index in (1, 2, 3):  # two audio tracks and the subtitles, byte for byte
         assert packets_out[index] == packets_in[index]
+
+
+def test_bad_input_fails_before_any_weights_are_fetched(tmp_path, capsys):
+    """A wrong file must not cost a model download first: no weights are given or cached."""
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("not a video")
+    code, err = cli("restore", bad, "--cache-dir", tmp_path / "empty-cache", capsys=capsys)
+    assert code == 3 and "notes.mp4" in err
+    assert "download" not in err
