@@ -376,13 +376,18 @@ class ParsingMasker:
         device: str | torch.device = "cpu",
         cache_dir: str | Path | None = None,
         offline: bool = False,
+        mirror: str | None = None,
         progress: bool = False,
         batch_size: int = 4,
         input_size: int = PARSE_SIZE,
     ) -> None:
         from gpen_video.weights import resolve_weights
 
-        file = Path(resolve_weights("ParseNet", path=path, cache_dir=cache_dir, offline=offline, progress=progress))
+        file = Path(
+            resolve_weights(
+                "ParseNet", path=path, cache_dir=cache_dir, offline=offline, progress=progress, mirror=mirror
+            )
+        )
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:

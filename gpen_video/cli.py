@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     _flag(common, "-q", "--quiet", action="store_const", const=True, help="no progress bars or summary")
     _flag(common, "--cache-dir", help="where weights are cached (default $GPEN_VIDEO_HOME or the user cache dir)")
+    _flag(common, "--mirror", help="base URL holding the weight files under their registry names")
 
     r = sub.add_parser("restore", parents=[common], help="restore the faces of a video, an image or a folder")
     r.add_argument("input", help="video, image, or folder of them")
@@ -196,14 +197,15 @@ def run_models(args: argparse.Namespace, config: Config) -> int:
     if args.action == "download":
         if not args.name:
             raise InputError("name the preset to download, e.g. `gpen-video models download GPEN-BFR-512`")
-        path = resolve_weights(args.name, cache_dir=config.cache_dir, progress=not config.quiet)
+        path = resolve_weights(args.name, cache_dir=config.cache_dir, mirror=config.mirror, progress=not config.quiet)
         print(path)
         return 0
     rows = list_models(config.cache_dir)
     print(f"cache: {config.cache_dir}")
     for row in rows:
-        state = "cached" if row.present else "not downloaded"
-        print(f"{row.name:<16} {row.kind:<9} {state:<15} {row.path}")
+        state = ("cached, verified" if row.verified else "cached") if row.present else "not downloaded"
+        size = f"{row.size_bytes / 1e6:.0f} MB" if row.size_bytes else "?"
+        print(f"{row.name:<16} {row.kind:<9} {size:>7}  {state:<17} {row.path}")
     return 0
 
 

@@ -43,6 +43,8 @@ class Config:
     """Never download; fail with instructions when weights are missing."""
     cache_dir: str | None = None
     """Where weights are cached (default: $GPEN_VIDEO_HOME or the platform cache dir)."""
+    mirror: str | None = None
+    """Base URL holding weight files under their registry names, used instead of the official ones."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     precision: Precision = "auto"

@@ -392,6 +392,7 @@ def create_detector(
     weights_path: str | None = None,
     cache_dir: str | Path | None = None,
     offline: bool = False,
+    mirror: str | None = None,
     progress: bool = True,
     batch_size: int = 8,
     intra_op_num_threads: int | None = None,
@@ -449,7 +450,8 @@ def create_detector(
         from gpen_video.weights import resolve_weights
 
         path = resolve_weights(
-            "RetinaFace-R50", path=weights_path, cache_dir=cache_dir, offline=offline, progress=progress
+            "RetinaFace-R50", path=weights_path, cache_dir=cache_dir, offline=offline, progress=progress,
+            mirror=mirror,
         )
         return TorchRetinaFace(
             load_retinaface_r50(path), detect_size, score_threshold, device=device, batch_size=batch_size

@@ -133,13 +133,18 @@ class FacePipeline:
             device=str(self.device),
             cache_dir=config.cache_dir,
             offline=config.offline,
+            mirror=config.mirror,
             progress=self.progress,
         )
         self.torch_warp = config.warp == "torch" or (config.warp == "auto" and self.device.type == "cuda")
         self.masker = None
         if config.mask == "parse":
             self.masker = blend.ParsingMasker(
-                device=str(self.device), cache_dir=config.cache_dir, offline=config.offline, progress=self.progress
+                device=str(self.device),
+                cache_dir=config.cache_dir,
+                offline=config.offline,
+                mirror=config.mirror,
+                progress=self.progress,
             )
 
     def _build_restorer(self) -> Restorer:
@@ -151,6 +156,7 @@ class FacePipeline:
             path=self.config.weights,
             cache_dir=self.config.cache_dir,
             offline=self.config.offline,
+            mirror=self.config.mirror,
             progress=self.progress,
         )
         size = spec_for(self.config.model).config.size

@@ -201,3 +201,26 @@ def test_bad_input_fails_before_any_weights_are_fetched(tmp_path, capsys):
     code, err = cli("restore", bad, "--cache-dir", tmp_path / "empty-cache", capsys=capsys)
     assert code == 3 and "notes.mp4" in err
     assert "download" not in err
+
+
+def test_models_download_from_a_mirror_then_listed_as_cached(gpen256_file, http_server, tmp_path, capsys):
+    import shutil
+
+    shutil.copy(gpen256_file, http_server.root / "GPEN-BFR-256.pth")
+    cache = tmp_path / "cache"
+    mirror = f"http://127.0.0.1:{http_server.port}/"
+    code = main(["models", "download", "GPEN-BFR-256", "--mirror", mirror, "--cache-dir", str(cache), "-q"])
+    assert code == 0, capsys.readouterr().err
+    cached = cache / "GPEN-BFR-256.pth"
+    assert cached.read_bytes() == gpen256_file.read_bytes()
+    assert http_server.requests and http_server.requests[0][0] == "/GPEN-BFR-256.pth"
+    capsys.readouterr()
+    assert main(["models", "--cache-dir", str(cache)]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("GPEN-BFR-256"))
+    assert "cached, verified" in line
+
+
+def test_unknown_model_name_lists_the_presets(tmp_path, capsys):
+    code = main(["models", "download", "GPEN-BFR-9000", "--cache-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 5 and "GPEN-BFR-512" in err
