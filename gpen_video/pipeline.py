@@ -48,6 +48,7 @@ class Analysis:
 
     pts: tuple[int | None, ...]
     time_base: Fraction
+    rate: Fraction | None
     tracks: dict[int, list[TrackedFace]]
     restored_tracks: frozenset[int]
     faces_by_frame: dict[int, list[TrackedFace]]
@@ -197,7 +198,7 @@ class FacePipeline:
         raw: dict[int, list[TrackedFace]] = defaultdict(list)
         cuts: list[int] = []
         with VideoReader(path, deinterlace=self.config.deinterlace) as reader:
-            time_base = reader.info.time_base
+            time_base, rate = reader.info.time_base, reader.info.average_rate
             frames = prefetch(reader.frames(), 8, name="decode", timer=timer)
             detected = prefetch(self._detections(frames), 2 * DETECT_BATCH, name="detect")
             with self._bar(reader.info.frame_count, "analyse") as bar:
@@ -210,12 +211,13 @@ class FacePipeline:
                         raw[face.track_id].append(face)
                     bar.update()
         tracks = smooth.smooth_tracks(raw, window=self.config.smooth_window)
-        return self._select(tuple(pts), time_base, tracks, tuple(cuts))
+        return self._select(tuple(pts), time_base, rate, tracks, tuple(cuts))
 
     def _select(
         self,
         pts: tuple[int | None, ...],
         time_base: Fraction,
+        rate: Fraction | None,
         tracks: dict[int, list[TrackedFace]],
         cuts: tuple[int, ...] = (),
     ) -> Analysis:
@@ -229,7 +231,7 @@ class FacePipeline:
         chosen = {
             index: select_faces(faces, only_largest=self.config.only_largest_face) for index, faces in by_frame.items()
         }
-        return Analysis(pts, time_base, tracks, restored, chosen, cuts)
+        return Analysis(pts, time_base, rate, tracks, restored, chosen, cuts)
 
     # ------------------------------------------------------------------ pass 2
 
@@ -409,16 +411,13 @@ class FacePipeline:
                 self.render(planned(detected), writer, total=reader.info.frame_count, timer=timer)
             time_base = reader.info.time_base
             damaged = reader.damaged_frames
-        analysis = self._select(tuple(pts), time_base, dict(tracks))
+        analysis = self._select(tuple(pts), time_base, rate, dict(tracks))
         return analysis, damaged
 
     def report(self, input_path: Path, analysis: Analysis) -> dict:
-        from gpen_video.decode import probe
-
-        info = probe(input_path)
         return build_report(
             input_path,
-            fps=float(info.average_rate) if info.average_rate else 0.0,
+            fps=float(analysis.rate) if analysis.rate else 0.0,
             pts=analysis.pts,
             time_base=analysis.time_base,
             tracks=analysis.tracks,
