@@ -8,6 +8,7 @@ down when memory runs out instead of failing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,11 +70,34 @@ class Restorer:
         if crops.ndim != 4 or crops.shape[1:] != (self.size, self.size, 3):
             raise ValueError(f"crops must have shape (n, {self.size}, {self.size}, 3), got {crops.shape}")
         out = np.empty_like(crops)
+
+        def run(start: int, stop: int) -> None:
+            out[start:stop] = self._forward(crops[start:stop])
+
+        self._in_batches(len(crops), run)
+        return out
+
+    @torch.inference_mode()
+    def restore_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Restore a float tensor [N,3,S,S] in [0, 1] already on the device (GPU path)."""
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.size, self.size):
+            raise ValueError(f"x must have shape (n, 3, {self.size}, {self.size}), got {tuple(x.shape)}")
+        parts: list[torch.Tensor] = []
+
+        def run(start: int, stop: int) -> None:
+            y = self._model(x[start:stop].to(self.dtype) * 2 - 1)
+            parts.append(((y.float() + 1) * 0.5).clamp_(0, 1))
+
+        self._in_batches(len(x), run)
+        return torch.cat(parts) if parts else x.new_empty(x.shape)
+
+    def _in_batches(self, n: int, run: Callable[[int, int], None]) -> None:
+        """Call ``run(start, stop)`` over batches; halve the batch size on out-of-memory errors."""
         start = 0
-        while start < len(crops):
-            stop = min(start + self.batch_size, len(crops))
+        while start < n:
+            stop = min(start + self.batch_size, n)
             try:
-                out[start:stop] = self._forward(crops[start:stop])
+                run(start, stop)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not _is_oom(exc) or self.batch_size == 1:
                     raise
@@ -83,18 +107,13 @@ class Restorer:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            start = stop
-        self.stats.faces += len(crops)
-        return out
-
-    def restore_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """Restore a float tensor [N,3,S,S] in [0, 1] already on the device (GPU path)."""
-        with torch.inference_mode():
-            y = self.model(self._prepare(x.to(self.dtype) * 2 - 1))
-            y = y[0] if isinstance(y, tuple) else y
-            self.stats.faces += len(x)
             self.stats.batches += 1
-            return ((y.float() + 1) * 0.5).clamp_(0, 1)
+            start = stop
+        self.stats.faces += n
+
+    def _model(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.model(self._prepare(x))
+        return y[0] if isinstance(y, tuple) else y
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -105,10 +124,7 @@ class Restorer:
         if self.device.type == "cuda":
             host = host.pin_memory()
         x = host.to(self.device, non_blocking=True).to(self.dtype) * (2 / scale) - 1
-        y = self.model(self._prepare(x))
-        y = y[0] if isinstance(y, tuple) else y
-        y = ((y.float() + 1) * (scale / 2)).round_().clamp_(0, scale)
-        self.stats.batches += 1
+        y = ((self._model(x).float() + 1) * (scale / 2)).round_().clamp_(0, scale)
         return y.permute(0, 2, 3, 1).cpu().numpy().astype(crops.dtype)  # [NHWC]
 
 

@@ -110,3 +110,13 @@ def test_other_errors_are_not_swallowed():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         Restorer(Broken(), 8, batch_size=4).restore(np.zeros((2, 8, 8, 3), np.uint8))
+
+
+def test_out_of_memory_step_down_on_the_tensor_path():
+    model = _Flaky(limit=3)
+    restorer = Restorer(model, 8, batch_size=16)
+    x = torch.rand(10, 3, 8, 8)
+    y = restorer.restore_tensor(x)
+    torch.testing.assert_close(y, x, atol=1e-6, rtol=0)
+    assert restorer.batch_size == 2 and restorer.stats.oom_stepdowns == 3
+    assert restorer.stats.faces == 10
