@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(d, "--min-face", type=int, help="leave faces smaller than this many pixels alone (default 24)")
     _flag(d, "--only-largest-face", action="store_const", const=True)
     _flag(d, "--single-pass", action="store_const", const=True, help="one decode, causal smoothing")
+    _flag(d, "--lookahead", action="store_const", const=True,
+          help="one decode, two-pass smoothing with a look-ahead; detection overlaps restoration")
     _flag(d, "--smooth-window", type=int, help="landmark smoothing window in frames (default 9)")
     _flag(d, "--max-gap", type=int, help="frames a face may be missed and still keep its track (default 8)")
     _flag(d, "--strength", type=float, help="0 keeps the original face, 1 the restored one (default 1)")

@@ -66,6 +66,9 @@ class Config:
     """Restore only the largest face of each frame."""
     single_pass: bool = False
     """Causal smoothing in one decode pass (for inputs that cannot be read twice); a little lag."""
+    lookahead: bool = False
+    """One decode with the two-pass smoothing: detection runs alongside restoration, each frame
+    waits for about 2 x smooth_window + max_gap later ones (memory: that many frames)."""
     smooth_window: int = 9
     """Zero-phase smoother length in frames. Longer: steadier faces, slower reaction to motion."""
     max_gap: int = 8
@@ -111,6 +114,8 @@ class Config:
             "max_gap": self.max_gap >= 0,
             "batch_size": self.batch_size is None or self.batch_size >= 1,
         }
+        if self.single_pass and self.lookahead:
+            raise ConfigError("single_pass and lookahead exclude each other; pick one")
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"{name} is out of range: {getattr(self, name)!r}")

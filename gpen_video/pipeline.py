@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 DETECT_BATCH = 8
 """Frames per detector call in pass 1. Higher: better accelerator use, more memory."""
+MIN_FACE_HISTORY = 250
+"""Faces of a track whose median size decides ``min_face`` in single-decode modes."""
 
 
 @dataclass(frozen=True)
@@ -362,8 +364,8 @@ class FacePipeline:
         started = time.perf_counter()
         timer = StageTimer()
         faces_before = self.restorer.stats.faces
-        if self.config.single_pass:
-            analysis, damaged = self._single_pass(input_path, output_path, timer)
+        if self.config.single_pass or self.config.lookahead:
+            analysis, damaged = self._one_decode(input_path, output_path, timer)
         else:
             analysis = self.analyse(input_path, timer=timer)
             with VideoReader(input_path, deinterlace=self.config.deinterlace) as reader:
@@ -385,34 +387,61 @@ class FacePipeline:
             stage_seconds=dict(timer.busy),
         )
 
-    def _single_pass(self, input_path: Path, output_path: Path, timer: StageTimer) -> tuple[Analysis, int]:
-        tracker = track.Tracker(max_gap=self.config.max_gap)
-        pts: list[int | None] = []
-        tracks: dict[int, list[TrackedFace]] = defaultdict(list)
+    def _one_decode(self, input_path: Path, output_path: Path, timer: StageTimer) -> tuple[Analysis, int]:
+        """Detect, track, smooth and restore in a single decode.
 
-        def planned(detected: Iterable[tuple[Frame, Detections, bool]]) -> Iterator[tuple[Frame, list[TrackedFace]]]:
+        ``lookahead``: zero-phase smoothing as in two passes, each frame held back until the
+        smoother has seen enough later ones, while detection runs alongside restoration.
+        ``single_pass``: a causal One-Euro filter, no frames held back.
+        """
+        c = self.config
+        tracker = track.Tracker(max_gap=c.max_gap)
+        pts: list[int | None] = []
+        cuts: list[int] = []
+        tracks: dict[int, list[TrackedFace]] = defaultdict(list)
+        recent_sizes: dict[int, deque[float]] = defaultdict(lambda: deque(maxlen=MIN_FACE_HISTORY))
+
+        def release(frame: Frame, faces: list[TrackedFace]) -> tuple[Frame, list[TrackedFace]]:
+            for face in faces:
+                tracks[face.track_id].append(face)
+                recent_sizes[face.track_id].append(face.size)
+            keep = [f for f in faces if np.median(recent_sizes[f.track_id]) >= c.min_face]
+            return frame, select_faces(keep, only_largest=c.only_largest_face)
+
+        def tracked(detected: Iterable[tuple[Frame, Detections, bool]]) -> Iterator[tuple[Frame, list[TrackedFace]]]:
             for frame, det, cut in detected:
                 pts.append(frame.pts)
                 if cut and frame.index > 0:
                     tracker.reset()
-                    smoother.reset()
-                faces = smoother.update(tracker.update(frame.index, det), frame.time)
-                for face in faces:
-                    tracks[face.track_id].append(face)
-                keep = [f for f in faces if f.size >= self.config.min_face]
-                yield frame, select_faces(keep, only_largest=self.config.only_largest_face)
+                    cuts.append(frame.index)
+                yield frame, tracker.update(frame.index, det)
 
-        with VideoReader(input_path, deinterlace=self.config.deinterlace) as reader:
-            rate = reader.info.average_rate
+        def lookahead(items: Iterable[tuple[Frame, list[TrackedFace]]]) -> Iterator[tuple[Frame, list[TrackedFace]]]:
+            smoother = smooth.LookaheadSmoother(window=c.smooth_window, max_gap=c.max_gap)
+            held: deque[Frame] = deque()
+            for frame, faces in items:
+                held.append(frame)
+                for _, ready in smoother.push(frame.index, faces):
+                    yield release(held.popleft(), ready)
+            for _, ready in smoother.finish():
+                yield release(held.popleft(), ready)
+
+        def causal(items: Iterable[tuple[Frame, list[TrackedFace]]]) -> Iterator[tuple[Frame, list[TrackedFace]]]:
             smoother = smooth.OneEuroSmoother(frame_step=float(1 / rate) if rate else 1 / 30)
+            for frame, faces in items:
+                if cuts and cuts[-1] == frame.index:
+                    smoother.reset()
+                yield release(frame, smoother.update(faces, frame.time))
+
+        with VideoReader(input_path, deinterlace=c.deinterlace) as reader:
+            rate, time_base = reader.info.average_rate, reader.info.time_base
             with self._writer(reader, output_path) as writer:
                 frames = prefetch(reader.frames(), 8, name="decode", timer=timer)
                 detected = prefetch(self._detections(frames), 2 * DETECT_BATCH, name="detect")
-                self.render(planned(detected), writer, total=reader.info.frame_count, timer=timer)
-            time_base = reader.info.time_base
+                smoothed = (lookahead if c.lookahead else causal)(tracked(detected))
+                self.render(smoothed, writer, total=reader.info.frame_count, timer=timer)
             damaged = reader.damaged_frames
-        analysis = self._select(tuple(pts), time_base, rate, dict(tracks))
-        return analysis, damaged
+        return self._select(tuple(pts), time_base, rate, dict(tracks), tuple(cuts)), damaged
 
     def report(self, input_path: Path, analysis: Analysis) -> dict:
         return build_report(

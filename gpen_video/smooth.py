@@ -36,9 +36,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
+from scipy.ndimage import median_filter
 
 from gpen_video.records import TrackedFace, check_shape
 
@@ -183,7 +184,8 @@ def smooth_track(
         space: ``"similarity"`` (centre, scale, rotation, residual shape; keeps the face's
             shape under rotation and zoom) or ``"points"`` (raw x/y).
         outlier_factor: a detection whose landmarks are farther from a first fit than this
-            many times the track's median distance (and more than 5 % of the face size) is
+            many times the median distance of the detections within a window either side
+            (and more than 5 % of the face size) is
             left out of the final fit. Lower rejects more detections, including real quick
             moves; higher keeps more bad ones; None keeps every detection.
         fill_gaps: add interpolated records for the frames missing between detections.
@@ -234,8 +236,11 @@ def smooth_track(
         first = _decode(fit(t_obs, params, t_obs, window, degree), space)[0]  # [M,5,2]
         sizes = np.array([max(f.size, 1e-6) for f in faces])
         residual = np.linalg.norm(first - landmarks, axis=-1).mean(-1) / sizes  # [M]
-        limit = max(outlier_factor * float(np.median(residual)), _OUTLIER_FLOOR)
-        keep = residual <= limit
+        # the typical residual around each detection, not the whole track's: noise changes
+        # along a track (a face shrinking, blurring), and a local scale lets one decode with
+        # a look-ahead decide exactly as two passes do
+        typical = median_filter(residual, size=2 * window + 1, mode="nearest")
+        keep = residual <= np.maximum(outlier_factor * typical, _OUTLIER_FLOOR)
         if not keep.all():
             log.debug("track %d: %d outlier detection(s) left out", track_id, int((~keep).sum()))
 
@@ -380,3 +385,75 @@ class OneEuroSmoother:
             value = state.value.astype(np.float32)
             out.append(replace(face, landmarks=value[:10].reshape(5, 2), box=value[10:].copy()))
         return out
+
+
+# ------------------------------------------------------------------ one pass, zero phase
+
+
+class LookaheadSmoother:
+    """Zero-phase smoothing in a single decode: frames are released once enough later ones are known.
+
+    ``push`` takes every frame's tracked faces in order and returns the frames that are now
+    final, in chunks; each chunk is smoothed with ``smooth_track`` over the detections within
+    ``context`` frames of it. That equals whole-track smoothing wherever a track has ``window``
+    detections within reach, which holds unless a track misses most of ``context`` frames in a
+    row. Gaps are filled as in two passes: any detection that could continue a track within
+    ``max_gap`` frames has been pushed before the frames before it are released.
+
+    Args:
+        window: smoother length in frames (as ``smooth_track``).
+        max_gap: the tracker's ``max_gap``.
+        chunk: frames released per smoothing call. Higher: less smoothing work per frame,
+            more frames held in memory.
+        **kwargs: passed to ``smooth_track``.
+    """
+
+    def __init__(self, *, window: int = 9, max_gap: int = 8, chunk: int = 16, **kwargs: Any) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.window = window
+        self.context = 2 * window + max_gap + 2
+        self.chunk = chunk
+        self.kwargs = kwargs
+        self._raw: dict[int, list[TrackedFace]] = {}
+        self._next = 0
+        self._last = -1
+
+    @property
+    def delay(self) -> int:
+        """Most frames held back before release."""
+        return self.context + self.chunk
+
+    def push(self, frame_index: int, faces: Sequence[TrackedFace]) -> list[tuple[int, list[TrackedFace]]]:
+        """Add one frame's tracked faces; returns ``(frame_index, smoothed faces)`` now final."""
+        if frame_index != self._last + 1:
+            raise ValueError(f"frames must be pushed in order without gaps: got {frame_index} after {self._last}")
+        for face in faces:
+            self._raw.setdefault(face.track_id, []).append(face)
+        self._last = frame_index
+        if self._last - self._next + 1 >= self.delay:
+            return self._release(self._next + self.chunk - 1)
+        return []
+
+    def finish(self) -> list[tuple[int, list[TrackedFace]]]:
+        """Release every frame still held (end of the video)."""
+        return self._release(self._last) if self._next <= self._last else []
+
+    def _release(self, last: int) -> list[tuple[int, list[TrackedFace]]]:
+        first = self._next
+        ready: dict[int, list[TrackedFace]] = {i: [] for i in range(first, last + 1)}
+        keep_from = last + 1 - self.context
+        for track_id in list(self._raw):
+            faces = [f for f in self._raw[track_id] if f.frame_index >= first - self.context]
+            if faces and faces[-1].frame_index >= first and faces[0].frame_index <= last:
+                window = [f for f in faces if f.frame_index <= last + self.context]
+                for face in smooth_track(window, window=self.window, **self.kwargs):
+                    if first <= face.frame_index <= last:
+                        ready[face.frame_index].append(face)
+            kept = [f for f in faces if f.frame_index >= keep_from]
+            if kept:
+                self._raw[track_id] = kept
+            else:
+                del self._raw[track_id]
+        self._next = last + 1
+        return sorted(ready.items())

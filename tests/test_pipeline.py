@@ -346,3 +346,40 @@ def test_parse_mask_from_the_weights_cache(detector, tmp_path):
     assert changed["parse"].sum() > 0.8 * changed["plain"].sum()
     outside = (changed["parse"] & ~changed["plain"]).sum()
     assert outside < 0.02 * changed["plain"].sum(), "the parse mask lies inside the plain one"
+
+
+def test_lookahead_gives_the_two_pass_result_in_one_decode(detector, tmp_path):
+    paths = [
+        FacePath(centre=(140, 136), amplitude=(30, 10), scale=0.45),
+        FacePath(centre=(340, 136), amplitude=(30, 10), phase=1.0, scale=0.45),
+    ]
+    hidden = {0: range(20, 23), 1: range(20, 40)}
+    clip = tmp_path / "clip.mp4"
+    render_clip(clip, seconds=2.4, size=SIZE, paths=paths, visible=lambda k, i: i not in hidden[k], cut_at=50)
+    reports, outputs = {}, {}
+    for mode in ("two-pass", "lookahead"):
+        pipeline = make_pipeline(detector, lookahead=mode == "lookahead", codec="ffv1")
+        (tmp_path / mode).mkdir()
+        result, out, reports[mode] = run(pipeline, clip, tmp_path / mode)
+        outputs[mode] = decoded_rgb(out)
+        assert result.frames == 60
+    assert reports["lookahead"]["scene_cuts"] == reports["two-pass"]["scene_cuts"] == [50]
+
+    def faces(report):
+        return {(t["id"], f["index"]): f for t in report["tracks"] for f in t["frames"]}
+
+    two, one = faces(reports["two-pass"]), faces(reports["lookahead"])
+    assert one.keys() == two.keys()
+    for key, f in two.items():
+        np.testing.assert_allclose(one[key]["landmarks"], f["landmarks"], atol=0.01)
+        assert one[key]["interpolated"] == f["interpolated"]
+    assert len(outputs["lookahead"]) == len(outputs["two-pass"]) == 60
+    for a, b in zip(outputs["two-pass"], outputs["lookahead"]):
+        assert psnr(a, b) > 50
+
+
+def test_lookahead_and_single_pass_exclude_each_other():
+    from gpen_video.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pick one"):
+        load_config(None, single_pass=True, lookahead=True)
