@@ -11,6 +11,7 @@ Rows, each measured in a fresh process (so peak memory is per row) on generated 
 3. ``model``    model-only faces/s (random weights in the preset's architecture; speed does
                 not depend on the values), at the pipeline's batch size
 4. ``e2e``      the whole pipeline with 1 and 4 faces (two passes, start-up included)
+5. ``look``     the same with ``--lookahead`` (one decode; detection alongside restoration)
 
 Ratios: ``e2e / (model + io)`` (CPU target ≤ 1.25: every stage shares two cores, so the best
 an engine can do is hide everything but the sum) and efficiency = slowest stage alone ÷
@@ -84,7 +85,10 @@ def measure(kind: str, clip: str, args) -> dict:
         from gpen_video.config import load_config
         from gpen_video.pipeline import FacePipeline
 
-        config = load_config(None, device=args.device, overwrite=True, crf=args.crf, preset=args.preset, quiet=True)
+        config = load_config(
+            None, device=args.device, overwrite=True, crf=args.crf, preset=args.preset, quiet=True,
+            lookahead=kind == "lookahead",
+        )
         pipeline = FacePipeline(config, restorer=_restorer(args), progress=False)
         with tempfile.TemporaryDirectory() as tmp:
             result = pipeline.restore_video(clip, Path(tmp) / "out.mp4")
@@ -142,7 +146,7 @@ def main() -> None:
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     args.model = args.model or ("GPEN-BFR-512" if cuda else "GPEN-BFR-256")
-    args.model_faces = args.model_faces or (512 if cuda else 24)
+    args.model_faces = args.model_faces or (512 if cuda else 64)
     if args.measure:
         print(json.dumps(measure(args.measure, args.clip, args)))
         return
@@ -156,8 +160,10 @@ def main() -> None:
         rows.append(("nofaces", "pipeline, no faces", run_child("nofaces", clips["0f"], args)))
         for faces in args.faces:
             rows.append((f"e2e {faces}f", f"pipeline, {faces} face(s)", run_child("e2e", clips[f"{faces}f"], args)))
+            rows.append((f"look {faces}f", f"--lookahead, {faces} face(s)", run_child("lookahead", clips[f"{faces}f"], args)))
         if "long" in clips:
             rows.append(("e2e long", f"pipeline, 1 face, {args.long_seconds:g} s", run_child("e2e", clips["long"], args)))
+            rows.append(("look long", f"--lookahead, 1 face, {args.long_seconds:g} s", run_child("lookahead", clips["long"], args)))
 
     gpu = torch.cuda.get_device_name() if cuda else "none"
     print(f"gpen-video benchmark, {date.today()}, {platform.processor() or platform.machine()}, "
@@ -169,7 +175,7 @@ def main() -> None:
         frames, faces, secs = row.get("frames", 0), row.get("faces", 0), row["seconds"]
         cells = [f"{name:<10}", f"{what:<36}", f"{frames:>6}", f"{faces:>6}", f"{secs:>8.1f}",
                  f"{frames / secs if frames else 0:>7.1f}", f"{faces / secs if faces else 0:>8.2f}"]
-        if name.startswith("e2e") or name == "nofaces":
+        if name.startswith(("e2e", "look")) or name == "nofaces":
             alone_io, alone_model = frames / io_fps, faces * per_face
             cells += [f"{alone_io + alone_model:>9.1f}", f"{secs / (alone_io + alone_model):>10.2f}",
                       f"{max(alone_io, alone_model) / secs:>7.2f}"]
