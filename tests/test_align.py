@@ -9,8 +9,15 @@ import torch
 from skimage import data
 
 from gpen_video import align
-from gpen_video.align import align_faces, align_faces_torch, similarity_transform, source_region, template
+from gpen_video.align import (
+    align_faces,
+    align_faces_torch,
+    similarity_transform,
+    source_region,
+    template,
+)
 from gpen_video.records import TrackedFace
+from tests.devices import DEVICES
 
 
 def similarity(scale: float, angle_deg: float, tx: float, ty: float) -> np.ndarray:
@@ -184,12 +191,6 @@ def test_torch_path_matches_opencv() -> None:
         assert diff.mean() < 0.1, names[k]
 
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-    ),
-]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,9 +12,16 @@ from skimage import data
 
 from gpen_video import blend
 from gpen_video.align import align_faces, template
-from gpen_video.blend import ParsingMasker, face_mask, labels_to_mask, paste_faces, paste_faces_torch
+from gpen_video.blend import (
+    ParsingMasker,
+    face_mask,
+    labels_to_mask,
+    paste_faces,
+    paste_faces_torch,
+)
 from gpen_video.errors import WeightsError
 from gpen_video.records import AlignedFace, TrackedFace
+from tests.devices import DEVICES
 
 # The astronaut's five landmarks in skimage.data.astronaut() (512×512), read off the image:
 # enough for geometry, which is what these tests are about.
@@ -395,12 +402,6 @@ def test_parse_masks_paste(astronaut_scene: tuple) -> None:
     assert (right & (m < 1e-6)).sum() > 1000  # the right half of the face stayed as it was
 
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-    ),
-]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -177,15 +177,20 @@ def test_crossing_faces_keep_their_ids(detector, astronaut_landmarks, tmp_path):
         assert len(owners) == 1, f"track {track['id']} jumped between faces {owners}"
 
 
-def test_faces_entering_leaving_and_short_misses(detector, tmp_path):
+def two_faces_that_hide(path: Path, **kwargs) -> Path:
+    """60 frames, two faces side by side: the left one is gone for 3 frames (a miss: same
+    track, filled in), the right one for 20 (it leaves and comes back)."""
     paths = [
         FacePath(centre=(140, 136), amplitude=(30, 10), scale=0.45),
         FacePath(centre=(340, 136), amplitude=(30, 10), phase=1.0, scale=0.45),
     ]
-    # face 0: gone for 3 frames (a miss: same track, filled in); face 1: gone for 20 (leaves, comes back)
     hidden = {0: range(20, 23), 1: range(20, 40)}
-    clip = tmp_path / "enter.mp4"
-    render_clip(clip, seconds=2.4, size=SIZE, paths=paths, visible=lambda k, i: i not in hidden[k], audio=False)
+    render_clip(path, seconds=2.4, size=SIZE, paths=paths, visible=lambda k, i: i not in hidden[k], **kwargs)
+    return path
+
+
+def test_faces_entering_leaving_and_short_misses(detector, tmp_path):
+    clip = two_faces_that_hide(tmp_path / "enter.mp4", audio=False)
     _, _, report = run(make_pipeline(detector, max_gap=8), clip, tmp_path)
     by_side = {0: [], 1: []}
     for track in report["tracks"]:
@@ -349,13 +354,7 @@ def test_parse_mask_from_the_weights_cache(detector, tmp_path):
 
 
 def test_lookahead_gives_the_two_pass_result_in_one_decode(detector, tmp_path):
-    paths = [
-        FacePath(centre=(140, 136), amplitude=(30, 10), scale=0.45),
-        FacePath(centre=(340, 136), amplitude=(30, 10), phase=1.0, scale=0.45),
-    ]
-    hidden = {0: range(20, 23), 1: range(20, 40)}
-    clip = tmp_path / "clip.mp4"
-    render_clip(clip, seconds=2.4, size=SIZE, paths=paths, visible=lambda k, i: i not in hidden[k], cut_at=50)
+    clip = two_faces_that_hide(tmp_path / "clip.mp4", cut_at=50)
     reports, outputs = {}, {}
     for mode in ("two-pass", "lookahead"):
         pipeline = make_pipeline(detector, lookahead=mode == "lookahead", codec="ffv1")
