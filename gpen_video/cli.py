@@ -110,22 +110,28 @@ def default_output(input_path: Path) -> Path:
 
 
 def _media_in(folder: Path) -> list[Path]:
+    from gpen_video.pipeline import is_image
+
     return sorted(
         p
         for p in folder.iterdir()
         if p.is_file()
         and not p.name.startswith(".")
         and ".restored." not in p.name
-        and p.suffix.lower() in VIDEO_SUFFIXES | {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+        and (p.suffix.lower() in VIDEO_SUFFIXES or is_image(p))
     )
 
 
 def _summary(result) -> str:
+    from gpen_video.pipeline import is_image
+
+    head = f"{result.input.name} -> {result.output}: "
+    if is_image(result.input):
+        return head + f"{_plural(result.faces_restored, 'face')} restored in {result.seconds:.1f} s"
     extra = f", {result.damaged_frames} damaged frames dropped" if result.damaged_frames else ""
-    return (
-        f"{result.input.name} -> {result.output}: {_plural(result.frames, 'frame')}, "
-        f"{_plural(result.faces_restored, 'face')} restored, {_plural(result.tracks, 'track')}, "
-        f"{result.seconds:.1f} s ({result.fps:.1f} fps){extra}"
+    return head + (
+        f"{_plural(result.frames, 'frame')}, {_plural(result.faces_restored, 'face')} restored, "
+        f"{_plural(result.tracks, 'track')}, {result.seconds:.1f} s ({result.fps:.1f} fps){extra}"
     )
 
 

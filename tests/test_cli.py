@@ -66,7 +66,7 @@ def test_image_input(portrait, detector_pipeline_args, tmp_path, capsys):
     out = portrait.with_name("portrait.restored.jpg")
     restored = cv2.imread(str(out))
     assert restored.shape == (400, 640, 3)
-    assert "1 face restored" in err
+    assert "1 face restored in" in err
 
 
 def test_folder_goes_on_after_a_failure(portrait, clip, detector_pipeline_args, tmp_path, capsys):
