@@ -224,3 +224,12 @@ def test_unknown_model_name_lists_the_presets(tmp_path, capsys):
     code = main(["models", "download", "GPEN-BFR-9000", "--cache-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 5 and "GPEN-BFR-512" in err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "gpen_video", "restore", str(tmp_path / "nope.mp4"), "--debug"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "InputError" in result.stderr

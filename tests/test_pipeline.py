@@ -382,3 +382,25 @@ def test_lookahead_and_single_pass_exclude_each_other():
 
     with pytest.raises(ConfigError, match="pick one"):
         load_config(None, single_pass=True, lookahead=True)
+
+
+def test_interrupted_run_leaves_no_output_and_no_temporary_file(one_face, detector, tmp_path):
+    clip, _ = one_face
+
+    class Interrupt(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            Interrupt.calls += 1
+            if Interrupt.calls == 5:
+                raise KeyboardInterrupt
+            return x
+
+    pipeline = FacePipeline(
+        load_config(None, device="cpu"), restorer=Restorer(Interrupt(), 256), detector=detector, progress=False
+    )
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.restore_video(clip, out_dir / "out.mp4", report_path=out_dir / "report.json")
+    assert list(out_dir.iterdir()) == []
