@@ -8,6 +8,7 @@ options or config; 3 unusable input; 4 output cannot be written; 5 weights probl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -43,6 +44,15 @@ def _flag(parser: argparse.ArgumentParser, *names: str, **kwargs) -> None:
     parser.add_argument(*names, **kwargs)
 
 
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpen-video", description="Restore faces in videos and images with GPEN.")
     parser.add_argument("--version", action="version", version=f"gpen-video {__version__}")
@@ -66,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--offline", action="store_const", const=True, help="never download weights")
     _flag(g, "--device", help="auto, cpu, cuda or cuda:N")
     _flag(g, "--precision", choices=["auto", "fp16", "bf16", "fp32"])
-    _flag(g, "--batch-size", type=int, help="faces per GPEN call (default: chosen for the device)")
+    _flag(g, "--batch-size", type=_batch_size, help="faces per GPEN call, or auto (default): chosen for the device")
     _flag(g, "--warp", choices=["auto", "opencv", "torch"], help="crop/paste engine (auto: torch on CUDA)")
     d = r.add_argument_group("faces")
     _flag(d, "--detector", choices=["retinaface-mobile", "retinaface-r50"])
@@ -99,7 +109,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
     names = {f for f in Config.__dataclass_fields__}
     overrides = {k: v for k, v in vars(args).items() if k in names and k != "debug"}
+    auto_batch = overrides.get("batch_size") == "auto"
+    if auto_batch:
+        del overrides["batch_size"]
     config = load_config(getattr(args, "config", None), **overrides)
+    if auto_batch:
+        config = dataclasses.replace(config, batch_size=None)
     if config.cache_dir is None:
         config = config.replace(cache_dir=str(default_cache_dir(os.environ)))
     return config.replace(debug=args.debug or None)

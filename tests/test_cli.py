@@ -233,3 +233,13 @@ def test_debug_shows_the_traceback(tmp_path):
     )
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "InputError" in result.stderr
+
+
+@pytest.mark.parametrize("flag, expected", [("auto", None), ("6", 6)])
+def test_batch_size_auto_overrides_a_preset(tmp_path, flag, expected):
+    from gpen_video.cli import build_parser, config_from_args
+
+    preset = tmp_path / "p.toml"
+    preset.write_text("batch_size = 8\n")
+    args = build_parser().parse_args(["restore", "x.mp4", "--config", str(preset), "--batch-size", flag])
+    assert config_from_args(args).batch_size == expected
