@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from gpen_video import align, blend, detect, smooth, track
+from gpen_video.atomic import write_atomic
 from gpen_video.config import Config
 from gpen_video.decode import VideoReader
 from gpen_video.encode import VideoWriter
@@ -193,6 +193,14 @@ class FacePipeline:
         if batch:
             yield from flush()
 
+    @staticmethod
+    def _decoded(reader: VideoReader, timer: StageTimer | None) -> Iterator[Frame]:
+        return prefetch(reader.frames(), 8, name="decode", timer=timer)
+
+    def _detected(self, reader: VideoReader, timer: StageTimer | None) -> Iterator[tuple[Frame, Detections, bool]]:
+        """Decoded frames with their detections and scene-cut flags, two threads ahead."""
+        return prefetch(self._detections(self._decoded(reader, timer)), 2 * DETECT_BATCH, name="detect")
+
     def analyse(self, path: Path, *, timer: StageTimer | None = None) -> Analysis:
         """Pass 1: detect and track every face, then smooth each track without lag."""
         tracker = track.Tracker(max_gap=self.config.max_gap)
@@ -201,8 +209,7 @@ class FacePipeline:
         cuts: list[int] = []
         with VideoReader(path, deinterlace=self.config.deinterlace) as reader:
             time_base, rate = reader.info.time_base, reader.info.average_rate
-            frames = prefetch(reader.frames(), 8, name="decode", timer=timer)
-            detected = prefetch(self._detections(frames), 2 * DETECT_BATCH, name="detect")
+            detected = self._detected(reader, timer)
             with self._bar(reader.info.frame_count, "analyse") as bar:
                 for frame, det, cut in detected:
                     pts.append(frame.pts)
@@ -370,7 +377,7 @@ class FacePipeline:
             analysis = self.analyse(input_path, timer=timer)
             with VideoReader(input_path, deinterlace=self.config.deinterlace) as reader:
                 with self._writer(reader, output_path) as writer:
-                    frames = prefetch(reader.frames(), 8, name="decode", timer=timer)
+                    frames = self._decoded(reader, timer)
                     planned = ((f, analysis.faces_by_frame.get(f.index, [])) for f in frames)
                     self.render(planned, writer, total=len(analysis.pts), timer=timer)
                 damaged = reader.damaged_frames
@@ -436,9 +443,7 @@ class FacePipeline:
         with VideoReader(input_path, deinterlace=c.deinterlace) as reader:
             rate, time_base = reader.info.average_rate, reader.info.time_base
             with self._writer(reader, output_path) as writer:
-                frames = prefetch(reader.frames(), 8, name="decode", timer=timer)
-                detected = prefetch(self._detections(frames), 2 * DETECT_BATCH, name="detect")
-                smoothed = (lookahead if c.lookahead else causal)(tracked(detected))
+                smoothed = (lookahead if c.lookahead else causal)(tracked(self._detected(reader, timer)))
                 self.render(smoothed, writer, total=reader.info.frame_count, timer=timer)
             damaged = reader.damaged_frames
         return self._select(tuple(pts), time_base, rate, dict(tracks), tuple(cuts)), damaged
@@ -519,11 +524,4 @@ def write_image(path: Path, rgb: np.ndarray, alpha: np.ndarray | None = None) ->
     ok, data = cv2.imencode(path.suffix.lower() or ".png", np.ascontiguousarray(bgr))
     if not ok:
         raise OutputError(f"cannot encode {path} as {path.suffix}; pick another image extension")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data.tobytes())

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -27,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from gpen_video.atomic import write_atomic
 from gpen_video.errors import DownloadError, WeightsError
 from gpen_video.model import (
     GPEN,
@@ -200,17 +200,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _recorded_sha256(path: Path) -> str | None:
     try:
         return _sidecar(path).read_text(encoding="ascii").split()[0].lower()
@@ -340,7 +329,7 @@ def _validate_and_install(part: Path, final: Path, spec: WeightSpec, url: str) -
             f"the {spec.name} file downloaded from {url} has sha256 {digest}, not the published "
             f"{spec.sha256}; it was deleted: try again later or use another mirror"
         )
-    _write_atomic(_sidecar(final), f"{digest}  {final.name}\n")
+    write_atomic(_sidecar(final), f"{digest}  {final.name}\n".encode("ascii"))
     os.replace(part, final)
     log.info("%s: saved %s (sha256 %s)", spec.name, final, digest)
     return state
@@ -387,7 +376,7 @@ def _resolve(
         if _check_recorded(final, spec):
             return final, None
         state = load_checkpoint(final, spec)
-        _write_atomic(_sidecar(final), f"{file_sha256(final)}  {final.name}\n")
+        write_atomic(_sidecar(final), f"{file_sha256(final)}  {final.name}\n".encode("ascii"))
         return final, state
 
     urls = (url,) if url else (_mirror_url(mirror, spec),) if mirror else spec.urls

@@ -18,16 +18,7 @@ from gpen_video.align import (
 )
 from gpen_video.records import TrackedFace
 from tests.devices import DEVICES
-
-
-def similarity(scale: float, angle_deg: float, tx: float, ty: float) -> np.ndarray:
-    a = np.deg2rad(angle_deg)
-    c, s = scale * np.cos(a), scale * np.sin(a)
-    return np.array([[c, -s, tx], [s, c, ty]], np.float64)
-
-
-def apply(affine: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    return pts @ affine[:, :2].T + affine[:, 2]
+from tests.geometry import apply, similarity
 
 
 def face_from_landmarks(lm: np.ndarray, frame_index: int = 0, track_id: int = 0) -> TrackedFace:

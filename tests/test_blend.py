@@ -22,20 +22,11 @@ from gpen_video.blend import (
 from gpen_video.errors import WeightsError
 from gpen_video.records import AlignedFace, TrackedFace
 from tests.devices import DEVICES
+from tests.geometry import apply, similarity
 
 # The astronaut's five landmarks in skimage.data.astronaut() (512×512), read off the image:
 # enough for geometry, which is what these tests are about.
 ASTRONAUT_LANDMARKS = np.array([[200, 103], [246, 103], [223, 124], [205, 146], [243, 146]], np.float64)
-
-
-def similarity(scale: float, angle_deg: float, tx: float, ty: float) -> np.ndarray:
-    a = np.deg2rad(angle_deg)
-    c, s = scale * np.cos(a), scale * np.sin(a)
-    return np.array([[c, -s, tx], [s, c, ty]], np.float64)
-
-
-def apply(affine: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    return pts @ affine[:, :2].T + affine[:, 2]
 
 
 def tracked(lm: np.ndarray, box_side: float = 150.0) -> TrackedFace:

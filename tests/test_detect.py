@@ -12,6 +12,7 @@ from skimage import data
 
 from gpen_video.detect import (
     MEAN_BGR,
+    TorchRetinaFace,
     build_retinaface,
     create_detector,
     filter_min_size,
@@ -22,7 +23,6 @@ from gpen_video.detect import (
     preprocess,
     preprocess_torch,
     prior_boxes,
-    TorchRetinaFace,
 )
 from gpen_video.errors import ConfigError, DeviceError, WeightsError
 from gpen_video.records import Detections

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import random_state_dict
 from scipy.signal import convolve2d
 
 from gpen_video.model import (
@@ -21,8 +22,6 @@ from gpen_video.model import (
     upfirdn2d,
 )
 from gpen_video.weights import REGISTRY
-
-from conftest import random_state_dict
 
 LAYOUTS = next(
     (p for p in (Path(__file__).parent / "data" / "layouts.json", Path("/work/shared/gpen/layouts.json")) if p.exists()),

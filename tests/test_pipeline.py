@@ -22,6 +22,7 @@ from gpen_video.pipeline import FacePipeline
 from gpen_video.restore import Restorer
 from samples.make_demo import FacePath, render_clip
 from tests.clips import psnr, read_packets
+from tests.geometry import apply
 
 SIZE = (480, 272)
 
@@ -46,10 +47,6 @@ def astronaut_landmarks(detector) -> np.ndarray:
 def make_pipeline(detector, **overrides) -> FacePipeline:
     config = load_config(None, device="cpu", overwrite=True, **overrides)
     return FacePipeline(config, restorer=Restorer(Identity(), 256), detector=detector, progress=False)
-
-
-def truth_points(transform: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-    return landmarks @ transform[:, :2].T + transform[:, 2]
 
 
 def decoded_rgb(path: Path) -> list[np.ndarray]:
@@ -97,7 +94,7 @@ def test_single_face_one_track_smooth_and_accurate(one_face, detector, astronaut
     assert [f["index"] for f in frames] == list(range(len(truth)))
     smooth = np.array([f["landmarks"] for f in frames])
     raw = np.array([f["landmarks_raw"] for f in frames if f["landmarks_raw"] is not None])
-    real = np.array([truth_points(truth[f["index"]][0], astronaut_landmarks) for f in frames])
+    real = np.array([apply(truth[f["index"]][0], astronaut_landmarks) for f in frames])
     assert len(raw) == len(frames)
     error_smooth = np.linalg.norm(smooth - real, axis=-1).mean()
     error_raw = np.linalg.norm(raw - real, axis=-1).mean()
@@ -171,7 +168,7 @@ def test_crossing_faces_keep_their_ids(detector, astronaut_landmarks, tmp_path):
         owners = set()
         for f in track["frames"]:
             points = np.array(f["landmarks"])
-            errors = [np.linalg.norm(points - truth_points(m, astronaut_landmarks), axis=-1).mean() for m in truth[f["index"]]]
+            errors = [np.linalg.norm(points - apply(m, astronaut_landmarks), axis=-1).mean() for m in truth[f["index"]]]
             owners.add(int(np.argmin(errors)))
             assert min(errors) < 4.0
         assert len(owners) == 1, f"track {track['id']} jumped between faces {owners}"

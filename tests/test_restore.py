@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpen_video.errors import DeviceError
 from gpen_video.device import resolve_device, resolve_dtype
+from gpen_video.errors import DeviceError
 from gpen_video.restore import Restorer
 
 

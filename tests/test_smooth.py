@@ -7,7 +7,12 @@ import pytest
 from scipy.signal import savgol_filter
 
 from gpen_video.records import TrackedFace
-from gpen_video.smooth import LookaheadSmoother, OneEuroSmoother, smooth_track, smooth_tracks
+from gpen_video.smooth import (
+    LookaheadSmoother,
+    OneEuroSmoother,
+    smooth_track,
+    smooth_tracks,
+)
 
 FPS = 30.0
 N = 120
