@@ -184,6 +184,8 @@ def run_restore(args: argparse.Namespace, config: Config) -> int:
             raise InputError("--report takes a single input file, not a folder")
     else:
         outputs = [(source, Path(args.output) if args.output else default_output(source))]
+        if args.report and is_image(source):
+            raise InputError(f"--report describes the tracks of a video; {source} is an image")
 
     if len(outputs) == 1:
         _check_before_loading_models(*outputs[0], overwrite=config.overwrite)

@@ -243,3 +243,9 @@ def test_batch_size_auto_overrides_a_preset(tmp_path, flag, expected):
     preset.write_text("batch_size = 8\n")
     args = build_parser().parse_args(["restore", "x.mp4", "--config", str(preset), "--batch-size", flag])
     assert config_from_args(args).batch_size == expected
+
+
+def test_report_on_an_image_is_refused(portrait, tmp_path, capsys):
+    code, err = cli("restore", portrait, "--report", tmp_path / "r.json", capsys=capsys)
+    assert code == 3 and "image" in err
+    assert not (tmp_path / "r.json").exists()
