@@ -21,8 +21,8 @@ import av
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpen_video.decode import VideoReader  # noqa: E402
-from gpen_video.encode import VideoWriter  # noqa: E402
+from gpen_video.io.decode import VideoReader  # noqa: E402
+from gpen_video.io.encode import VideoWriter  # noqa: E402
 from tests.clips import make_clip  # noqa: E402
 
 

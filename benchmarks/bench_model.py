@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpen_video.model import GPEN, build_model, preset_config  # noqa: E402
+from gpen_video.restore.model import GPEN, build_model, preset_config  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -43,8 +43,8 @@ def _restorer(args):
     import torch
 
     from gpen_video.device import resolve_device, resolve_dtype
-    from gpen_video.model import build_model, preset_config
-    from gpen_video.restore import Restorer, default_batch_size, fit_batch_size
+    from gpen_video.restore.model import build_model, preset_config
+    from gpen_video.restore.restorer import Restorer, default_batch_size, fit_batch_size
 
     device = resolve_device(args.device)
     config = preset_config(args.model)

@@ -16,11 +16,11 @@ def __getattr__(name: str):
     """Heavy entry points (torch, PyAV) load on first use, so ``import gpen_video`` stays quick."""
     lazy = {
         "FacePipeline": ("gpen_video.pipeline", "FacePipeline"),
-        "GPEN": ("gpen_video.model", "GPEN"),
-        "load_gpen": ("gpen_video.weights", "load_gpen"),
-        "resolve_weights": ("gpen_video.weights", "resolve_weights"),
-        "list_models": ("gpen_video.weights", "list_models"),
-        "create_detector": ("gpen_video.detect", "create_detector"),
+        "GPEN": ("gpen_video.restore.model", "GPEN"),
+        "load_gpen": ("gpen_video.restore.weights", "load_gpen"),
+        "resolve_weights": ("gpen_video.restore.weights", "resolve_weights"),
+        "list_models": ("gpen_video.restore.weights", "list_models"),
+        "create_detector": ("gpen_video.faces.detect", "create_detector"),
     }
     if name not in lazy:
         raise AttributeError(f"module 'gpen_video' has no attribute {name!r}")

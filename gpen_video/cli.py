@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    from gpen_video.weights import default_cache_dir
+    from gpen_video.restore.weights import default_cache_dir
 
     names = {f for f in Config.__dataclass_fields__}
     overrides = {k: v for k, v in vars(args).items() if k in names and k != "debug"}
@@ -152,7 +152,7 @@ def _summary(result) -> str:
 
 def _check_before_loading_models(input_path: Path, output_path: Path, *, overwrite: bool) -> None:
     """Fail on an unusable input or output before spending time on model weights."""
-    from gpen_video.decode import probe
+    from gpen_video.io.decode import probe
     from gpen_video.pipeline import check_output, is_image, read_image
 
     check_output(input_path, output_path, overwrite=overwrite)
@@ -217,7 +217,7 @@ def run_restore(args: argparse.Namespace, config: Config) -> int:
 
 
 def run_models(args: argparse.Namespace, config: Config) -> int:
-    from gpen_video.weights import list_models, resolve_weights
+    from gpen_video.restore.weights import list_models, resolve_weights
 
     if args.action == "download":
         if not args.name:

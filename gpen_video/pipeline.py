@@ -23,17 +23,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gpen_video import align, blend, detect, smooth, track
-from gpen_video.atomic import write_atomic
+from gpen_video.faces import align, detect, smooth, track
+from gpen_video.warp import blend
+from gpen_video.io.files import write_atomic
 from gpen_video.config import Config
-from gpen_video.decode import VideoReader
-from gpen_video.encode import VideoWriter
+from gpen_video.io.decode import VideoReader
+from gpen_video.io.encode import VideoWriter
 from gpen_video.engine import StageTimer, prefetch, timed_map
 from gpen_video.errors import InputError, OutputError
 from gpen_video.records import AlignedFace, Detections, Frame, TrackedFace
 from gpen_video.report import build_report, write_json_atomic
 from gpen_video.device import resolve_device, resolve_dtype
-from gpen_video.restore import Restorer, default_batch_size, fit_batch_size
+from gpen_video.restore.restorer import Restorer, default_batch_size, fit_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class FacePipeline:
             )
 
     def _build_restorer(self) -> Restorer:
-        from gpen_video.weights import load_gpen, spec_for
+        from gpen_video.restore.weights import load_gpen, spec_for
 
         dtype = resolve_dtype(self.config.precision, self.device)
         model = load_gpen(

@@ -8,7 +8,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from gpen_video.atomic import write_atomic
+from gpen_video.io.files import write_atomic
 from gpen_video.records import TrackedFace
 
 

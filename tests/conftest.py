@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpen_video.model import ModelConfig, blur_kernel, build_model, preset_config
+from gpen_video.restore.model import ModelConfig, blur_kernel, build_model, preset_config
 
 DATA = Path(__file__).parent / "data"
 

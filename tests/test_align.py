@@ -8,8 +8,8 @@ import pytest
 import torch
 from skimage import data
 
-from gpen_video import align
-from gpen_video.align import (
+from gpen_video.faces import align
+from gpen_video.faces.align import (
     align_faces,
     align_faces_torch,
     similarity_transform,

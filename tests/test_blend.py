@@ -10,9 +10,9 @@ import pytest
 import torch
 from skimage import data
 
-from gpen_video import blend
-from gpen_video.align import align_faces, template
-from gpen_video.blend import (
+from gpen_video.warp import blend
+from gpen_video.faces.align import align_faces, template
+from gpen_video.warp.blend import (
     ParsingMasker,
     face_mask,
     labels_to_mask,

@@ -159,7 +159,7 @@ def test_phone_clip_with_vfr_rotation_two_audio_tracks_and_subtitles(gpen256_fil
     """Issue 3's acceptance run through `gpen-video restore`: everything but the faces survives."""
     from fractions import Fraction
 
-    from gpen_video.decode import probe
+    from gpen_video.io.decode import probe
     from tests.clips import make_clip
 
     face = cv2.resize(astronaut(), (192, 192))

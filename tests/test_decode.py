@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from gpen_video.decode import VideoReader, probe, to_rgb, to_rgb_reference
+from gpen_video.io.decode import VideoReader, probe, to_rgb, to_rgb_reference
 from gpen_video.errors import DecodeError, InputError
 from tests.clips import corrupt_middle, make_clip, pattern, read_frames, truncate
 
@@ -179,7 +179,7 @@ def test_bad_inputs_raise_input_error(tmp_path, case):
 def test_truncated_file_keeps_going_and_counts(tmp_path, caplog):
     path = make_clip(tmp_path / "in.mkv", frames=50, size=(96, 64))
     truncate(path, 0.6)
-    with caplog.at_level(logging.WARNING, logger="gpen_video.decode"):
+    with caplog.at_level(logging.WARNING, logger="gpen_video.io.decode"):
         with VideoReader(path) as reader:
             frames = list(reader.frames())
     assert 0 < len(frames) < 50
@@ -191,7 +191,7 @@ def test_truncated_file_keeps_going_and_counts(tmp_path, caplog):
 def test_corrupt_middle_keeps_going_and_counts(tmp_path, caplog):
     path = make_clip(tmp_path / "in.mp4", frames=50, size=(96, 64))
     corrupt_middle(path, start=0.4, length=0.05)
-    with caplog.at_level(logging.WARNING, logger="gpen_video.decode"):
+    with caplog.at_level(logging.WARNING, logger="gpen_video.io.decode"):
         with VideoReader(path) as reader:
             frames = list(reader.frames())
     assert reader.damaged_frames + reader.concealed_frames > 0

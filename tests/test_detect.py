@@ -10,7 +10,7 @@ import pytest
 import torch
 from skimage import data
 
-from gpen_video.detect import (
+from gpen_video.faces.detect import (
     MEAN_BGR,
     TorchRetinaFace,
     build_retinaface,
@@ -248,7 +248,7 @@ def test_r50_random_checkpoint_runs_and_decodes_like_facexlib(r50_checkpoint, as
 
 
 def test_r50_through_create_detector(r50_checkpoint, astronaut):
-    pytest.importorskip("gpen_video.weights")
+    pytest.importorskip("gpen_video.restore.weights")
     detector = create_detector("retinaface-r50", weights_path=str(r50_checkpoint), offline=True)
     det = detector.detect([np.ascontiguousarray(astronaut[::4, ::4])])[0]
     assert det.boxes.shape == (len(det), 4)

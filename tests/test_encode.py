@@ -12,8 +12,8 @@ import av
 import numpy as np
 import pytest
 
-from gpen_video.decode import VideoReader, probe
-from gpen_video.encode import VideoWriter, choose_pix_fmt, default_output_path
+from gpen_video.io.decode import VideoReader, probe
+from gpen_video.io.encode import VideoWriter, choose_pix_fmt, default_output_path
 from gpen_video.errors import OutputError, StreamCopyError
 from tests.clips import corrupt_middle, make_clip, read_frames, read_packets, truncate
 
@@ -195,7 +195,7 @@ def test_damaged_input_gives_complete_output(tmp_path, caplog):
 def test_stream_the_container_cannot_hold_warns_or_fails_strict(tmp_path, caplog):
     src = make_clip(tmp_path / "in.mkv", frames=5, subtitle=True)  # SubRip: not in MP4
     dst = tmp_path / "out.mp4"
-    with caplog.at_level(logging.WARNING, logger="gpen_video.encode"):
+    with caplog.at_level(logging.WARNING, logger="gpen_video.io.encode"):
         _pass_through(src, dst, **FAST)
     assert any("subtitle stream #2 (srt)" in r.message for r in caplog.records)
     assert [s.type for s in av.open(str(dst)).streams] == ["video", "audio"]

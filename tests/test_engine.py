@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpen_video.engine import StageTimer, prefetch, timed_map
-from gpen_video.restore import Restorer
+from gpen_video.restore.restorer import Restorer
 
 
 def test_prefetch_keeps_order_and_runs_concurrently():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpen_video.model import build_model, preset_config
-from gpen_video.restore import Restorer, fit_batch_size
+from gpen_video.restore.model import build_model, preset_config
+from gpen_video.restore.restorer import Restorer, fit_batch_size
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

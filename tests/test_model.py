@@ -11,7 +11,7 @@ import torch
 from conftest import random_state_dict
 from scipy.signal import convolve2d
 
-from gpen_video.model import (
+from gpen_video.restore.model import (
     GPEN,
     PRESET_CONFIGS,
     ModelConfig,
@@ -21,7 +21,7 @@ from gpen_video.model import (
     layout_mismatch,
     upfirdn2d,
 )
-from gpen_video.weights import REGISTRY
+from gpen_video.restore.weights import REGISTRY
 
 LAYOUTS = next(
     (p for p in (Path(__file__).parent / "data" / "layouts.json", Path("/work/shared/gpen/layouts.json")) if p.exists()),

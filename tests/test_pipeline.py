@@ -17,9 +17,9 @@ import torch
 from skimage.data import astronaut
 
 from gpen_video.config import load_config
-from gpen_video.detect import create_detector
+from gpen_video.faces.detect import create_detector
 from gpen_video.pipeline import FacePipeline
-from gpen_video.restore import Restorer
+from gpen_video.restore.restorer import Restorer
 from samples.make_demo import FacePath, render_clip
 from tests.clips import psnr, read_packets
 from tests.geometry import apply
@@ -284,7 +284,7 @@ def test_render_memory_is_flat_over_a_long_clip():
     """Peak traced memory of pass 2 does not grow with the number of frames."""
     import tracemalloc
 
-    from gpen_video.align import template
+    from gpen_video.faces.align import template
     from gpen_video.records import Frame, TrackedFace
 
     class Discard:
@@ -319,7 +319,7 @@ def test_render_memory_is_flat_over_a_long_clip():
 def test_parse_mask_from_the_weights_cache(detector, tmp_path):
     """--mask parse end to end: the parser's weights come from the cache (offline, hash
     recorded), and a parser that calls everything skin pastes over the plain mask's support."""
-    from gpen_video import blend
+    from gpen_video.warp import blend
 
     cache = tmp_path / "cache"
     cache.mkdir()

@@ -4,7 +4,7 @@ import torch
 
 from gpen_video.device import resolve_device, resolve_dtype
 from gpen_video.errors import DeviceError
-from gpen_video.restore import Restorer
+from gpen_video.restore.restorer import Restorer
 
 
 class Negate(torch.nn.Module):

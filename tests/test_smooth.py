@@ -7,7 +7,7 @@ import pytest
 from scipy.signal import savgol_filter
 
 from gpen_video.records import TrackedFace
-from gpen_video.smooth import (
+from gpen_video.faces.smooth import (
     LookaheadSmoother,
     OneEuroSmoother,
     smooth_track,

@@ -7,8 +7,8 @@ import pytest
 from skimage import data as skdata
 
 from gpen_video.records import Detections, TrackedFace
-from gpen_video.smooth import smooth_track
-from gpen_video.track import SceneCutDetector, Tracker, cut_signature, group_by_track
+from gpen_video.faces.smooth import smooth_track
+from gpen_video.faces.track import SceneCutDetector, Tracker, cut_signature, group_by_track
 
 FPS = 30.0
 # ArcFace five-point template (112 px crop), centred, in face sizes.

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from gpen_video.errors import DownloadError, WeightsError
-from gpen_video.model import ModelConfig
-from gpen_video.weights import (
+from gpen_video.restore.model import ModelConfig
+from gpen_video.restore.weights import (
     REGISTRY,
     WeightSpec,
     default_cache_dir,

@@ -4,7 +4,7 @@
 constant-velocity step ahead, scores each (track, detection) pair by IoU and by landmark
 distance normalised by face size, rejects impossible pairs (gating), and solves the
 assignment with the Hungarian algorithm. Tracks survive short detector misses and end after
-longer ones; ids only ever count up. Gap filling and smoothing are ``gpen_video.smooth``'s job.
+longer ones; ids only ever count up. Gap filling and smoothing are ``gpen_video.faces.smooth``'s job.
 
 ``SceneCutDetector`` compares colour and contrast histograms of consecutive thumbnails; the
 pipeline calls ``Tracker.reset()`` where it fires.

@@ -27,7 +27,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from gpen_video.decode import (
+from gpen_video.io.decode import (
     _SWS_MATRIX,
     AVCOL_RANGE_JPEG,
     AVCOL_RANGE_MPEG,

@@ -26,9 +26,9 @@ from typing import Any, Literal
 
 import torch
 
-from gpen_video.atomic import write_atomic
+from gpen_video.io.files import write_atomic
 from gpen_video.errors import DownloadError, WeightsError
-from gpen_video.model import (
+from gpen_video.restore.model import (
     GPEN,
     PRESET_CONFIGS,
     ModelConfig,

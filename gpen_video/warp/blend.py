@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpen_video.align import grid_theta, invert_affine, shift_affine
+from gpen_video.faces.align import grid_theta, invert_affine, shift_affine
 from gpen_video.errors import WeightsError
 from gpen_video.records import AlignedFace, check_shape
 
@@ -355,7 +355,7 @@ class ParsingMasker:
 
     Args:
         path: a local ``ParseNet-latest.pth``; when None the weights are resolved (and
-            downloaded unless ``offline``) through ``gpen_video.weights``.
+            downloaded unless ``offline``) through ``gpen_video.restore.weights``.
         device: where the parser runs.
         cache_dir: weights cache directory (None: the default).
         offline: never download.
@@ -381,7 +381,7 @@ class ParsingMasker:
         batch_size: int = 4,
         input_size: int = PARSE_SIZE,
     ) -> None:
-        from gpen_video.weights import resolve_weights
+        from gpen_video.restore.weights import resolve_weights
 
         file = Path(
             resolve_weights(

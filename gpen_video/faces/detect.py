@@ -447,7 +447,7 @@ def create_detector(
             batch_size=batch_size,
         )
     if name == "retinaface-r50":
-        from gpen_video.weights import resolve_weights
+        from gpen_video.restore.weights import resolve_weights
 
         path = resolve_weights(
             "RetinaFace-R50", path=weights_path, cache_dir=cache_dir, offline=offline, progress=progress,
