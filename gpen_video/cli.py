@@ -125,7 +125,7 @@ def default_output(input_path: Path) -> Path:
 
 
 def _media_in(folder: Path) -> list[Path]:
-    from gpen_video.pipeline import is_image
+    from gpen_video.io.images import is_image
 
     return sorted(
         p
@@ -138,7 +138,7 @@ def _media_in(folder: Path) -> list[Path]:
 
 
 def _summary(result) -> str:
-    from gpen_video.pipeline import is_image
+    from gpen_video.io.images import is_image
 
     head = f"{result.input.name} -> {result.output}: "
     if is_image(result.input):
@@ -153,7 +153,8 @@ def _summary(result) -> str:
 def _check_before_loading_models(input_path: Path, output_path: Path, *, overwrite: bool) -> None:
     """Fail on an unusable input or output before spending time on model weights."""
     from gpen_video.io.decode import probe
-    from gpen_video.pipeline import check_output, is_image, read_image
+    from gpen_video.io.files import check_output
+    from gpen_video.io.images import is_image, read_image
 
     check_output(input_path, output_path, overwrite=overwrite)
     if is_image(input_path):
@@ -167,7 +168,8 @@ def _plural(n: int, word: str) -> str:
 
 
 def run_restore(args: argparse.Namespace, config: Config) -> int:
-    from gpen_video.pipeline import FacePipeline, is_image
+    from gpen_video.io.images import is_image
+    from gpen_video.pipeline import FacePipeline
 
     source = Path(args.input)
     if not source.exists():

@@ -10,7 +10,6 @@ one decode with a causal smoother, for inputs that cannot be read twice.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,27 +17,25 @@ from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from gpen_video.faces import align, detect, smooth, track
-from gpen_video.warp import blend
-from gpen_video.io.files import write_atomic
 from gpen_video.config import Config
+from gpen_video.device import resolve_device, resolve_dtype
+from gpen_video.engine import StageTimer, prefetch, timed_map
+from gpen_video.faces import align, detect, smooth, track
 from gpen_video.io.decode import VideoReader
 from gpen_video.io.encode import VideoWriter
-from gpen_video.engine import StageTimer, prefetch, timed_map
-from gpen_video.errors import InputError, OutputError
+from gpen_video.io.files import check_output
+from gpen_video.io.images import read_image, write_image
 from gpen_video.records import AlignedFace, Detections, Frame, TrackedFace
 from gpen_video.report import build_report, write_json_atomic
-from gpen_video.device import resolve_device, resolve_dtype
 from gpen_video.restore.restorer import Restorer, default_batch_size, fit_batch_size
+from gpen_video.warp import blend
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 DETECT_BATCH = 8
 """Frames per detector call in pass 1. Higher: better accelerator use, more memory."""
 MIN_FACE_HISTORY = 250
@@ -91,10 +88,6 @@ class _Work:
     crops: np.ndarray | torch.Tensor | None = None
     pixels: torch.Tensor | None = None
     restored: np.ndarray | torch.Tensor | None = None
-
-
-def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def select_faces(faces: Sequence[TrackedFace], *, only_largest: bool) -> list[TrackedFace]:
@@ -486,43 +479,3 @@ class FacePipeline:
             tracks=len(faces),
             seconds=time.perf_counter() - started,
         )
-
-
-def check_output(input_path: Path, output_path: Path, *, overwrite: bool) -> None:
-    """Refuse to write over the input, or over an existing file without ``overwrite``."""
-    if output_path.exists():
-        if input_path.exists() and os.path.samefile(input_path, output_path):
-            raise OutputError(f"output {output_path} is the input; choose another name with -o")
-        if not overwrite:
-            raise OutputError(f"output {output_path} already exists; pass -y to replace it")
-
-
-def read_image(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """(H, W, 3) RGB uint8/uint16 and the alpha channel if there is one."""
-    if not path.is_file():
-        raise InputError(f"input {path} does not exist; check the path")
-    data = np.fromfile(str(path), dtype=np.uint8)
-    flags = cv2.IMREAD_UNCHANGED if path.suffix.lower() in {".png", ".tif", ".tiff"} else cv2.IMREAD_COLOR
-    image = cv2.imdecode(data, flags) if data.size else None
-    if image is None:
-        raise InputError(f"input {path} is not a readable image; check that the file is complete")
-    if image.dtype not in (np.uint8, np.uint16):
-        raise InputError(f"input {path} has {image.dtype} pixels; only 8- and 16-bit images are supported")
-    alpha = None
-    if image.ndim == 2:
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    elif image.shape[2] == 4:
-        alpha = image[:, :, 3].copy()
-        image = image[:, :, :3]
-    return np.ascontiguousarray(image[:, :, ::-1]), alpha
-
-
-def write_image(path: Path, rgb: np.ndarray, alpha: np.ndarray | None = None) -> None:
-    """Encode by the path's extension to a temporary file beside it, then rename."""
-    bgr = rgb[:, :, ::-1]
-    if alpha is not None:
-        bgr = np.dstack([bgr, alpha])
-    ok, data = cv2.imencode(path.suffix.lower() or ".png", np.ascontiguousarray(bgr))
-    if not ok:
-        raise OutputError(f"cannot encode {path} as {path.suffix}; pick another image extension")
-    write_atomic(path, data.tobytes())

@@ -27,6 +27,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from gpen_video.errors import EncodeError, OutputError, StreamCopyError
 from gpen_video.io.decode import (
     _SWS_MATRIX,
     AVCOL_RANGE_JPEG,
@@ -37,7 +38,6 @@ from gpen_video.io.decode import (
     VideoReader,
     probe,
 )
-from gpen_video.errors import EncodeError, OutputError, StreamCopyError
 from gpen_video.records import Frame, check_shape
 
 log = logging.getLogger(__name__)

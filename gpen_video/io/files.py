@@ -27,3 +27,12 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_output(input_path: Path, output_path: Path, *, overwrite: bool) -> None:
+    """Refuse to write over the input, or over an existing file without ``overwrite``."""
+    if output_path.exists():
+        if input_path.exists() and os.path.samefile(input_path, output_path):
+            raise OutputError(f"output {output_path} is the input; choose another name with -o")
+        if not overwrite:
+            raise OutputError(f"output {output_path} already exists; pass -y to replace it")
