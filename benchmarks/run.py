@@ -7,11 +7,11 @@ Rows, each measured in a fresh process (so peak memory is per row) on generated 
 (scikit-image's astronaut moving, degraded, with AAC audio):
 
 1. ``io``       bare PyAV decode → encode, same encoder settings, audio copied: the I/O ceiling
-2. ``nofaces``  the whole pipeline on a clip without faces: decode twice, detection, encode
+2. ``nofaces``  the whole pipeline on a clip without faces: decode, detection, encode
 3. ``model``    model-only faces/s (random weights in the preset's architecture; speed does
-                not depend on the values), at the pipeline's batch size
-4. ``e2e``      the whole pipeline with 1 and 4 faces (two passes, start-up included)
-5. ``look``     the same with ``--lookahead`` (one decode; detection alongside restoration)
+                not depend on the values), at the pipeline's batch size and precision
+4. ``e2e``      the whole pipeline with 1 and 4 faces, and on the long clip (one decode,
+                detection alongside restoration, start-up included)
 
 Ratios: ``e2e / (model + io)`` (CPU target ≤ 1.25: every stage shares two cores, so the best
 an engine can do is hide everything but the sum) and efficiency = slowest stage alone ÷
@@ -44,7 +44,7 @@ def _restorer(args):
 
     from gpen_video.device import resolve_device, resolve_dtype
     from gpen_video.restore.model import build_model, preset_config
-    from gpen_video.restore.restorer import Restorer, default_batch_size, fit_batch_size
+    from gpen_video.restore.restorer import Restorer, default_batch_size, fit_cuda_batch_size
 
     device = resolve_device(args.device)
     config = preset_config(args.model)
@@ -53,13 +53,12 @@ def _restorer(args):
     batch = args.batch_size or default_batch_size(device)
     restorer = Restorer(model, config.size, device=device, dtype=resolve_dtype(args.precision, device), batch_size=batch)
     if args.batch_size is None and device.type == "cuda":
-        restorer.batch_size = fit_batch_size(restorer)
+        restorer.batch_size = fit_cuda_batch_size(restorer, frames_held=lambda batch: 0)
     return restorer
 
 
 def measure(kind: str, clip: str, args) -> dict:
     """One row, in this process."""
-    import numpy as np
     import torch
 
     start = time.perf_counter()
@@ -71,25 +70,24 @@ def measure(kind: str, clip: str, args) -> dict:
             row["frames"] = bare(Path(clip), Path(tmp) / "out.mp4", args.crf, args.preset)
     elif kind == "model":
         restorer = _restorer(args)
-        crops = np.random.default_rng(0).integers(0, 256, (args.model_faces, restorer.size, restorer.size, 3), np.uint8)
-        restorer.restore(crops[: restorer.batch_size])  # warm-up
+        crops = torch.rand(args.model_faces, 3, restorer.size, restorer.size, generator=torch.Generator().manual_seed(0))
+        crops = crops.to(restorer.device)
+        restorer.restore_tensor(crops[: restorer.batch_size])  # warm-up
         if restorer.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        restorer.restore(crops)
+        restorer.restore_tensor(crops)
         if restorer.device.type == "cuda":
             torch.cuda.synchronize()
         row["faces"] = len(crops)
         row["batch"] = restorer.batch_size
+        row["precision"] = str(restorer.dtype).removeprefix("torch.")
     else:
         from gpen_video.config import load_config
         from gpen_video.pipeline import FacePipeline
 
-        config = load_config(
-            None, device=args.device, overwrite=True, crf=args.crf, preset=args.preset, quiet=True,
-            lookahead=kind == "lookahead",
-        )
-        pipeline = FacePipeline(config, restorer=_restorer(args), progress=False)
+        config = load_config(None, device=args.device, crf=args.crf, preset=args.preset)
+        pipeline = FacePipeline(config, restorer=_restorer(args))
         with tempfile.TemporaryDirectory() as tmp:
             result = pipeline.restore_video(clip, Path(tmp) / "out.mp4")
         row.update(frames=result.frames, faces=result.faces_restored, stages=result.stage_seconds)
@@ -160,14 +158,13 @@ def main() -> None:
         rows.append(("nofaces", "pipeline, no faces", run_child("nofaces", clips["0f"], args)))
         for faces in args.faces:
             rows.append((f"e2e {faces}f", f"pipeline, {faces} face(s)", run_child("e2e", clips[f"{faces}f"], args)))
-            rows.append((f"look {faces}f", f"--lookahead, {faces} face(s)", run_child("lookahead", clips[f"{faces}f"], args)))
         if "long" in clips:
             rows.append(("e2e long", f"pipeline, 1 face, {args.long_seconds:g} s", run_child("e2e", clips["long"], args)))
-            rows.append(("look long", f"--lookahead, 1 face, {args.long_seconds:g} s", run_child("lookahead", clips["long"], args)))
 
     gpu = torch.cuda.get_device_name() if cuda else "none"
     print(f"gpen-video benchmark, {date.today()}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, GPU: {gpu}; {args.model}, {args.size}, {args.seconds:g} s at 25 fps")
+          f"{torch.get_num_threads()} threads, GPU: {gpu}; {args.model} {model['precision']}, {args.size}, "
+          f"{args.seconds:g} s at 25 fps")
     print(f"{'row':<10} {'what':<36} {'frames':>6} {'faces':>6} {'s':>8} {'fps':>7} {'faces/s':>8} "
           f"{'model+io':>9} {'e2e/(m+io)':>10} {'effic.':>7} {'RSS MiB':>8} {'GPU MiB':>8}")
     io_fps = io["frames"] / io["seconds"]
@@ -175,7 +172,7 @@ def main() -> None:
         frames, faces, secs = row.get("frames", 0), row.get("faces", 0), row["seconds"]
         cells = [f"{name:<10}", f"{what:<36}", f"{frames:>6}", f"{faces:>6}", f"{secs:>8.1f}",
                  f"{frames / secs if frames else 0:>7.1f}", f"{faces / secs if faces else 0:>8.2f}"]
-        if name.startswith(("e2e", "look")) or name == "nofaces":
+        if name.startswith("e2e") or name == "nofaces":
             alone_io, alone_model = frames / io_fps, faces * per_face
             cells += [f"{alone_io + alone_model:>9.1f}", f"{secs / (alone_io + alone_model):>10.2f}",
                       f"{max(alone_io, alone_model) / secs:>7.2f}"]

@@ -3,12 +3,13 @@
 >>> from gpen_video import FacePipeline, load_config
 >>> pipeline = FacePipeline(load_config("fast", device="cpu"))          # doctest: +SKIP
 >>> pipeline.restore_video("tape.mp4", "tape.restored.mp4")              # doctest: +SKIP
+>>> restored = list(pipeline.restore_frames(rgb_frames))                 # doctest: +SKIP
 """
 
 __version__ = "0.1.0"
 
 from gpen_video.config import Config, load_config  # noqa: E402
-from gpen_video.errors import GpenVideoError  # noqa: E402
+from gpen_video.errors import Cancelled, GpenVideoError  # noqa: E402
 from gpen_video.records import AlignedFace, Detections, Frame, TrackedFace  # noqa: E402
 
 
@@ -16,6 +17,7 @@ def __getattr__(name: str):
     """Heavy entry points (torch, PyAV) load on first use, so ``import gpen_video`` stays quick."""
     lazy = {
         "FacePipeline": ("gpen_video.pipeline", "FacePipeline"),
+        "JobResult": ("gpen_video.pipeline", "JobResult"),
         "GPEN": ("gpen_video.restore.model", "GPEN"),
         "load_gpen": ("gpen_video.restore.weights", "load_gpen"),
         "resolve_weights": ("gpen_video.restore.weights", "resolve_weights"),
@@ -31,7 +33,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "AlignedFace", "Config", "Detections", "FacePipeline", "Frame", "GPEN", "GpenVideoError",
-    "TrackedFace", "__version__", "create_detector", "list_models", "load_config", "load_gpen",
+    "AlignedFace", "Cancelled", "Config", "Detections", "FacePipeline", "Frame", "GPEN", "GpenVideoError",
+    "JobResult", "TrackedFace", "__version__", "create_detector", "list_models", "load_config", "load_gpen",
     "resolve_weights",
 ]

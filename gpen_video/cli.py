@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 some files of a folder failed, or an unexpected error; 2 bad
 options or config; 3 unusable input; 4 output cannot be written; 5 weights problem;
-6 device unavailable; 130 interrupted. Errors print one line; ``--debug`` shows tracebacks.
+6 device unavailable; 130 interrupted (Ctrl-C), 143 and 129 stopped by SIGTERM and SIGHUP. Errors print one line; ``--debug`` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -10,14 +10,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
 
 from gpen_video import __version__
 from gpen_video.config import Config, load_config
-from gpen_video.errors import GpenVideoError, InputError
+from gpen_video.errors import Cancelled, ConfigError, GpenVideoError, InputError, OutputError
+from gpen_video.io.encode import default_output_path
+from gpen_video.io.files import check_output
+from gpen_video.io.images import is_image, read_image
+
+if TYPE_CHECKING:
+    from gpen_video.pipeline import JobResult
 
 log = logging.getLogger("gpen_video")
 
@@ -53,6 +63,16 @@ def _batch_size(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
 
 
+def _track_ids(value: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected track ids such as 3,7, got {value!r}") from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"track ids are whole numbers >= 0, got {value!r}")
+    return ids
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpen-video", description="Restore faces in videos and images with GPEN.")
     parser.add_argument("--version", action="version", version=f"gpen-video {__version__}")
@@ -83,10 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(d, "--detect-size", type=int, help="long side the detector sees (default 1024)")
     _flag(d, "--score-threshold", type=float, help="detector confidence threshold (default 0.9)")
     _flag(d, "--min-face", type=int, help="leave faces smaller than this many pixels alone (default 24)")
-    _flag(d, "--only-largest-face", action="store_const", const=True)
-    _flag(d, "--single-pass", action="store_const", const=True, help="one decode, causal smoothing")
-    _flag(d, "--lookahead", action="store_const", const=True,
-          help="one decode, two-pass smoothing with a look-ahead; detection overlaps restoration")
+    _flag(d, "--only-largest-face", action="store_const", const=True,
+          help="restore one person at a time: the largest track, until it ends")
+    _flag(d, "--skip-tracks", type=_track_ids, help="leave these track ids alone (as in --report), e.g. 3,7")
     _flag(d, "--smooth-window", type=int, help="landmark smoothing window in frames (default 9)")
     _flag(d, "--max-gap", type=int, help="frames a face may be missed and still keep its track (default 8)")
     _flag(d, "--strength", type=float, help="0 keeps the original face, 1 the restored one (default 1)")
@@ -105,28 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    from gpen_video.restore.weights import default_cache_dir
-
-    names = {f for f in Config.__dataclass_fields__}
-    overrides = {k: v for k, v in vars(args).items() if k in names and k != "debug"}
+    names = set(Config.__dataclass_fields__)
+    overrides = {k: v for k, v in vars(args).items() if k in names}
     auto_batch = overrides.get("batch_size") == "auto"
     if auto_batch:
         del overrides["batch_size"]
     config = load_config(getattr(args, "config", None), **overrides)
-    if auto_batch:
-        config = dataclasses.replace(config, batch_size=None)
-    if config.cache_dir is None:
-        config = config.replace(cache_dir=str(default_cache_dir(os.environ)))
-    return config.replace(debug=args.debug or None)
-
-
-def default_output(input_path: Path) -> Path:
-    return input_path.with_name(f"{input_path.stem}.restored{input_path.suffix}")
+    return dataclasses.replace(config, batch_size=None) if auto_batch else config
 
 
 def _media_in(folder: Path) -> list[Path]:
-    from gpen_video.io.images import is_image
-
     return sorted(
         p
         for p in folder.iterdir()
@@ -137,11 +144,11 @@ def _media_in(folder: Path) -> list[Path]:
     )
 
 
-def _summary(result) -> str:
-    from gpen_video.io.images import is_image
-
+def _summary(result: JobResult) -> str:
     head = f"{result.input.name} -> {result.output}: "
     if is_image(result.input):
+        if result.unchanged:
+            return head + "no face to restore; copied unchanged"
         return head + f"{_plural(result.faces_restored, 'face')} restored in {result.seconds:.1f} s"
     extra = f", {result.damaged_frames} damaged frames dropped" if result.damaged_frames else ""
     return head + (
@@ -150,11 +157,9 @@ def _summary(result) -> str:
     )
 
 
-def _check_before_loading_models(input_path: Path, output_path: Path, *, overwrite: bool) -> None:
-    """Fail on an unusable input or output before spending time on model weights."""
+def _check_before_loading_models(config: Config, input_path: Path, output_path: Path, *, overwrite: bool) -> None:
+    """Fail on an unusable input or output before spending time on weights."""
     from gpen_video.io.decode import probe
-    from gpen_video.io.files import check_output
-    from gpen_video.io.images import is_image, read_image
 
     check_output(input_path, output_path, overwrite=overwrite)
     if is_image(input_path):
@@ -167,73 +172,111 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def run_restore(args: argparse.Namespace, config: Config) -> int:
-    from gpen_video.io.images import is_image
-    from gpen_video.pipeline import FacePipeline
+class _Bar:
+    """A tqdm bar fed by the pipeline's ``progress(done, total)`` callback."""
 
+    def __init__(self, name: str, quiet: bool) -> None:
+        self.bar = tqdm(desc=name, unit="frame", disable=quiet, leave=False, dynamic_ncols=True)
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if total is not None and self.bar.total != total:
+            self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> "_Bar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def _jobs(args: argparse.Namespace) -> list[tuple[Path, Path]]:
     source = Path(args.input)
     if not source.exists():
         raise InputError(f"input {source} does not exist; check the path")
-    if source.is_dir():
-        jobs = _media_in(source)
-        if not jobs:
-            raise InputError(f"folder {source} holds no video or image files")
-        out_dir = Path(args.output) if args.output else None
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        outputs = [(p, (out_dir / default_output(p).name) if out_dir else default_output(p)) for p in jobs]
-        if args.report:
-            raise InputError("--report takes a single input file, not a folder")
-    else:
-        outputs = [(source, Path(args.output) if args.output else default_output(source))]
+    if not source.is_dir():
         if args.report and is_image(source):
             raise InputError(f"--report describes the tracks of a video; {source} is an image")
+        return [(source, Path(args.output) if args.output else default_output_path(source))]
+    if args.report:
+        raise InputError("--report takes a single input file, not a folder")
+    inputs = _media_in(source)
+    if not inputs:
+        raise InputError(f"folder {source} holds no video or image files")
+    if args.output is None:
+        return [(p, default_output_path(p)) for p in inputs]
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output {out_dir} is a file; a folder input needs an output folder (-o DIR)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder {out_dir} ({exc.strerror}); choose another with -o") from None
+    return [(p, out_dir / default_output_path(p).name) for p in inputs]
 
-    if len(outputs) == 1:
-        _check_before_loading_models(*outputs[0], overwrite=config.overwrite)
-    pipeline = FacePipeline(config)
+
+def run_restore(args: argparse.Namespace, config: Config) -> int:
+    from gpen_video.pipeline import FacePipeline
+    from gpen_video.restore.weights import get_spec
+
+    get_spec(config.model, kind="gpen")  # a bad --model is reported before any file is touched
+    jobs = _jobs(args)
+    overwrite = bool(args.overwrite)
+    if len(jobs) == 1:
+        _check_before_loading_models(config, *jobs[0], overwrite=overwrite)
+    pipeline = FacePipeline(config, download_progress=not args.quiet)
     failed: list[tuple[Path, str]] = []
-    done = []
-    for input_path, output_path in outputs:
+    done = 0
+    for input_path, output_path in jobs:
         try:
             if is_image(input_path):
-                result = pipeline.restore_image(input_path, output_path)
+                result = pipeline.restore_image(input_path, output_path, overwrite=overwrite)
             else:
-                result = pipeline.restore_video(input_path, output_path, report_path=args.report)
-        except GpenVideoError as exc:
-            if len(outputs) == 1:
+                with _Bar(input_path.name, args.quiet) as bar:
+                    result = pipeline.restore_video(
+                        input_path, output_path, overwrite=overwrite, report=args.report, progress=bar
+                    )
+        except (KeyboardInterrupt, Cancelled):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a folder goes on with the next file
+            if len(jobs) == 1:
                 raise
-            if config.debug:
+            reason = str(exc) if isinstance(exc, GpenVideoError) else f"unexpected {type(exc).__name__}: {exc}"
+            if args.debug:
                 log.exception("failed: %s", input_path)
-            print(f"error: {input_path}: {exc}", file=sys.stderr)
-            failed.append((input_path, str(exc)))
+            print(f"error: {input_path}: {reason}", file=sys.stderr)
+            failed.append((input_path, reason))
             continue
-        done.append(result)
-        if not config.quiet:
+        done += 1
+        if not args.quiet:
             print(_summary(result), file=sys.stderr)
-    if len(outputs) > 1 and not config.quiet:
-        print(f"{len(done)} restored, {len(failed)} failed", file=sys.stderr)
+    if len(jobs) > 1 and not args.quiet:
+        print(f"{done} restored, {len(failed)} failed", file=sys.stderr)
         for path, reason in failed:
             print(f"  failed: {path.name}: {reason}", file=sys.stderr)
     return 1 if failed else 0
 
 
 def run_models(args: argparse.Namespace, config: Config) -> int:
-    from gpen_video.restore.weights import list_models, resolve_weights
+    from gpen_video.restore.weights import default_cache_dir, list_models, resolve_weights
 
     if args.action == "download":
         if not args.name:
-            raise InputError("name the preset to download, e.g. `gpen-video models download GPEN-BFR-512`")
-        path = resolve_weights(args.name, cache_dir=config.cache_dir, mirror=config.mirror, progress=not config.quiet)
+            raise ConfigError("name the preset to download, e.g. `gpen-video models download GPEN-BFR-512`")
+        path = resolve_weights(args.name, cache_dir=config.cache_dir, mirror=config.mirror, progress=not args.quiet)
         print(path)
         return 0
     rows = list_models(config.cache_dir)
-    print(f"cache: {config.cache_dir}")
+    print(f"cache: {config.cache_dir or default_cache_dir()}")
     for row in rows:
         state = ("cached, verified" if row.verified else "cached") if row.present else "not downloaded"
         size = f"{row.size_bytes / 1e6:.0f} MB" if row.size_bytes else "?"
         print(f"{row.name:<16} {row.kind:<9} {size:>7}  {state:<17} {row.path}")
     return 0
+
+
+def _stop_on(signum: int, _frame: object) -> None:
+    raise Cancelled(f"stopped by {signal.Signals(signum).name}; nothing was written", signal=signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -245,19 +288,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("gpen_video").setLevel(
         logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     )
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _stop_on)
     try:
         config = config_from_args(args)
         if args.command == "restore":
             return run_restore(args, config)
         return run_models(args, config)
+    except Cancelled as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; no output was written", file=sys.stderr)
+        return 130
     except GpenVideoError as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; no output was written", file=sys.stderr)
-        return 130
     except Exception as exc:  # noqa: BLE001 - one line for users, traceback with --debug
         if args.debug:
             raise

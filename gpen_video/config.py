@@ -11,7 +11,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from gpen_video.errors import ConfigError
 
@@ -20,7 +20,19 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _preset_dir() -> Path:
+    """``configs/``: shipped inside the package as ``gpen_video.configs`` (see pyproject), or
+    beside the package in a source tree that was not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gpen_video.configs")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if Path(location).is_dir():
+            return Path(location)
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIG_DIR = _preset_dir()
 
 Codec = Literal["h264", "h265", "prores", "ffv1"]
 Deinterlace = Literal["auto", "off", "frame", "field"]
@@ -42,13 +54,13 @@ class Config:
     offline: bool = False
     """Never download; fail with instructions when weights are missing."""
     cache_dir: str | None = None
-    """Where weights are cached (default: $GPEN_VIDEO_HOME or the platform cache dir)."""
+    """Where weights are cached; None: $GPEN_VIDEO_HOME, else the platform's cache folder."""
     mirror: str | None = None
     """Base URL holding weight files under their registry names, used instead of the official ones."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     precision: Precision = "auto"
-    """auto = fp16 on CUDA, fp32 on CPU. bf16 on CPU is faster but slightly less exact."""
+    """auto = fp16 on CUDA; on CPU bf16 where the CPU computes it natively, else fp32."""
     batch_size: int | None = None
     """Faces per restorer call; None picks by device. Higher: more throughput, more memory."""
     warp: Warp = "auto"
@@ -63,14 +75,13 @@ class Config:
     min_face: int = 24
     """Faces whose box's shorter side is under this many pixels are left alone."""
     only_largest_face: bool = False
-    """Restore only the largest face of each frame."""
-    single_pass: bool = False
-    """Causal smoothing in one decode pass (for inputs that cannot be read twice); a little lag."""
-    lookahead: bool = False
-    """One decode with the two-pass smoothing: detection runs alongside restoration, each frame
-    waits for about 2 x smooth_window + max_gap later ones (memory: that many frames)."""
+    """Restore one person at a time: the largest track, kept until it ends."""
+    skip_tracks: tuple[int, ...] = ()
+    """Track ids (as in ``--report``) to leave alone."""
     smooth_window: int = 9
-    """Zero-phase smoother length in frames. Longer: steadier faces, slower reaction to motion."""
+    """Zero-phase smoother length in frames. Longer: steadier faces, slower reaction to motion,
+    and more frames held in memory (each frame waits for about 2 x smooth_window + max_gap
+    later ones)."""
     max_gap: int = 8
     """A track survives this many frames without detection; the gap is interpolated."""
 
@@ -89,11 +100,6 @@ class Config:
     deinterlace: Deinterlace = "auto"
     strict: bool = False
     """Fail instead of warning when a stream cannot be copied into the output container."""
-    overwrite: bool = False
-
-    # --- run ---
-    quiet: bool = False
-    debug: bool = False
 
     def __post_init__(self) -> None:
         hints = get_type_hints(Config)
@@ -114,8 +120,8 @@ class Config:
             "max_gap": self.max_gap >= 0,
             "batch_size": self.batch_size is None or self.batch_size >= 1,
         }
-        if self.single_pass and self.lookahead:
-            raise ConfigError("single_pass and lookahead exclude each other; pick one")
+        if any(not isinstance(t, int) or t < 0 for t in self.skip_tracks):
+            raise ConfigError(f"skip_tracks must be track ids (whole numbers >= 0), got {self.skip_tracks!r}")
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"{name} is out of range: {getattr(self, name)!r}")
@@ -127,6 +133,10 @@ class Config:
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     base = {float: (int, float), int: (int,), bool: (bool,), str: (str,)}
+    if get_origin(hint) is tuple:
+        if isinstance(value, (list, tuple)) and all(type(v) is int for v in value):
+            return tuple(value)
+        raise ConfigError(f"config key {name!r} must be a list of whole numbers, got {value!r}")
     options = [a for a in get_args(hint)] or [hint]
     for option in options:
         if option is type(None) and value is None:

@@ -1,10 +1,15 @@
 """Run pipeline stages concurrently with bounded queues between them.
 
-Each stage is a generator; ``prefetch`` runs one in a background thread and hands its items
-over through a queue of fixed depth, so memory stays flat however long the video is and
+Each stage is a generator; ``Stages.prefetch`` runs one in a background thread and hands its
+items over through a queue of fixed depth, so memory stays flat however long the video is and
 the slowest stage sets the pace. PyAV, OpenCV, onnxruntime and torch release the GIL, so
-threads are enough. Exceptions in a stage surface in the consumer; a consumer that stops
-early stops the producer.
+threads are enough. An exception in a stage surfaces in its consumer. Leaving a ``Stages``
+block by any path (the end, an error, ``Cancelled``, Ctrl-C) stops every stage of the job and
+joins its thread, so no thread outlives the job or keeps its frames and tensors alive.
+
+>>> with Stages() as stages:                        # doctest: +SKIP
+...     for item in stages.map(work, stages.prefetch(source, 8, name="decode"), name="work"):
+...         consume(item)
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 _END = object()
+POLL_SECONDS = 0.05
+"""How often a waiting stage checks whether the job was stopped."""
+JOIN_SECONDS = 60.0
+"""Longest wait for a stage to finish its current item (one GPEN batch) when a job stops."""
 
 
 @dataclass
@@ -34,73 +43,128 @@ class StageTimer:
             self.busy[name] = self.busy.get(name, 0.0) + seconds
 
 
+@dataclass(frozen=True)
 class _Failure:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
+    exc: BaseException
 
 
-def prefetch(
-    items: Iterable[T], depth: int, *, name: str = "stage", timer: StageTimer | None = None
-) -> Iterator[T]:
-    """Iterate ``items`` in a background thread, at most ``depth`` items ahead of the consumer.
+class Stages:
+    """The stage threads of one job.
 
-    Raising ``depth`` hides more jitter between stages at the cost of memory (each item may
-    hold a frame). ``timer`` counts the time spent in ``next(items)``, so give it only to a
-    source stage (one that does not itself wait on another queue); use ``timed_map`` elsewhere.
+    Args:
+        timer: where busy seconds per stage are added (None: not measured).
     """
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
 
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def __init__(self, timer: StageTimer | None = None) -> None:
+        self.timer = timer
+        self.stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
 
-    def run() -> None:
-        iterator = iter(items)
-        try:
-            while not stop.is_set():
-                start = time.perf_counter()
+    def __enter__(self) -> "Stages":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every stage and wait for its thread (each finishes at most its current item)."""
+        self.stopped.set()
+        for thread in self._threads:
+            thread.join(timeout=JOIN_SECONDS)
+        self._threads = [t for t in self._threads if t.is_alive()]
+
+    @property
+    def running(self) -> list[str]:
+        """Names of the stage threads still alive."""
+        return [t.name for t in self._threads if t.is_alive()]
+
+    def time(self, name: str, seconds: float) -> None:
+        if self.timer is not None:
+            self.timer.add(name, seconds)
+
+    def prefetch(self, items: Iterable[T], depth: int, *, name: str, timed: bool = False) -> Iterator[T]:
+        """Iterate ``items`` in a background thread, at most ``depth`` items ahead of the consumer.
+
+        Raising ``depth`` hides more jitter between stages at the cost of memory (each item may
+        hold a frame). ``timed`` adds the time spent in ``next(items)`` to the timer: use it
+        only for a source stage (one that does not itself wait on another queue), and
+        ``map`` elsewhere.
+        """
+        q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        stopped = self.stopped
+
+        def put(item: object) -> bool:
+            while not stopped.is_set():
                 try:
-                    item = next(iterator)
-                except StopIteration:
-                    break
-                if timer is not None:
-                    timer.add(name, time.perf_counter() - start)
-                if not put(item):
-                    break
-            put(_END)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            put(_Failure(exc))
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+                    q.put(item, timeout=POLL_SECONDS)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
-    thread = threading.Thread(target=run, name=f"gpen-video-{name}", daemon=True)
-    thread.start()
+        def run() -> None:
+            iterator = iter(items)
+            try:
+                while not stopped.is_set():
+                    start = time.perf_counter()
+                    try:
+                        item = next(iterator)
+                    except StopIteration:
+                        break
+                    if timed:
+                        self.time(name, time.perf_counter() - start)
+                    if not put(item):
+                        break
+                put(_END)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                put(_Failure(exc))
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
+
+        thread = threading.Thread(target=run, name=f"gpen-video-{name}", daemon=True)
+        self._threads.append(thread)
+
+        def consume() -> Iterator[T]:
+            thread.start()
+            while True:
+                try:
+                    item = q.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    if stopped.is_set():
+                        return
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item  # type: ignore[misc]
+
+        return consume()
+
+    def map(self, fn: Callable[[T], U], items: Iterable[T], *, name: str, depth: int) -> Iterator[U]:
+        """``fn`` over ``items`` in its own thread, timed under ``name``, ``depth`` results ahead."""
+        return self.prefetch(self.timed_map(fn, items, name=name), depth, name=name)
+
+    def timed_map(self, fn: Callable[[T], U], items: Iterable[T], *, name: str) -> Iterator[U]:
+        """``map`` in the caller's thread that adds the time spent in ``fn`` to the timer."""
+        for item in items:
+            start = time.perf_counter()
+            result = fn(item)
+            self.time(name, time.perf_counter() - start)
+            yield result
+
+
+def prefetch(items: Iterable[T], depth: int, *, name: str = "stage", timer: StageTimer | None = None) -> Iterator[T]:
+    """TEMPORARY shim (lead removes it once the planner takes a ``Stages``)."""
+    stages = Stages(timer)
     try:
-        while True:
-            item = q.get()
-            if item is _END:
-                return
-            if isinstance(item, _Failure):
-                raise item.exc
-            yield item  # type: ignore[misc]
+        yield from stages.prefetch(items, depth, name=name, timed=timer is not None)
     finally:
-        stop.set()
-        thread.join(timeout=10)
+        stages.close()
 
 
 def timed_map(fn: Callable[[T], U], items: Iterable[T], *, name: str, timer: StageTimer | None) -> Iterator[U]:
-    """``map`` that adds the time spent in ``fn`` to ``timer[name]``."""
-    for item in items:
-        start = time.perf_counter()
-        result = fn(item)
-        if timer is not None:
-            timer.add(name, time.perf_counter() - start)
-        yield result
+    """TEMPORARY shim (lead removes it once the planner takes a ``Stages``)."""
+    return Stages(timer).timed_map(fn, items, name=name)

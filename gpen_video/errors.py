@@ -62,3 +62,19 @@ class DeviceError(GpenVideoError, RuntimeError):
     """The requested compute device is not available."""
 
     exit_code = 6
+
+
+class Cancelled(GpenVideoError):
+    """The job was stopped on request (a progress callback, a cancel event, Ctrl-C or a signal).
+
+    Nothing is left behind: the output and the report are written only by a finished job.
+    ``signal`` is the signal number when a signal stopped it; the exit code is then 128 + it.
+    """
+
+    exit_code = 130
+
+    def __init__(self, message: str = "the job was cancelled; nothing was written", *, signal: int | None = None):
+        super().__init__(message)
+        self.signal = signal
+        if signal is not None:
+            self.exit_code = 128 + signal

@@ -1,58 +1,55 @@
-"""Wire the stages: decode → detect → track → smooth → align → restore → blend → encode.
+"""Wire the stages: decode → plan (detect, track, smooth, select) → crop → restore → paste → encode.
 
-Two passes by default. Pass 1 (``analyse``) decodes, detects and tracks the whole video,
-keeping only the small per-face records, then smooths every track with a zero-phase
-smoother and fills short gaps. Pass 2 (``render``) decodes again, crops, restores in
-batches, blends and encodes, every stage in its own thread. ``single_pass`` does both in
-one decode with a causal smoother, for inputs that cannot be read twice.
+Every frame is read once. The planner holds each frame back until its faces are final (the
+smoother's look-ahead), crops run in one thread, GPEN fills whole batches from consecutive
+frames, paste-back runs in another thread, and frames are written in order. ``FacePipeline``
+is built once (models loaded once) and reused for any number of files or frame streams.
+
+>>> pipeline = FacePipeline(load_config("fast", device="cpu"))          # doctest: +SKIP
+>>> pipeline.restore_video("tape.mp4")                                   # doctest: +SKIP
+>>> for rgb in pipeline.restore_frames(frames): ...                     # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections import defaultdict, deque
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from gpen_video.config import Config
 from gpen_video.device import resolve_device, resolve_dtype
-from gpen_video.engine import StageTimer, prefetch, timed_map
-from gpen_video.faces import align, detect, smooth, track
+from gpen_video.engine import Stages, StageTimer
+from gpen_video.errors import Cancelled, InputError
+from gpen_video.faces.detect import FaceDetector, create_detector
 from gpen_video.io.decode import VideoReader
-from gpen_video.io.encode import VideoWriter
+from gpen_video.io.encode import VideoWriter, default_output_path
 from gpen_video.io.files import check_output
-from gpen_video.io.images import read_image, write_image
-from gpen_video.records import AlignedFace, Detections, Frame, TrackedFace
-from gpen_video.report import build_report, write_json_atomic
-from gpen_video.restore.restorer import Restorer, default_batch_size, fit_batch_size
-from gpen_video.warp import blend
+from gpen_video.io.images import copy_unchanged, read_image, write_image
+from gpen_video.plan import Plan, PlannedFrame, Planner
+from gpen_video.records import Frame
+from gpen_video.report import ReportWriter
+from gpen_video.restore.restorer import Restorer, default_batch_size
+from gpen_video.warp import FaceCrops, Warp, create_warp
 
 log = logging.getLogger(__name__)
 
-DETECT_BATCH = 8
-"""Frames per detector call in pass 1. Higher: better accelerator use, more memory."""
-MIN_FACE_HISTORY = 250
-"""Faces of a track whose median size decides ``min_face`` in single-decode modes."""
+Progress = Callable[[int, "int | None"], None]
+"""``progress(done_frames, total_frames_or_None)``, called as frames are written; raising
+``gpen_video.Cancelled`` from it stops the job cleanly."""
 
-
-@dataclass(frozen=True)
-class Analysis:
-    """What pass 1 learnt: every frame's timestamp and every track's faces."""
-
-    pts: tuple[int | None, ...]
-    time_base: Fraction
-    rate: Fraction | None
-    tracks: dict[int, list[TrackedFace]]
-    restored_tracks: frozenset[int]
-    faces_by_frame: dict[int, list[TrackedFace]]
-    scene_cuts: tuple[int, ...] = ()
+DECODE_DEPTH = 8
+"""Decoded frames queued ahead of the planner."""
+STAGE_DEPTH = 16
+"""Frames queued between crop, restore and paste. Higher: smoother pace, more memory."""
+FRAMES_RATE = Fraction(25)
+"""Nominal rate given to frames passed to ``restore_frames`` (only the report would show it)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +63,7 @@ class JobResult:
     tracks: int
     seconds: float
     damaged_frames: int = 0
+    unchanged: bool = False
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -74,41 +72,27 @@ class JobResult:
 
 
 @dataclass(frozen=True)
-class _Work:
-    """One frame on its way through pass 2.
+class _Restored:
+    """One frame's crops with their restored faces ([M,3,S,S] in [0, 1]), or no faces."""
 
-    ``crops`` are (M, S, S, 3) arrays on the OpenCV path and [M,3,S,S] tensors in [0, 1] on
-    the torch path, where ``pixels`` holds the frame on the device as a [3,H,W] tensor of the
-    frame's integer values (uint8, or int32 for 16-bit frames), four times smaller than floats
-    while the frame waits for its batch.
-    """
-
+    crops: FaceCrops | None
     frame: Frame
-    aligned: list[AlignedFace]
-    crops: np.ndarray | torch.Tensor | None = None
-    pixels: torch.Tensor | None = None
-    restored: np.ndarray | torch.Tensor | None = None
-
-
-def select_faces(faces: Sequence[TrackedFace], *, only_largest: bool) -> list[TrackedFace]:
-    """The faces of one frame to restore (largest first when only one is wanted)."""
-    if only_largest and faces:
-        return [max(faces, key=lambda f: f.size)]
-    return list(faces)
-
-
-def _median_size(faces: Sequence[TrackedFace]) -> float:
-    return float(np.median([f.size for f in faces]))
+    restored: torch.Tensor | None = None
 
 
 class FacePipeline:
     """Models and settings of a job, built once and reused across files.
 
     Args:
-        config: the job's settings.
+        config: the job's settings (``load_config``). Weights are fetched only when
+            ``config.offline`` is False and they are not cached; ``config.weights`` never
+            downloads.
         restorer: an already built restorer (tests pass one with an identity network).
         detector: an already built detector.
-        progress: show tqdm bars on stderr.
+        download_progress: show a progress bar on stderr while weights download.
+
+    >>> pipeline = FacePipeline(load_config(None, device="cpu"))        # doctest: +SKIP
+    >>> pipeline.restore_video("a.mp4", "a.restored.mp4").faces_restored  # doctest: +SKIP
     """
 
     def __init__(
@@ -116,14 +100,13 @@ class FacePipeline:
         config: Config,
         *,
         restorer: Restorer | None = None,
-        detector: detect.FaceDetector | None = None,
-        progress: bool = True,
+        detector: FaceDetector | None = None,
+        download_progress: bool = False,
     ) -> None:
         self.config = config
-        self.progress = progress and not config.quiet
         self.device = resolve_device(config.device) if restorer is None else restorer.device
-        self.restorer = restorer if restorer is not None else self._build_restorer()
-        self.detector = detector if detector is not None else detect.create_detector(
+        self.restorer = restorer if restorer is not None else self._build_restorer(download_progress)
+        self.detector = detector if detector is not None else create_detector(
             config.detector,
             detect_size=config.detect_size,
             score_threshold=config.score_threshold,
@@ -131,351 +114,250 @@ class FacePipeline:
             cache_dir=config.cache_dir,
             offline=config.offline,
             mirror=config.mirror,
-            progress=self.progress,
+            progress=download_progress,
         )
-        self.torch_warp = config.warp == "torch" or (config.warp == "auto" and self.device.type == "cuda")
+        self.planner = Planner(
+            self.detector,
+            smooth_window=config.smooth_window,
+            max_gap=config.max_gap,
+            min_face=config.min_face,
+            only_largest_face=config.only_largest_face,
+            skip_tracks=config.skip_tracks,
+        )
+        kind = config.warp if config.warp != "auto" else ("torch" if self.device.type == "cuda" else "opencv")
+        self.warp: Warp = create_warp(kind, size=self.restorer.size, device=self.device)
         self.masker = None
         if config.mask == "parse":
-            self.masker = blend.ParsingMasker(
+            from gpen_video.restore.parsing import ParsingMasker
+
+            self.masker = ParsingMasker(
                 device=str(self.device),
                 cache_dir=config.cache_dir,
                 offline=config.offline,
                 mirror=config.mirror,
-                progress=self.progress,
+                progress=download_progress,
             )
 
-    def _build_restorer(self) -> Restorer:
-        from gpen_video.restore.weights import load_gpen, spec_for
+    def _build_restorer(self, download_progress: bool) -> Restorer:
+        from gpen_video.restore.weights import get_spec, load_gpen
 
-        dtype = resolve_dtype(self.config.precision, self.device)
+        c = self.config
         model = load_gpen(
-            self.config.model,
-            path=self.config.weights,
-            cache_dir=self.config.cache_dir,
-            offline=self.config.offline,
-            mirror=self.config.mirror,
-            progress=self.progress,
+            c.model, path=c.weights, cache_dir=c.cache_dir, offline=c.offline, mirror=c.mirror,
+            progress=download_progress,
         )
-        size = spec_for(self.config.model).config.size
-        batch = self.config.batch_size or default_batch_size(self.device)
-        restorer = Restorer(model, size, device=self.device, dtype=dtype, batch_size=batch)
-        if self.config.batch_size is None and self.device.type == "cuda":
-            restorer.batch_size = fit_batch_size(restorer)
+        size = get_spec(c.model).config.size
+        restorer = Restorer(
+            model, size, device=self.device, dtype=resolve_dtype(c.precision, self.device),
+            batch_size=c.batch_size or default_batch_size(self.device),
+        )
+        if c.batch_size is None and self.device.type == "cuda":
+            from gpen_video.restore.restorer import fit_cuda_batch_size
+
+            restorer.batch_size = fit_cuda_batch_size(restorer, frames_held=self.frames_on_device)
             log.info("batch size %d fits the free GPU memory", restorer.batch_size)
         return restorer
 
-    # ------------------------------------------------------------------ pass 1
-
-    def _bar(self, total: int | None, desc: str) -> tqdm:
-        return tqdm(total=total, desc=desc, unit="frame", disable=not self.progress, leave=False, dynamic_ncols=True)
-
-    def _detections(self, frames: Iterable[Frame]) -> Iterator[tuple[Frame, Detections, bool]]:
-        """(frame, detections, starts_new_shot) for every frame, detected in small batches."""
-        cuts = track.SceneCutDetector()
-        batch: list[tuple[Frame, bool]] = []
-
-        def flush() -> Iterator[tuple[Frame, Detections, bool]]:
-            found = self.detector.detect([f.rgb for f, _ in batch])
-            for (frame, cut), det in zip(batch, found):
-                yield frame, det, cut
-            batch.clear()
-
-        for frame in frames:
-            batch.append((frame, cuts.update(track.cut_signature(frame.rgb))))
-            if len(batch) == DETECT_BATCH:
-                yield from flush()
-        if batch:
-            yield from flush()
+    def frames_on_device(self, batch_size: int) -> int:
+        """Most frames the torch warp holds on the device at once with ``batch_size``: the
+        crop queue, the frames waiting for a full batch, and the paste queue."""
+        return STAGE_DEPTH + self._max_held(batch_size) + STAGE_DEPTH + 2
 
     @staticmethod
-    def _decoded(reader: VideoReader, timer: StageTimer | None) -> Iterator[Frame]:
-        return prefetch(reader.frames(), 8, name="decode", timer=timer)
+    def _max_held(batch_size: int) -> int:
+        return max(STAGE_DEPTH, 2 * batch_size)
 
-    def _detected(self, reader: VideoReader, timer: StageTimer | None) -> Iterator[tuple[Frame, Detections, bool]]:
-        """Decoded frames with their detections and scene-cut flags, two threads ahead."""
-        return prefetch(self._detections(self._decoded(reader, timer)), 2 * DETECT_BATCH, name="detect")
+    # ------------------------------------------------------------------ stages
 
-    def analyse(self, path: Path, *, timer: StageTimer | None = None) -> Analysis:
-        """Pass 1: detect and track every face, then smooth each track without lag."""
-        tracker = track.Tracker(max_gap=self.config.max_gap)
-        pts: list[int | None] = []
-        raw: dict[int, list[TrackedFace]] = defaultdict(list)
-        cuts: list[int] = []
-        with VideoReader(path, deinterlace=self.config.deinterlace) as reader:
-            time_base, rate = reader.info.time_base, reader.info.average_rate
-            detected = self._detected(reader, timer)
-            with self._bar(reader.info.frame_count, "analyse") as bar:
-                for frame, det, cut in detected:
-                    pts.append(frame.pts)
-                    if cut and frame.index > 0:
-                        tracker.reset()
-                        cuts.append(frame.index)
-                    for face in tracker.update(frame.index, det):
-                        raw[face.track_id].append(face)
-                    bar.update()
-        tracks = smooth.smooth_tracks(raw, window=self.config.smooth_window)
-        return self._select(tuple(pts), time_base, rate, tracks, tuple(cuts))
+    def _crop(self, planned: PlannedFrame) -> _Restored:
+        if not planned.faces:
+            return _Restored(None, planned.frame)
+        return _Restored(self.warp.crop(planned.frame, planned.faces), planned.frame)
 
-    def _select(
-        self,
-        pts: tuple[int | None, ...],
-        time_base: Fraction,
-        rate: Fraction | None,
-        tracks: dict[int, list[TrackedFace]],
-        cuts: tuple[int, ...] = (),
-    ) -> Analysis:
-        restored = frozenset(
-            tid for tid, faces in tracks.items() if faces and _median_size(faces) >= self.config.min_face
-        )
-        by_frame: dict[int, list[TrackedFace]] = defaultdict(list)
-        for tid in restored:
-            for face in tracks[tid]:
-                by_frame[face.frame_index].append(face)
-        chosen = {
-            index: select_faces(faces, only_largest=self.config.only_largest_face) for index, faces in by_frame.items()
-        }
-        return Analysis(pts, time_base, rate, tracks, restored, chosen, cuts)
-
-    # ------------------------------------------------------------------ pass 2
-
-    def _crop(self, item: tuple[Frame, list[TrackedFace]]) -> _Work:
-        frame, faces = item
-        if not faces:
-            return _Work(frame, [])
-        if not self.torch_warp:
-            aligned = align.align_faces(frame.rgb, faces, self.restorer.size)
-            return _Work(frame, aligned, np.stack([a.crop for a in aligned]))
-        size = self.restorer.size
-        affines = np.stack([align.face_affine(f.landmarks, size) for f in faces])
-        pixels = self._upload(frame.rgb)
-        crops = align.align_faces_torch(self._unit(pixels, frame)[None], [0] * len(faces), affines, size)  # [M3SS]
-        empty = np.zeros((0, 0, 3), frame.rgb.dtype)
-        aligned = [AlignedFace(f, empty, a) for f, a in zip(faces, affines)]
-        return _Work(frame, aligned, crops, pixels)
-
-    def _upload(self, rgb: np.ndarray) -> torch.Tensor:
-        """[3,H,W] integer tensor on the restorer's device (pinned, non-blocking copy)."""
-        host = torch.from_numpy(rgb if rgb.dtype == np.uint8 else rgb.astype(np.int32))
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True).permute(2, 0, 1)  # [3HW]
-
-    @staticmethod
-    def _unit(pixels: torch.Tensor, frame: Frame) -> torch.Tensor:
-        """The frame's values as float32 in [0, 1]."""
-        return pixels.float().div_(float(np.iinfo(frame.rgb.dtype).max))
-
-    def _restore_in_batches(self, items: Iterable[_Work], timer: StageTimer | None) -> Iterator[_Work]:
+    def _restore_in_batches(self, items: Iterable[_Restored], stages: Stages) -> Iterator[_Restored]:
         """Fill whole batches from consecutive frames (and every track in them), keep order.
 
         A partial batch waits for more faces; it is flushed when the frames held back behind
         it would stall the encoder, and at the end.
         """
         batch = self.restorer.batch_size
-        max_held = max(16, 2 * batch)
-        held: list[_Work] = []
-        crops = 0
+        max_held = self._max_held(batch)
+        held: list[_Restored] = []
+        faces = 0
 
-        def flush() -> Iterator[_Work]:
-            nonlocal crops
-            if crops:
+        def flush() -> Iterator[_Restored]:
+            nonlocal faces
+            if faces:
                 start = time.perf_counter()
-                parts = [w.crops for w in held if w.aligned]
-                if self.torch_warp:
-                    restored = self.restorer.restore_tensor(torch.cat(parts))
-                else:
-                    restored = self.restorer.restore(np.concatenate(parts))
-                if timer is not None:
-                    timer.add("restore", time.perf_counter() - start)
-            offset = 0
-            for work in held:
-                n = len(work.aligned)
-                yield replace(work, crops=None, restored=restored[offset : offset + n]) if n else work
-                offset += n
+                restored = self.restorer.restore_tensor(torch.cat([w.crops.pixels for w in held if w.crops]))
+                stages.time("restore", time.perf_counter() - start)
+                offset = 0
+                for work in held:
+                    if work.crops is None:
+                        yield work
+                        continue
+                    n = len(work.crops.faces)
+                    yield _Restored(work.crops, work.frame, restored[offset : offset + n])
+                    offset += n
+            else:
+                yield from held
             held.clear()
-            crops = 0
+            faces = 0
 
         for work in items:
             held.append(work)
-            crops += len(work.aligned)
-            if crops >= batch or len(held) >= max_held:
+            faces += len(work.crops.faces) if work.crops else 0
+            if faces >= batch or len(held) >= max_held:
                 yield from flush()
         if held:
             yield from flush()
 
-    def _masks(self, restored: np.ndarray | torch.Tensor) -> np.ndarray | None:
-        if self.masker is None:
-            return None
-        if isinstance(restored, torch.Tensor):
-            restored = (restored * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
-        elif restored.dtype != np.uint8:
-            restored = (restored >> 8).astype(np.uint8)
-        return self.masker.masks(restored)
+    def _paste(self, work: _Restored) -> Frame:
+        if work.crops is None:
+            return work.frame
+        masks = self.masker.masks(work.restored) if self.masker is not None else None
+        return self.warp.paste(work.crops, work.restored, strength=self.config.strength, masks=masks)
 
-    def _blend(self, work: _Work) -> Frame:
-        frame = work.frame
-        if not work.aligned:
-            return frame
-        masks = self._masks(work.restored)
-        strength = self.config.strength
-        if not self.torch_warp:
-            rgb = blend.paste_faces(frame.rgb, work.aligned, list(work.restored), strength=strength, masks=masks)
-            return replace(frame, rgb=rgb)
-        mask_t = None if masks is None else torch.from_numpy(masks).to(self.device)
-        small = [a.face.size < blend.SMALL_FACE for a in work.aligned]
-        affines = np.stack([a.affine for a in work.aligned])
-        out = blend.paste_faces_torch(self._unit(work.pixels, frame), work.restored, affines, mask_t, strength, smooth=small)
-        scale = float(np.iinfo(frame.rgb.dtype).max)
-        out = (out * scale).round_().clamp_(0, scale).permute(1, 2, 0)  # [HW3]
-        host = out.to(torch.uint8 if frame.rgb.dtype == np.uint8 else torch.int32).cpu().numpy()
-        return replace(frame, rgb=host.astype(frame.rgb.dtype, copy=False))
-
-    def render(
-        self,
-        frames: Iterable[tuple[Frame, list[TrackedFace]]],
-        writer: VideoWriter,
-        *,
-        total: int | None,
-        timer: StageTimer | None = None,
-    ) -> None:
-        """Pass 2: crop, restore, blend and write every frame in order."""
-        cropped = prefetch(timed_map(self._crop, frames, name="crop", timer=timer), 16, name="crop")
-        restored = self._restore_in_batches(cropped, timer)
-        blended = prefetch(timed_map(self._blend, restored, name="blend", timer=timer), 16, name="blend")
-        with self._bar(total, "restore") as bar:
-            for frame in blended:
-                start = time.perf_counter()
-                writer.write(frame)
-                if timer is not None:
-                    timer.add("encode", time.perf_counter() - start)
-                bar.update()
+    def _restored_frames(self, frames: Iterable[Frame], stages: Stages, report: ReportWriter | None) -> tuple[Plan, Iterator[Frame]]:
+        plan = self.planner.plan(frames, stages=stages, report=report)
+        cropped = stages.map(self._crop, plan, name="crop", depth=STAGE_DEPTH)
+        restored = self._restore_in_batches(cropped, stages)
+        return plan, stages.map(self._paste, restored, name="paste", depth=STAGE_DEPTH)
 
     # ------------------------------------------------------------------ jobs
 
-    def _writer(self, source: VideoReader, output: Path) -> VideoWriter:
-        c = self.config
-        return VideoWriter(
-            output, source, codec=c.codec, crf=c.crf, preset=c.preset, strict=c.strict, overwrite=c.overwrite
-        )
+    def restore_video(
+        self,
+        src: str | Path,
+        dst: str | Path | None = None,
+        *,
+        overwrite: bool = False,
+        report: str | Path | None = None,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+    ) -> JobResult:
+        """Restore every face of a video into ``dst`` (default ``NAME.restored.EXT`` beside it).
 
-    def restore_video(self, input_path: str | Path, output_path: str | Path, *, report_path: str | Path | None = None) -> JobResult:
-        """Restore every face of a video; write the output (and the JSON report) atomically."""
-        input_path, output_path = Path(input_path), Path(output_path)
-        check_output(input_path, output_path, overwrite=self.config.overwrite)
+        The output (and the JSON ``report``) appear only when complete; on any error, on
+        ``Cancelled`` raised by ``progress`` and when ``cancel`` is set, nothing is left
+        behind and every stage thread is stopped before this returns.
+
+        Args:
+            src: the input video.
+            dst: the output file; its extension chooses the container.
+            overwrite: replace an existing ``dst``.
+            report: write the per-track JSON report here.
+            progress: ``progress(done_frames, total_frames_or_None)`` after each frame written.
+            cancel: set it (from any thread) to stop the job; raises ``Cancelled``.
+
+        Raises:
+            Cancelled: the job was stopped by ``progress`` or ``cancel``.
+            GpenVideoError: a subclass saying what is wrong with the input, output or weights.
+
+        >>> FacePipeline(config).restore_video("tape.mp4", progress=print)  # doctest: +SKIP
+        """
+        src = Path(src)
+        dst = Path(dst) if dst is not None else default_output_path(src)
+        check_output(src, dst, overwrite=overwrite)
         started = time.perf_counter()
         timer = StageTimer()
         faces_before = self.restorer.stats.faces
-        if self.config.single_pass or self.config.lookahead:
-            analysis, damaged = self._one_decode(input_path, output_path, timer)
-        else:
-            analysis = self.analyse(input_path, timer=timer)
-            with VideoReader(input_path, deinterlace=self.config.deinterlace) as reader:
-                with self._writer(reader, output_path) as writer:
-                    frames = self._decoded(reader, timer)
-                    planned = ((f, analysis.faces_by_frame.get(f.index, [])) for f in frames)
-                    self.render(planned, writer, total=len(analysis.pts), timer=timer)
-                damaged = reader.damaged_frames
-        if report_path is not None:
-            write_json_atomic(report_path, self.report(input_path, analysis))
+        written = 0
+        with VideoReader(src, deinterlace=self.config.deinterlace) as reader:
+            info = reader.info
+            writer_report = ReportWriter(src, fps=float(info.average_rate or 0)) if report else None
+            try:
+                with Stages(timer) as stages, self._writer(reader, dst, overwrite) as writer:
+                    frames = stages.prefetch(reader.frames(), DECODE_DEPTH, name="decode", timed=True)
+                    planner, restored = self._restored_frames(frames, stages, writer_report)
+                    for frame in restored:
+                        start = time.perf_counter()
+                        writer.write(frame)
+                        stages.time("encode", time.perf_counter() - start)
+                        written += 1
+                        _tick(progress, cancel, written, info.frame_count)
+                if writer_report is not None:
+                    writer_report.write(report)
+            finally:
+                if writer_report is not None:
+                    writer_report.close()
+            damaged = reader.damaged_frames
+        stats = planner.stats
         return JobResult(
-            input=input_path,
-            output=output_path,
-            frames=len(analysis.pts),
+            input=src,
+            output=dst,
+            frames=written,
             faces_restored=self.restorer.stats.faces - faces_before,
-            tracks=len(analysis.restored_tracks),
+            tracks=stats.restored_tracks,
             seconds=time.perf_counter() - started,
             damaged_frames=damaged,
             stage_seconds=dict(timer.busy),
         )
 
-    def _one_decode(self, input_path: Path, output_path: Path, timer: StageTimer) -> tuple[Analysis, int]:
-        """Detect, track, smooth and restore in a single decode.
-
-        ``lookahead``: zero-phase smoothing as in two passes, each frame held back until the
-        smoother has seen enough later ones, while detection runs alongside restoration.
-        ``single_pass``: a causal One-Euro filter, no frames held back.
-        """
+    def _writer(self, reader: VideoReader, dst: Path, overwrite: bool) -> VideoWriter:
         c = self.config
-        tracker = track.Tracker(max_gap=c.max_gap)
-        pts: list[int | None] = []
-        cuts: list[int] = []
-        tracks: dict[int, list[TrackedFace]] = defaultdict(list)
-        recent_sizes: dict[int, deque[float]] = defaultdict(lambda: deque(maxlen=MIN_FACE_HISTORY))
+        return VideoWriter(dst, reader, codec=c.codec, crf=c.crf, preset=c.preset, strict=c.strict, overwrite=overwrite)
 
-        def release(frame: Frame, faces: list[TrackedFace]) -> tuple[Frame, list[TrackedFace]]:
-            for face in faces:
-                tracks[face.track_id].append(face)
-                recent_sizes[face.track_id].append(face.size)
-            keep = [f for f in faces if np.median(recent_sizes[f.track_id]) >= c.min_face]
-            return frame, select_faces(keep, only_largest=c.only_largest_face)
+    def restore_frames(
+        self,
+        frames: Iterable[np.ndarray],
+        *,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Restore a stream of frames: (H, W, 3) uint8 RGB arrays in, restored arrays out, in order.
 
-        def tracked(detected: Iterable[tuple[Frame, Detections, bool]]) -> Iterator[tuple[Frame, list[TrackedFace]]]:
-            for frame, det, cut in detected:
-                pts.append(frame.pts)
-                if cut and frame.index > 0:
-                    tracker.reset()
-                    cuts.append(frame.index)
-                yield frame, tracker.update(frame.index, det)
+        Frames are tracked and smoothed as in a video, so each output comes after the
+        planner's look-ahead (about 2 x smooth_window + max_gap frames) has been read.
+        Closing the returned generator early stops every stage.
 
-        def lookahead(items: Iterable[tuple[Frame, list[TrackedFace]]]) -> Iterator[tuple[Frame, list[TrackedFace]]]:
-            smoother = smooth.LookaheadSmoother(window=c.smooth_window, max_gap=c.max_gap)
-            held: deque[Frame] = deque()
-            for frame, faces in items:
-                held.append(frame)
-                for _, ready in smoother.push(frame.index, faces):
-                    yield release(held.popleft(), ready)
-            for _, ready in smoother.finish():
-                yield release(held.popleft(), ready)
+        >>> for out in FacePipeline(config).restore_frames(camera_frames()):  # doctest: +SKIP
+        ...     show(out)
+        """
 
-        def causal(items: Iterable[tuple[Frame, list[TrackedFace]]]) -> Iterator[tuple[Frame, list[TrackedFace]]]:
-            smoother = smooth.OneEuroSmoother(frame_step=float(1 / rate) if rate else 1 / 30)
-            for frame, faces in items:
-                if cuts and cuts[-1] == frame.index:
-                    smoother.reset()
-                yield release(frame, smoother.update(faces, frame.time))
+        def records() -> Iterator[Frame]:
+            for index, rgb in enumerate(frames):
+                if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+                    raise InputError(f"frame {index} must be an (H, W, 3) uint8 RGB array, got {rgb.dtype} {rgb.shape}")
+                yield Frame(index, index, 1 / FRAMES_RATE, rgb)
 
-        with VideoReader(input_path, deinterlace=c.deinterlace) as reader:
-            rate, time_base = reader.info.average_rate, reader.info.time_base
-            with self._writer(reader, output_path) as writer:
-                smoothed = (lookahead if c.lookahead else causal)(tracked(self._detected(reader, timer)))
-                self.render(smoothed, writer, total=reader.info.frame_count, timer=timer)
-            damaged = reader.damaged_frames
-        return self._select(tuple(pts), time_base, rate, dict(tracks), tuple(cuts)), damaged
+        with Stages() as stages:
+            source = stages.prefetch(records(), DECODE_DEPTH, name="frames")
+            _, restored = self._restored_frames(source, stages, None)
+            for done, frame in enumerate(restored, 1):
+                yield frame.rgb
+                _tick(progress, cancel, done, None)
 
-    def report(self, input_path: Path, analysis: Analysis) -> dict:
-        return build_report(
-            input_path,
-            fps=float(analysis.rate) if analysis.rate else 0.0,
-            pts=analysis.pts,
-            time_base=analysis.time_base,
-            tracks=analysis.tracks,
-            restored_tracks=set(analysis.restored_tracks),
-            extra={"scene_cuts": list(analysis.scene_cuts)},
-        )
+    def restore_image(self, src: str | Path, dst: str | Path | None = None, *, overwrite: bool = False) -> JobResult:
+        """Restore every face of one still image (jpg/png/bmp/webp/tiff).
 
-    # ------------------------------------------------------------------ images
-
-    def restore_image(self, input_path: str | Path, output_path: str | Path) -> JobResult:
-        """Restore every face of one still image (jpg/png/bmp/webp/tiff)."""
-        input_path, output_path = Path(input_path), Path(output_path)
+        The image is restored upright (EXIF orientation applied) and written back the same
+        way round with its metadata and colour profile; an image where no face was restored
+        is copied byte for byte.
+        """
+        src = Path(src)
+        dst = Path(dst) if dst is not None else default_output_path(src)
         started = time.perf_counter()
-        check_output(input_path, output_path, overwrite=self.config.overwrite)
-        rgb, alpha = read_image(input_path)
-        frame = Frame(0, 0, Fraction(1), rgb)
-        det = self.detector.detect([rgb])[0]
-        faces = [
-            TrackedFace(i, 0, det.boxes[i], det.landmarks[i], det.landmarks[i], float(det.scores[i]))
-            for i in range(len(det))
-        ]
-        faces = select_faces([f for f in faces if f.size >= self.config.min_face], only_largest=self.config.only_largest_face)
+        check_output(src, dst, overwrite=overwrite)
+        image = read_image(src)
+        frame = Frame(0, 0, Fraction(1), image.rgb)
         before = self.restorer.stats.faces
-        (work,) = self._restore_in_batches([self._crop((frame, faces))], None)
-        write_image(output_path, self._blend(work).rgb, alpha)
+        with Stages() as stages:
+            planner, restored = self._restored_frames([frame], stages, None)
+            (out,) = list(restored)
+        faces = self.restorer.stats.faces - before
+        if faces:
+            write_image(dst, out.rgb, image, overwrite=overwrite)
+        else:
+            copy_unchanged(src, dst, overwrite=overwrite)
         return JobResult(
-            input=input_path,
-            output=output_path,
-            frames=1,
-            faces_restored=self.restorer.stats.faces - before,
-            tracks=len(faces),
-            seconds=time.perf_counter() - started,
+            input=src, output=dst, frames=1, faces_restored=faces, tracks=planner.stats.restored_tracks,
+            seconds=time.perf_counter() - started, unchanged=not faces,
         )
+
+
+def _tick(progress: Progress | None, cancel: threading.Event | None, done: int, total: int | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("the job was cancelled; nothing was written")
+    if progress is not None:
+        progress(done, total)

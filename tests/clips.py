@@ -20,13 +20,19 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 from av.subtitles.subtitle import SubtitleSet
 
 __all__ = [
@@ -37,6 +43,8 @@ __all__ = [
     "read_frames",
     "read_packets",
     "psnr",
+    "small_disk",
+    "ffprobe_streams",
 ]
 
 _ASS_HEADER = b"""[Script Info]
@@ -309,3 +317,34 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     peak = 65535.0 if a.dtype == np.uint16 else 255.0
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+@contextlib.contextmanager
+def small_disk(path: str | Path, size: str = "1m", *, read_only: bool = False) -> Iterator[Path]:
+    """Mount a tmpfs of ``size`` at ``path`` (created) for disk-full and read-only tests.
+
+    Skips the test when not root or when mounting is not permitted.
+    """
+    path = Path(path)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def ffprobe_streams(path: str | Path) -> list[dict]:
+    """Every stream of ``path`` as FFmpeg's own ffprobe reports it (a reader independent of
+    PyAV's build); skips the test when ffprobe is not installed."""
+    if shutil.which("ffprobe") is None:
+        pytest.skip("ffprobe is not installed (apt-get install ffmpeg)")
+    done = subprocess.run(["ffprobe", "-v", "error", "-of", "json", "-show_streams", str(path)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)["streams"]

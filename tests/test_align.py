@@ -1,34 +1,24 @@
-"""Alignment: template, similarity fit, region-limited crops, and the torch path against OpenCV."""
+"""Face geometry: template, similarity fit, face affines, crop and paste regions, overlap groups.
+
+The crops and pastes themselves are tested in test_warp.py."""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import pytest
-import torch
-from skimage import data
 
-from gpen_video.faces import align
 from gpen_video.faces.align import (
-    align_faces,
-    align_faces_torch,
+    face_affine,
+    invert_affine,
+    overlap_groups,
+    paste_region,
+    shift_affine,
     similarity_transform,
     source_region,
     template,
 )
-from gpen_video.records import TrackedFace
-from tests.devices import DEVICES
 from tests.geometry import apply, similarity
-
-
-def face_from_landmarks(lm: np.ndarray, frame_index: int = 0, track_id: int = 0) -> TrackedFace:
-    pad = 0.8 * np.ptp(lm[:, 0])
-    box = np.r_[lm.min(0) - pad, lm.max(0) + pad].astype(np.float32)
-    return TrackedFace(track_id, frame_index, box, None, lm.astype(np.float32), None)
-
-
-def frame_u8(height: int = 300, width: int = 400) -> np.ndarray:
-    return cv2.resize(data.astronaut(), (width, height), interpolation=cv2.INTER_AREA)
 
 
 def test_template_is_gpen_512_scaled_linearly() -> None:
@@ -88,109 +78,72 @@ def test_similarity_rejects_bad_input(src: np.ndarray, dst: np.ndarray, error: s
         similarity_transform(src, dst)
 
 
-# faces: (scale of the crop relative to the frame, angle, where the face centre sits)
-PLACEMENTS = {
-    "inside": (2.5, 10.0, (200.0, 140.0)),
-    "small": (5.0, -25.0, (120.0, 200.0)),
-    "large": (0.6, 5.0, (200.0, 150.0)),
-    "left-edge": (2.0, 15.0, (10.0, 150.0)),
-    "corner": (2.0, -30.0, (395.0, 295.0)),
-    "mostly-out": (3.0, 0.0, (-60.0, 50.0)),
-}
-
-
-def crop_affine(name: str, size: int) -> np.ndarray:
-    """A frame → crop similarity putting the crop centre on the placement's face centre."""
-    scale, angle, (cx, cy) = PLACEMENTS[name]
-    s = scale * size / 256
-    m = similarity(s, angle, 0, 0)
-    m[:, 2] = np.array([size / 2 - 0.5, size / 2 - 0.5]) - m[:, :2] @ np.array([cx, cy])
-    return m
-
-
-@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-@pytest.mark.parametrize("name", list(PLACEMENTS))
-def test_region_crop_equals_whole_frame_warp(name: str, dtype: type) -> None:
-    frame = frame_u8().astype(dtype) * (257 if dtype == np.uint16 else 1)
-    size = 256
-    affine = crop_affine(name, size)
-    whole = cv2.warpAffine(frame, affine, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-    got = align.warp_crop(frame, affine, size)
-    assert got.dtype == dtype and got.shape == (size, size, 3)
-    diff = np.abs(got.astype(np.int64) - whole)
-    # OpenCV rounds sample positions to 1/32 px from the matrix it is given (and 16-bit
-    # weights in float); shifting the matrix to the region can flip that rounding for a few
-    # samples: one 8-bit level, or a few 16-bit levels (1/65 of an 8-bit one).
-    if dtype == np.uint8:
-        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
-    else:
-        assert diff.max() <= 4 and (diff > 0).mean() < 0.1
-
-
-def test_small_face_reads_only_its_region(monkeypatch: pytest.MonkeyPatch) -> None:
-    frame = np.zeros((1080, 1920, 3), np.uint8)
-    seen: list[tuple[int, ...]] = []
-    original = cv2.warpAffine
-
-    def spy(src: np.ndarray, *args: object, **kwargs: object) -> np.ndarray:
-        seen.append(src.shape)
-        return original(src, *args, **kwargs)
-
-    monkeypatch.setattr(cv2, "warpAffine", spy)
-    affine = similarity(4.0, 10, 0, 0)
-    affine[:, 2] = [128 - 4 * 900, 128 - 4 * 500]
-    align.warp_crop(frame, affine, 256)
-    (shape,) = seen
-    assert shape[0] * shape[1] < 100 * 100
-    assert source_region(affine, 256, 1080, 1920)[2] <= 1920
-
-
-def test_align_faces_maps_landmarks_onto_template() -> None:
-    frame = frame_u8()
+def test_face_affine_maps_landmarks_onto_the_template() -> None:
     truth = similarity(0.4, -12, 140, 70)  # crop 512 → frame
     lm = apply(truth, template(512))
-    (aligned,) = align_faces(frame, [face_from_landmarks(lm)], 256)
-    np.testing.assert_allclose(apply(aligned.affine, lm), template(256), atol=1e-3)
-    assert aligned.crop.shape == (256, 256, 3) and aligned.crop.dtype == np.uint8
-    whole = cv2.warpAffine(frame, aligned.affine, (256, 256), flags=cv2.INTER_LINEAR,
-                           borderMode=cv2.BORDER_REFLECT_101)
-    assert np.abs(aligned.crop.astype(int) - whole).max() <= 1
+    affine = face_affine(lm, 256)
+    np.testing.assert_allclose(apply(affine, lm), template(256), atol=1e-9)
+    with pytest.raises(ValueError, match=r"landmarks must have shape \(5, 2\)"):
+        face_affine(np.zeros((4, 2)), 256)
 
 
-def test_align_faces_rejects_float_frames() -> None:
-    with pytest.raises(ValueError, match="uint8 or uint16"):
-        align_faces(np.zeros((10, 10, 3), np.float32), [], 256)
+def test_invert_and_shift() -> None:
+    a = similarity(1.7, 33, 12, -4)
+    pts = np.random.default_rng(0).uniform(-50, 50, (6, 2))
+    np.testing.assert_allclose(apply(invert_affine(a), apply(a, pts)), pts, atol=1e-9)
+    np.testing.assert_allclose(apply(shift_affine(a, 7, -3), pts), apply(a, pts + [7, -3]), atol=1e-9)
 
 
-def test_torch_path_matches_opencv() -> None:
-    """Two frames, five faces (two at edges); float frames so only OpenCV's rounding differs."""
-    rng = np.random.default_rng(3)
-    frames = [frame_u8(), np.ascontiguousarray(frame_u8()[::-1, ::-1])]
-    size = 128
-    names = ["inside", "left-edge", "corner", "small", "mostly-out"]
-    ids = [0, 0, 1, 1, 1]
-    affines = np.stack([crop_affine(n, size) for n in names])
-    affines[:, :, 2] += rng.uniform(-0.5, 0.5, (len(names), 2))
-    tensor = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float()
-    got = align_faces_torch(tensor, ids, affines, size).permute(0, 2, 3, 1).numpy()
-    assert got.shape == (5, size, size, 3)
-    for k, (fid, affine) in enumerate(zip(ids, affines)):
-        ref = align.warp_crop(frames[fid].astype(np.float32), affine, size)
-        diff = np.abs(got[k] - ref)
-        # OpenCV samples at positions rounded to 1/32 px; torch at exact ones.
-        assert diff.max() < 4.0, names[k]
-        assert diff.mean() < 0.1, names[k]
+def sampled_pixels(affine: np.ndarray, size: int) -> np.ndarray:
+    """Every frame pixel a bilinear crop reads, mirrored into the frame as REFLECT_101 does."""
+    ys, xs = np.mgrid[0:size, 0:size]
+    pts = apply(invert_affine(affine), np.c_[xs.ravel(), ys.ravel()].astype(np.float64))
+    return np.concatenate([np.floor(pts), np.floor(pts) + 1]).astype(int)
 
 
+def mirror(v: np.ndarray, length: int) -> np.ndarray:
+    period = 2 * (length - 1)
+    v = np.abs(v) % period
+    return np.where(v > length - 1, period - v, v)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.float16, 0.5), (torch.bfloat16, 2.0)])
-def test_torch_path_precision_and_device(device: str, dtype: torch.dtype, tol: float) -> None:
-    """Against float32 on the CPU; fp16/bf16 only lose their storage precision (≤ half an ulp at 255)."""
-    frames = torch.from_numpy(np.stack([frame_u8()])).permute(0, 3, 1, 2).float()
-    affines = np.stack([crop_affine(n, 256) for n in ("inside", "corner", "mostly-out")])
-    ref = align_faces_torch(frames, [0, 0, 0], affines, 256)
-    got = align_faces_torch(frames.to(device, dtype), [0, 0, 0], affines, 256)
-    assert got.dtype == dtype and got.device.type == device
-    assert (got.float().cpu() - ref).abs().max() <= tol
+@pytest.mark.parametrize(
+    "affine",
+    [similarity(2.5, 10, -300, -200), similarity(2.0, -30, -640, -420), similarity(3.0, 0, 300, -40),
+     similarity(0.5, 5, 10, 10)],
+    ids=["inside", "corner", "mostly-out", "larger-than-frame"],
+)
+def test_source_region_covers_every_read(affine: np.ndarray) -> None:
+    height, width, size = 300, 400, 128
+    x0, y0, x1, y1 = source_region(affine, size, height, width)
+    assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+    reads = sampled_pixels(affine, size)
+    xs, ys = mirror(reads[:, 0], width), mirror(reads[:, 1], height)
+    assert xs.min() >= x0 and xs.max() < x1 and ys.min() >= y0 and ys.max() < y1
+
+
+def test_paste_region_bounds_the_crop_and_is_none_outside() -> None:
+    # the crop square [-0.5, 63.5]² lands on frame x in [49.5, 113.5], y in [19.5, 83.5];
+    # the region adds a 3-pixel bicubic margin on each side, end-exclusive
+    affine = similarity(1.0, 0, -50, -20)
+    assert paste_region(affine, 64, 200, 300) == (46, 16, 118, 88)
+    assert paste_region(affine, 64, 60, 300) == (46, 16, 118, 60)  # clipped to the frame
+    assert paste_region(similarity(1.0, 0, 500, 500), 64, 200, 300) is None
+
+
+def test_overlap_groups_are_disjoint_and_cover_their_members() -> None:
+    rng = np.random.default_rng(5)
+    boxes = []
+    for _ in range(12):
+        x, y = rng.integers(0, 300, 2)
+        w, h = rng.integers(5, 60, 2)
+        boxes.append((int(x), int(y), int(x + w), int(y + h)))
+    groups = overlap_groups(boxes)
+    assert sorted(i for _, members in groups for i in members) == list(range(12))
+    for a, (ga, ma) in enumerate(groups):
+        for i in ma:
+            bx0, by0, bx1, by1 = boxes[i]
+            assert ga[0] <= bx0 and ga[1] <= by0 and bx1 <= ga[2] and by1 <= ga[3]
+        for gb, _ in groups[a + 1:]:
+            assert not (ga[0] < gb[2] and gb[0] < ga[2] and ga[1] < gb[3] and gb[1] < ga[3])
+    assert overlap_groups([]) == []

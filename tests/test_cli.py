@@ -249,3 +249,65 @@ def test_report_on_an_image_is_refused(portrait, tmp_path, capsys):
     code, err = cli("restore", portrait, "--report", tmp_path / "r.json", capsys=capsys)
     assert code == 3 and "image" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_folder_counts_unexpected_errors_and_goes_on(portrait, clip, detector_pipeline_args, tmp_path, capsys, monkeypatch):
+    """A per-file failure that is not a GpenVideoError (an FFmpeg error while encoding) is
+    reported, skipped and counted like any other."""
+    from gpen_video.pipeline import FacePipeline
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.mp4").write_bytes(clip.read_bytes())
+    (folder / "b.jpg").write_bytes(portrait.read_bytes())
+    original = FacePipeline.restore_video
+
+    def broken(self, src, *args, **kwargs):
+        if Path(src).name == "a.mp4":
+            raise av.FFmpegError(5, "Input/output error")
+        return original(self, src, *args, **kwargs)
+
+    monkeypatch.setattr(FacePipeline, "restore_video", broken)
+    code, err = cli("restore", folder, *detector_pipeline_args, capsys=capsys)
+    assert code == 1
+    assert "1 restored, 1 failed" in err and "a.mp4" in err and "FFmpegError" in err
+    assert (folder / "b.restored.jpg").exists()
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGHUP", 129), ("SIGINT", 130)])
+def test_signals_stop_cleanly_and_leave_nothing(tmp_path, gpen256_file, sig, code):
+    """SIGTERM and SIGHUP are treated like Ctrl-C: the temporary output is removed and the
+    exit code is 128 + the signal."""
+    import signal
+    import time
+
+    clip = tmp_path / "long.mp4"
+    render_clip(clip, seconds=8, size=(320, 180), faces=1, audio=False)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpen_video", "restore", str(clip), "-o", str(out_dir / "o.mp4"),
+         "--model", "GPEN-BFR-256", "--weights", str(gpen256_file), "--device", "cpu", "-q",
+         "--report", str(out_dir / "r.json")],
+        stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out_dir.iterdir()) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None and list(out_dir.iterdir()), "the run never started writing"
+    time.sleep(0.5)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert list(out_dir.iterdir()) == []
+    assert "Traceback" not in err and "interrupted" in err
+
+
+def test_skip_tracks_flag(tmp_path):
+    from gpen_video.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["restore", "x.mp4", "--skip-tracks", "3,7"])
+    assert config_from_args(args).skip_tracks == (3, 7)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["restore", "x.mp4", "--skip-tracks", "a"])

@@ -57,3 +57,47 @@ def test_int_accepted_for_float_field(tmp_path):
 def test_config_is_frozen():
     with pytest.raises(AttributeError):
         Config().crf = 3  # type: ignore[misc]
+
+
+def test_skip_tracks_from_toml_and_checked(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("skip_tracks = [3, 7]\n")
+    assert load_config(path).skip_tracks == (3, 7)
+    path.write_text("skip_tracks = ['x']\n")
+    with pytest.raises(ConfigError, match="list of whole numbers"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="skip_tracks"):
+        Config(skip_tracks=(-1,))
+
+
+def test_cli_only_switches_are_not_job_settings():
+    names = set(Config.__dataclass_fields__)
+    assert not names & {"quiet", "debug", "overwrite", "single_pass", "lookahead"}
+
+
+def test_an_installed_wheel_ships_and_finds_the_presets(tmp_path):
+    """``pip install .`` (not editable) must carry configs/ and find it from anywhere."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "wheel"), str(root)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("gpen_video-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"gpen_video/configs/{p.name}" for p in (root / "configs").glob("*.toml")} <= names
+    packages = {p.parent.relative_to(root).as_posix() for p in (root / "gpen_video").rglob("__init__.py")}
+    assert {f"{p}/__init__.py" for p in packages} <= names, "a subpackage is missing from pyproject's list"
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = "import gpen_video.config as c; print(c.__file__); print(c.load_config('fast').model)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    where, model = done.stdout.split()
+    assert Path(where).is_relative_to(site), where
+    assert model == "GPEN-BFR-256"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 from dataclasses import replace
 from fractions import Fraction
 
@@ -10,7 +12,8 @@ import av
 import numpy as np
 import pytest
 
-from gpen_video.io.decode import VideoReader, probe, to_rgb, to_rgb_reference
+from gpen_video.io.colour import to_rgb, to_rgb_reference
+from gpen_video.io.decode import SourceStash, VideoReader, probe
 from gpen_video.errors import DecodeError, InputError
 from tests.clips import corrupt_middle, make_clip, pattern, read_frames, truncate
 
@@ -212,3 +215,62 @@ def test_nothing_decodable_raises_decode_error(tmp_path):
         with VideoReader(path) as reader:
             list(reader.frames())
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("ext", ["mkv", "webm"])
+def test_variable_frame_rate_without_frame_count_is_not_called_damaged(tmp_path, ext, caplog):
+    """A pause makes duration x average rate far larger than the frame count."""
+    pts = [0, 40, 80, 2000, 2040, 2080, 3000]
+    codec = dict(codec="libvpx-vp9", audio_codec="libopus") if ext == "webm" else {}
+    path = make_clip(tmp_path / f"in.{ext}", frames=7, vfr_pts=pts, time_base=Fraction(1, 1000), **codec)
+    info = probe(path)
+    assert info.frame_count is None and info.duration * info.average_rate > 3 * 7
+    with caplog.at_level(logging.WARNING, logger="gpen_video.io.decode"):
+        with VideoReader(path) as reader:
+            frames = list(reader.frames())
+    assert [f.pts for f in frames] == pts
+    assert reader.damaged_frames == 0 and not caplog.records
+
+
+@pytest.mark.parametrize("mode,count", [("frame", 8), ("field", 16), ("off", 8)])
+def test_frames_without_timestamps_get_a_steady_timeline(tmp_path, mode, count):
+    """A raw H.264 stream carries no timestamps: bwdif output then has no pts either."""
+    path = make_clip(tmp_path / "in.h264", frames=8, interlaced=True, audio_tracks=0)
+    assert all(f.pts is None for f in read_frames(path))
+    with VideoReader(path, deinterlace=mode) as reader:
+        frames = list(reader.frames())
+        info = reader.info
+    assert len(frames) == count
+    times = [f.pts * f.time_base for f in frames]
+    assert times[0] == 0 and set(np.diff(np.array(times, dtype=object))) == {1 / info.average_rate}
+
+
+def test_source_stash_is_safe_across_threads():
+    """The decode thread puts while the writing thread pops; the byte count must stay exact."""
+    picture = av.VideoFrame(16, 16, "yuv420p")
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    item = sum(p.buffer_size for p in picture.planes) + rgb.nbytes
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        for _ in range(20):
+            stash = SourceStash(max_bytes=4 * item)
+            errors = []
+
+            def run(job):
+                try:
+                    for i in range(3000):
+                        job(i)
+                except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=run, args=(lambda i: stash.put(i, picture, rgb),)),
+                       threading.Thread(target=run, args=(stash.pop,))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert not errors
+            assert stash.nbytes == len(stash) * item
+    finally:
+        sys.setswitchinterval(interval)

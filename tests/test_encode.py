@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
 from dataclasses import replace
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -14,8 +21,17 @@ import pytest
 
 from gpen_video.io.decode import VideoReader, probe
 from gpen_video.io.encode import VideoWriter, choose_pix_fmt, default_output_path
-from gpen_video.errors import OutputError, StreamCopyError
-from tests.clips import corrupt_middle, make_clip, read_frames, read_packets, truncate
+from gpen_video.errors import EncodeError, InputError, OutputError, StreamCopyError
+from tests.clips import (
+    corrupt_middle,
+    ffprobe_streams,
+    make_clip,
+    psnr,
+    read_frames,
+    read_packets,
+    small_disk,
+    truncate,
+)
 
 FAST = dict(preset="ultrafast")
 
@@ -203,7 +219,7 @@ def test_stream_the_container_cannot_hold_warns_or_fails_strict(tmp_path, caplog
     dst2 = tmp_path / "strict.mp4"
     with pytest.raises(StreamCopyError, match="srt"):
         VideoWriter(dst2, src, strict=True).__enter__()
-    assert not dst2.exists() and not list(tmp_path.glob(".strict.tmp-*"))
+    assert not dst2.exists() and not list(tmp_path.glob(".strict.mp4.tmp-*"))
 
 
 def test_existing_output_and_input_as_output_are_refused(tmp_path):
@@ -232,7 +248,7 @@ def test_failure_removes_the_temporary_file(tmp_path):
         with VideoReader(src) as reader, VideoWriter(dst, reader, **FAST) as writer:
             for frame in reader.frames():
                 writer.write(frame)
-                assert list(tmp_path.glob(".out.tmp-*.mp4"))  # writing goes to a temp file
+                assert list(tmp_path.glob(".out.mp4.tmp-*"))  # writing goes to a temp file
                 raise RuntimeError("boom")
     assert not dst.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
@@ -268,3 +284,206 @@ def test_choose_pix_fmt(source, encoder, expected):
 
 def test_default_output_path(tmp_path):
     assert default_output_path(tmp_path / "tape.final.mkv") == tmp_path / "tape.final.restored.mkv"
+
+
+# --------------------------------------------------------------------------- odd sizes
+
+
+@pytest.fixture(scope="module")
+def odd_sources(tmp_path_factory):
+    """641x361 4:2:0 clips that decode fine: FFV1 in Matroska and VP9 in WebM."""
+    folder = tmp_path_factory.mktemp("odd")
+    return {
+        "ffv1": make_clip(folder / "odd.mkv", frames=4, size=(641, 361), codec="ffv1", audio_tracks=1),
+        "vp9": make_clip(folder / "odd.webm", frames=4, size=(641, 361), codec="libvpx-vp9",
+                         audio_tracks=1, audio_codec="libopus", options={"lossless": "1"}),
+    }
+
+
+@pytest.mark.parametrize(
+    "source,codec,ext",
+    [("ffv1", "h264", "mkv"), ("vp9", "h264", "mp4"), ("ffv1", "h265", "mp4"),
+     ("vp9", "h265", "mkv"), ("ffv1", "prores", "mov"), ("ffv1", "ffv1", "mkv")],
+)
+def test_odd_size_keeps_the_exact_size_and_pixels(tmp_path, odd_sources, source, codec, ext):
+    src = odd_sources[source]
+    dst = tmp_path / f"out.{ext}"
+    _pass_through(src, dst, codec=codec, **({} if codec in ("prores", "ffv1") else FAST))
+    (video,) = [s for s in ffprobe_streams(dst) if s["codec_type"] == "video"]
+    assert (video["width"], video["height"]) == (641, 361)
+    assert video.get("sample_aspect_ratio", "1:1") in ("1:1", "0:1")
+    with VideoReader(src) as a, VideoReader(dst) as b:
+        pairs = list(zip(a.frames(), b.frames(), strict=True))
+    assert len(pairs) == 4 and all(y.rgb.shape == (361, 641, 3) for _, y in pairs)
+    assert all(x.pts * x.time_base == y.pts * y.time_base for x, y in pairs)
+    if codec == "ffv1":
+        for x, y in zip(read_frames(src), read_frames(dst), strict=True):
+            assert np.array_equal(_yuv(x), _yuv(y))
+    else:
+        def rgb8(a):  # prores gives 10-bit, i.e. uint16 RGB
+            return a if a.dtype == np.uint8 else np.round(a / 257).astype(np.uint8)
+
+        assert min(psnr(rgb8(x.rgb), rgb8(y.rgb)) for x, y in pairs) > 40
+    assert [p[2] for p in read_packets(dst)[1]] == [p[2] for p in read_packets(src)[1]]  # audio bytes
+
+
+# --------------------------------------------------------------------------- timecode
+
+
+def test_camera_timecode_and_reel_name_are_kept(tmp_path):
+    src = make_clip(tmp_path / "A001C003.mov", frames=10, rate=Fraction(25),
+                    stream_metadata={"timecode": "10:20:30:12", "reel_name": "A001"})
+    streams = ffprobe_streams(src)
+    tmcd = [s for s in streams if s.get("codec_tag_string") == "tmcd"]
+    assert tmcd and tmcd[0]["tags"]["timecode"] == "10:20:30:12"  # a real tmcd track
+    for ext in ("mov", "mp4", "mkv"):
+        dst = tmp_path / f"out.{ext}"
+        _pass_through(src, dst, **FAST)
+        out = ffprobe_streams(dst)
+        video = next(s for s in out if s["codec_type"] == "video")
+        tags = {k.lower(): v for k, v in video.get("tags", {}).items()}
+        assert tags["timecode"] == "10:20:30:12"
+        if ext in ("mov", "mp4"):
+            (track,) = [s for s in out if s.get("codec_tag_string") == "tmcd"]
+            assert track["tags"]["timecode"] == "10:20:30:12"
+            if ext == "mov":
+                assert track["tags"]["reel_name"] == "A001"
+        else:
+            assert tags["reel_name"] == "A001"
+        assert [p[2] for p in read_packets(dst)[1]] == [p[2] for p in read_packets(src)[1]]
+        assert len(read_frames(dst)) == 10
+
+
+# --------------------------------------------------------------------------- files and failures
+
+
+def _noise_clip(path, frames=12, size=(320, 240)):
+    rng = np.random.default_rng(0)
+    return make_clip(path, frames=frames, size=size, codec="ffv1",
+                     frame_fn=lambda i: rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_disk_full_mid_write_is_one_output_error_and_leaves_nothing(tmp_path):
+    src = _noise_clip(tmp_path / "in.mkv")  # about 2.5 MB of incompressible FFV1
+    before = _sha(src)
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        earlier = disk / "out.mkv"
+        earlier.write_bytes(b"an earlier restore")
+        with pytest.raises(OutputError) as err:
+            _pass_through(src, earlier, codec="ffv1", overwrite=True)
+        message = str(err.value)
+        assert "disk is full" in message and str(earlier) in message and "\n" not in message
+        assert err.value.exit_code == 4
+        assert sorted(p.name for p in disk.iterdir()) == ["out.mkv"]
+        assert earlier.read_bytes() == b"an earlier restore"
+    assert _sha(src) == before
+
+
+@pytest.mark.parametrize("where", ["read-only", "special"])
+def test_output_folder_that_takes_no_file_is_an_output_error(tmp_path, where):
+    src = make_clip(tmp_path / "in.mp4", frames=2)
+    if where == "special":
+        _expect_folder_error(src, Path("/proc/self"))
+    else:
+        with small_disk(tmp_path / "ro", "1m", read_only=True) as folder:
+            _expect_folder_error(src, folder)
+
+
+def _expect_folder_error(src, folder):
+    with pytest.raises(OutputError) as err:
+        _pass_through(src, folder / "out.mp4", **FAST)
+    assert f"output folder {folder}" in str(err.value) and err.value.exit_code == 4
+
+
+def test_encoder_failure_names_its_cause_not_the_disk(tmp_path):
+    src = make_clip(tmp_path / "in.mp4", frames=2)
+    with pytest.raises(EncodeError) as err:
+        _pass_through(src, tmp_path / "out.mp4", preset="no-such-preset")
+    message = str(err.value)
+    assert "libx264" in message and "disk" not in message and "frame 0" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
+
+
+class SignalAbort(BaseException):
+    """What a CLI's SIGTERM handler might raise."""
+
+
+@pytest.mark.parametrize("how", ["keyboard", "signal"])
+def test_interrupt_while_writing_removes_the_temporary_file(tmp_path, how):
+    src = make_clip(tmp_path / "in.mp4", frames=6)
+    dst = tmp_path / "out.mp4"
+    dst.write_bytes(b"earlier output")
+
+    def handler(signum, frame):
+        raise SignalAbort(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(KeyboardInterrupt if how == "keyboard" else SignalAbort):
+            with VideoReader(src) as reader, VideoWriter(dst, reader, overwrite=True, **FAST) as writer:
+                for frame in reader.frames():
+                    writer.write(frame)
+                    if frame.index == 2:
+                        if how == "keyboard":
+                            raise KeyboardInterrupt
+                        signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mp4"]
+    assert dst.read_bytes() == b"earlier output"
+
+
+_SLOW_WRITER = textwrap.dedent("""
+    import sys, time
+    from gpen_video.io.decode import VideoReader
+    from gpen_video.io.encode import VideoWriter
+    with VideoReader(sys.argv[1]) as reader, VideoWriter(sys.argv[2], reader, preset="ultrafast") as writer:
+        for frame in reader.frames():
+            writer.write(frame)
+            print("wrote", frame.index, flush=True)
+            time.sleep(30)
+""")
+
+
+def test_temporary_file_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
+    src = make_clip(tmp_path / "in.mp4", frames=4)
+    dst = tmp_path / "out.mp4"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(src), str(dst)],
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert proc.stdout.readline().startswith("wrote 0")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.stdout.close()
+    (left,) = tmp_path.glob(".out.mp4.tmp-*")
+    assert str(proc.pid) in left.name
+    _pass_through(src, dst, **FAST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mp4"]
+    assert len(read_frames(dst)) == 4
+
+
+def test_output_gets_the_users_normal_permissions(tmp_path):
+    src = make_clip(tmp_path / "in.mp4", frames=2)
+    old = os.umask(0o022)
+    try:
+        _pass_through(src, tmp_path / "out.mp4", **FAST)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out.mp4").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-null"])
+def test_pipes_and_devices_are_named_as_such(tmp_path, kind):
+    path = Path("/dev/null")
+    if kind == "fifo":
+        path = tmp_path / "in.mp4"
+        os.mkfifo(path)
+    with pytest.raises(InputError) as err:
+        VideoReader(path)
+    assert ("is a pipe" if kind == "fifo" else "character device") in str(err.value)
+    assert "empty" not in str(err.value)

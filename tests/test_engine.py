@@ -6,62 +6,83 @@ import numpy as np
 import pytest
 import torch
 
-from gpen_video.engine import StageTimer, prefetch, timed_map
+from gpen_video.engine import Stages, StageTimer
 from gpen_video.restore.restorer import Restorer
 
 
-def test_prefetch_keeps_order_and_runs_concurrently():
+def alive() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("gpen-video-")]
+
+
+def test_stages_keep_order_and_run_concurrently():
     def slow(n):
         for i in range(n):
             time.sleep(0.01)
             yield i
 
     start = time.perf_counter()
-    stage2 = prefetch(timed_map(lambda x: (time.sleep(0.01), x)[1], prefetch(slow(30), 4), name="b", timer=None), 4)
-    assert list(stage2) == list(range(30))
+    with Stages() as stages:
+        out = list(stages.map(lambda x: (time.sleep(0.01), x)[1], stages.prefetch(slow(30), 4, name="a"), name="b", depth=4))
+    assert out == list(range(30))
     # two stages of 0.3 s each overlap: well under their 0.6 s sum
     assert time.perf_counter() - start < 0.55
+    assert alive() == []
 
 
-def test_prefetch_raises_producer_error_in_consumer():
+def test_a_producer_error_reaches_the_consumer_and_stops_the_others():
     def broken():
         yield 1
         raise ValueError("decoder broke")
 
-    it = prefetch(broken(), 2)
-    assert next(it) == 1
-    with pytest.raises(ValueError, match="decoder broke"):
+    def endless():
+        while True:
+            yield 0
+
+    with pytest.raises(ValueError, match="decoder broke"), Stages() as stages:
+        other = stages.prefetch(endless(), 2, name="other")
+        next(other)
+        it = stages.prefetch(broken(), 2, name="broken")
+        assert next(it) == 1
         next(it)
+    assert alive() == []
 
 
-def test_prefetch_stops_producer_when_consumer_leaves():
+@pytest.mark.parametrize("where", ["consumer error", "consumer leaves", "KeyboardInterrupt"])
+def test_leaving_the_block_stops_and_joins_every_stage(where):
     produced = []
 
     def endless():
         i = 0
         while True:
             produced.append(i)
-            yield i
+            yield np.zeros((64, 64, 3), np.uint8)
             i += 1
 
-    it = prefetch(endless(), 3)
-    assert next(it) == 0
-    it.close()
+    error = {"consumer error": RuntimeError, "KeyboardInterrupt": KeyboardInterrupt}.get(where)
+    try:
+        with Stages() as stages:
+            chain = stages.map(lambda f: f + 1, stages.prefetch(endless(), 3, name="src"), name="add", depth=3)
+            next(chain)
+            if error is not None:
+                raise error("stop")
+    except (RuntimeError, KeyboardInterrupt):
+        pass
+    assert alive() == []
     count = len(produced)
-    time.sleep(0.2)
-    assert len(produced) == count <= 6
-    assert not [t for t in threading.enumerate() if t.name == "gpen-video-stage"]
+    time.sleep(0.1)
+    assert len(produced) == count <= 12
 
 
-def test_prefetch_memory_is_bounded_by_depth():
+def test_stage_memory_is_bounded_by_depth():
     def frames(n):
         for _ in range(n):
             yield np.ones((256, 256, 3), np.uint8)
 
     def peak(n):
         tracemalloc.start()
-        for frame in prefetch(frames(n), 4):
-            time.sleep(0.0005)
+        with Stages() as stages:
+            for frame in stages.prefetch(frames(n), 4, name="src"):
+                time.sleep(0.0005)
         _, top = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         return top
@@ -73,7 +94,8 @@ def test_prefetch_memory_is_bounded_by_depth():
 
 def test_timer_counts_busy_time():
     timer = StageTimer()
-    list(timed_map(lambda x: time.sleep(0.02), range(5), name="work", timer=timer))
+    with Stages(timer) as stages:
+        list(stages.map(lambda x: time.sleep(0.02), range(5), name="work", depth=2))
     assert 0.09 < timer.busy["work"] < 0.5
 
 
@@ -95,9 +117,9 @@ class _Flaky(torch.nn.Module):
 def test_out_of_memory_steps_batch_down_and_finishes():
     model = _Flaky(limit=5)
     restorer = Restorer(model, 16, batch_size=32)
-    crops = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
-    out = restorer.restore(crops)
-    np.testing.assert_array_equal(out, crops)
+    crops = torch.rand(40, 3, 16, 16)
+    out = restorer.restore_tensor(crops)
+    torch.testing.assert_close(out, crops, atol=1e-6, rtol=0)
     assert restorer.batch_size == 4
     assert restorer.stats.oom_stepdowns == 3
     assert max(model.calls[-10:]) <= 4
@@ -109,7 +131,7 @@ def test_other_errors_are_not_swallowed():
             raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        Restorer(Broken(), 8, batch_size=4).restore(np.zeros((2, 8, 8, 3), np.uint8))
+        Restorer(Broken(), 8, batch_size=4).restore_tensor(torch.zeros(2, 3, 8, 8))
 
 
 def test_out_of_memory_step_down_on_the_tensor_path():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from gpen_video.restore.model import (
     upfirdn2d,
 )
 from gpen_video.restore.weights import REGISTRY
+from tests.devices import DEVICES
 
 LAYOUTS = next(
     (p for p in (Path(__file__).parent / "data" / "layouts.json", Path("/work/shared/gpen/layouts.json")) if p.exists()),
@@ -55,20 +57,6 @@ def test_matches_original_implementation(reference_64: dict, impl: str, channels
     assert out.shape == reference_64["output"].shape
     err = (out - reference_64["output"]).abs().max().item()
     assert err <= 1e-5, f"max abs error {err:.2e} against the original implementation"
-
-
-def test_bf16_close_to_fp32_on_cpu(reference_64: dict) -> None:
-    model = _reference_model(reference_64)
-    x = reference_64["input"]
-    with torch.inference_mode():
-        ref = model(x)
-        out_input_cast = model(x.bfloat16())
-        out_module_cast = model.bfloat16()(x.bfloat16())
-    for out in (out_input_cast, out_module_cast):
-        assert out.dtype == torch.bfloat16
-        diff = (out.float() - ref).abs()
-        # bf16 keeps 8 mantissa bits; through ~20 layers this stays below 0.05 of a 2.0 range.
-        assert diff.max().item() < 0.05 and diff.mean().item() < 5e-3, (diff.max().item(), diff.mean().item())
 
 
 def test_batched_and_grouped_agree_on_random_weights(tiny_config: ModelConfig) -> None:
@@ -157,17 +145,27 @@ def test_layout_mismatch_describes_the_difference() -> None:
     assert identify_preset(state) is None
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fp16_close_to_fp32_on_cuda(reference_64: dict) -> None:
-    model = _reference_model(reference_64).cuda()
-    x = reference_64["input"].cuda()
+def psnr_pm1(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+    mse = (a.double() - b.double()).square().mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_close_to_fp32(reference_64: dict, device: str, dtype: torch.dtype) -> None:
+    """fp16 (the CUDA default) and bf16 (the CPU default with native bf16), contiguous and
+    channels-last, against the fp32 reference output: PSNR ≥ 40 dB on any device (measured
+    here on the CPU: about 71 dB fp16, 54 dB bf16)."""
+    model = _reference_model(reference_64).to(device)
+    x = reference_64["input"].to(device)
     with torch.inference_mode():
         ref = model(x, impl="grouped").float()
-        out16 = model.half()(x.half())
-        out16_cl = model(x.half().contiguous(memory_format=torch.channels_last))
+        outs = {"fp32 weights": model(x.to(dtype))}  # the network casts its weights to the input's dtype
+        half = model.to(dtype)
+        outs["NCHW"] = half(x.to(dtype))
+        outs["NHWC"] = half(x.to(dtype).contiguous(memory_format=torch.channels_last))
     assert (ref.cpu() - reference_64["output"]).abs().max().item() < 1e-3  # TF32 may be on
-    for out in (out16, out16_cl):
-        assert out.dtype == torch.float16 and torch.isfinite(out).all()
-        diff = (out.float() - ref).abs()
-        assert diff.max().item() < 0.02 and diff.mean().item() < 2e-3, (diff.max().item(), diff.mean().item())
+    for layout, out in outs.items():
+        assert out.dtype == dtype and torch.isfinite(out).all(), layout
+        assert psnr_pm1(out.float(), ref) >= 40.0, layout

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpen_video.errors import DownloadError, WeightsError
+from gpen_video.errors import ConfigError, DownloadError, WeightsError
 from gpen_video.restore.model import ModelConfig
 from gpen_video.restore.weights import (
     REGISTRY,
@@ -242,5 +242,5 @@ def test_default_cache_dir_prefers_environment(tmp_path) -> None:
 def test_load_gpen_rejects_non_gpen_entries(tmp_path) -> None:
     with pytest.raises(WeightsError, match="RetinaFace-R50 is a detector file, not a GPEN preset"):
         load_gpen("RetinaFace-R50", cache_dir=tmp_path)
-    with pytest.raises(WeightsError, match="unknown model 'GPEN-BFR-999'; choose one of GPEN-BFR-256"):
+    with pytest.raises(ConfigError, match="unknown model 'GPEN-BFR-999'; choose one of GPEN-BFR-256"):
         resolve_weights("GPEN-BFR-999", cache_dir=tmp_path)

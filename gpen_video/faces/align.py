@@ -1,17 +1,10 @@
-"""Cut each face out of its frame onto the GPEN five-point template.
+"""Face geometry: the GPEN five-point template, the frame → crop similarity, and regions.
 
-Two paths compute the same crops:
-- ``align_faces`` (reference, CPU): OpenCV bilinear warps, each read from the small part of
-  the frame the crop actually covers, never from a warp of the whole frame.
-- ``align_faces_torch`` (fast, any device): ``F.affine_grid`` + ``F.grid_sample`` on frames
-  that are already tensors, for GPU pipelines; also reads only each crop's region.
-
-Pixels of a crop that fall outside the frame are filled by mirroring the frame at its edge
-(OpenCV's BORDER_REFLECT_101, ``np.pad(mode="reflect")``). The original demo fills them with
-black; a hard black band inside the crop is something GPEN never saw in training (FFHQ crops
-are reflect-padded at image edges) and it bleeds dark smears into the visible part of faces
-at frame edges. Mirrored pixels keep the crop natural; they land outside the frame again
-when the face is pasted back, so they are never shown.
+Everything here is numpy geometry shared by both warp implementations (``gpen_video.warp``):
+where a crop's pixels come from in the frame (``source_region``), where a pasted crop lands
+(``paste_region``), and which pasted faces overlap (``overlap_groups``). Affines are (2, 3)
+float64 matrices mapping frame pixels to crop pixels, integer coordinates at pixel centres
+(OpenCV's convention).
 """
 
 from __future__ import annotations
@@ -19,12 +12,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from gpen_video.records import AlignedFace, TrackedFace, check_shape
+from gpen_video.records import check_shape
 
 _TEMPLATE_512 = np.array(
     [
@@ -38,9 +28,13 @@ _TEMPLATE_512 = np.array(
 )
 """GPEN's five landmarks (eyes, nose tip, mouth corners) in pixels of a 512×512 crop."""
 
-_BORDER = cv2.BORDER_REFLECT_101
 _LINEAR_MARGIN = 2
 """Source pixels read around a bilinear sample's preimage box (1 needed, 1 for rounding)."""
+_CUBIC_MARGIN = 3
+"""Frame pixels added around a pasted crop's box so bicubic reads and mask tails are covered."""
+
+Region = tuple[int, int, int, int]
+"""(x0, y0, x1, y1) pixel box of a frame, end-exclusive."""
 
 
 def template(size: int) -> np.ndarray:
@@ -133,8 +127,12 @@ def _reflect_span(lo: int, hi: int, length: int) -> tuple[int, int]:
     return max(lo, 0), min(hi, length - 1)
 
 
-def source_region(affine: np.ndarray, size: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """The frame region (x0, y0, x1, y1), end-exclusive, a bilinear crop warp reads from."""
+def source_region(affine: np.ndarray, size: int, height: int, width: int) -> Region:
+    """The frame region a bilinear crop warp reads from, mirrored borders included.
+
+    Pixels of a crop that fall outside the frame are mirrored at its edge (OpenCV's
+    BORDER_REFLECT_101), so the region also covers the pixels those reads mirror to.
+    """
     x_min, y_min, x_max, y_max = crop_preimage_box(affine, size)
     x0, x1 = _reflect_span(
         math.floor(x_min) - _LINEAR_MARGIN, math.ceil(x_max) + _LINEAR_MARGIN, width
@@ -145,110 +143,52 @@ def source_region(affine: np.ndarray, size: int, height: int, width: int) -> tup
     return x0, y0, x1 + 1, y1 + 1
 
 
-def warp_crop(rgb: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
-    """One (size, size, C) bilinear crop of ``rgb`` under ``affine`` (frame → crop pixels).
-
-    Reads only the sub-image the crop covers; equal to a whole-frame ``cv2.warpAffine``.
-    """
-    height, width = rgb.shape[:2]
-    x0, y0, x1, y1 = source_region(affine, size, height, width)
-    sub = rgb[y0:y1, x0:x1]
-    inv = invert_affine(shift_affine(affine, x0, y0))
-    return cv2.warpAffine(
-        sub, inv, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=_BORDER
-    )
-
-
 def face_affine(landmarks: np.ndarray, size: int) -> np.ndarray:
     """(2, 3) float64 similarity mapping frame pixels to a ``size`` crop for five landmarks."""
     check_shape("landmarks", np.asarray(landmarks), (5, 2))
     return similarity_transform(landmarks, template(size))
 
 
-def align_faces(rgb: np.ndarray, faces: Sequence[TrackedFace], size: int) -> list[AlignedFace]:
-    """Crop every face of one frame onto the GPEN template (reference path).
+def paste_region(affine: np.ndarray, size: int, height: int, width: int) -> Region | None:
+    """The frame region a crop covers when pasted back; None if it lies outside the frame.
 
-    Args:
-        rgb: (H, W, 3) RGB frame, uint8 or uint16.
-        faces: the faces of this frame; their ``landmarks`` drive the alignment.
-        size: crop side S in pixels (the restorer's input size).
-
-    Returns:
-        One AlignedFace per face, in order: crop (S, S, 3) of the frame's dtype and the
-        affine (2, 3) mapping frame pixels to crop pixels.
-
-    Example:
-        >>> aligned = align_faces(frame.rgb, faces, 512)  # doctest: +SKIP
+    The crop square [−0.5, S − 0.5]² is mapped back into the frame and widened by a few
+    pixels for bicubic support.
     """
-    check_shape("rgb", rgb, (None, None, 3))
-    if rgb.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"rgb must be uint8 or uint16, got {rgb.dtype}")
-    out = []
-    for face in faces:
-        affine = face_affine(face.landmarks, size)
-        out.append(AlignedFace(face=face, crop=warp_crop(rgb, affine, size), affine=affine))
-    return out
+    inv = invert_affine(affine)
+    lo, hi = -0.5, size - 0.5
+    corners = np.array([[lo, lo, 1], [hi, lo, 1], [lo, hi, 1], [hi, hi, 1]], np.float64) @ inv.T  # [4,2]
+    x0 = max(math.floor(corners[:, 0].min()) - _CUBIC_MARGIN, 0)
+    y0 = max(math.floor(corners[:, 1].min()) - _CUBIC_MARGIN, 0)
+    x1 = min(math.ceil(corners[:, 0].max()) + _CUBIC_MARGIN + 1, width)
+    y1 = min(math.ceil(corners[:, 1].max()) + _CUBIC_MARGIN + 1, height)
+    if x0 >= x1 or y0 >= y1:
+        return None
+    return x0, y0, x1, y1
 
 
-def _to_norm(height: int, width: int) -> np.ndarray:
-    """3×3 map from pixel coordinates to ``align_corners=True`` grid coordinates.
+def overlap_groups(regions: Sequence[Region]) -> list[tuple[Region, list[int]]]:
+    """Group regions whose boxes overlap, transitively.
 
-    With ``align_corners=True`` −1 and +1 are the centres of the first and last pixels, which
-    is OpenCV's convention (integer coordinates at pixel centres).
+    Returns each group's bounding box and the indices of its members. The groups' boxes are
+    pairwise disjoint, so each can be blended on its own.
+
+    >>> overlap_groups([(0, 0, 10, 10), (20, 0, 30, 10), (5, 5, 25, 8)])
+    [((0, 0, 30, 10), [0, 2, 1])]
     """
-    sx = 2.0 / (width - 1) if width > 1 else 1.0
-    sy = 2.0 / (height - 1) if height > 1 else 1.0
-    return np.array([[sx, 0.0, -1.0], [0.0, sy, -1.0], [0.0, 0.0, 1.0]])
-
-
-def grid_theta(affine: np.ndarray, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.ndarray:
-    """``F.affine_grid`` theta (2, 3), align_corners=True, for a dst-pixel → src-pixel affine.
-
-    Args:
-        affine: (2, 3) map from destination pixels to source pixels.
-        src_hw: (H, W) of the image sampled from.
-        dst_hw: (H, W) of the output grid.
-    """
-    full = np.vstack([np.asarray(affine, np.float64), [0.0, 0.0, 1.0]])
-    return (_to_norm(*src_hw) @ full @ np.linalg.inv(_to_norm(*dst_hw)))[:2]
-
-
-def align_faces_torch(
-    frames: torch.Tensor,
-    frame_ids: Sequence[int] | torch.Tensor,
-    affines: np.ndarray | torch.Tensor,
-    size: int,
-) -> torch.Tensor:
-    """Crop faces from frames already on a device (fast path; ``align_faces`` is the reference).
-
-    Bilinear sampling with mirrored borders, matching ``align_faces`` up to OpenCV's 1/32-pixel
-    coordinate rounding. Like the reference it reads only each crop's source region, and it
-    samples in float32 whatever the frames' dtype (an fp16 grid would be off by up to a pixel).
-
-    Args:
-        frames: [N,3,H,W] floating-point frames.
-        frame_ids: (M,) index into ``frames`` of each face.
-        affines: (M, 2, 3) maps from frame pixels to crop pixels.
-        size: crop side S.
-
-    Returns:
-        [M,3,S,S] crops, dtype and device of ``frames``.
-    """
-    if frames.ndim != 4 or frames.shape[1] != 3:
-        raise ValueError(f"frames must have shape (N, 3, H, W), got {tuple(frames.shape)}")
-    if not frames.is_floating_point():
-        raise ValueError(f"frames must be a floating-point tensor, got {frames.dtype}")
-    affines = np.asarray(affines.cpu() if isinstance(affines, torch.Tensor) else affines, np.float64)
-    ids = np.asarray(frame_ids.cpu() if isinstance(frame_ids, torch.Tensor) else frame_ids, np.int64)
-    check_shape("affines", affines, (None, 2, 3))
-    check_shape("frame_ids", ids, (len(affines),))
-    height, width = frames.shape[-2:]
-    out = frames.new_empty((len(affines), 3, size, size))  # [M3SS]
-    for i, (fid, affine) in enumerate(zip(ids, affines)):
-        x0, y0, x1, y1 = source_region(affine, size, height, width)
-        sub = frames[int(fid) : int(fid) + 1, :, y0:y1, x0:x1].float()  # [13hw]
-        theta = grid_theta(invert_affine(shift_affine(affine, x0, y0)), (y1 - y0, x1 - x0), (size, size))
-        theta_t = torch.from_numpy(theta[None]).to(device=frames.device, dtype=torch.float32)
-        grid = F.affine_grid(theta_t, [1, 3, size, size], align_corners=True)  # [1SS2]
-        out[i] = F.grid_sample(sub, grid, mode="bilinear", padding_mode="reflection", align_corners=True)[0]
-    return out
+    groups = [(tuple(box), [i]) for i, box in enumerate(regions)]
+    merged = True
+    while merged:
+        merged = False
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                (ax0, ay0, ax1, ay1), am = groups[a]
+                (bx0, by0, bx1, by1), bm = groups[b]
+                if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1:
+                    groups[a] = ((min(ax0, bx0), min(ay0, by0), max(ax1, bx1), max(ay1, by1)), am + bm)
+                    del groups[b]
+                    merged = True
+                    break
+            if merged:
+                break
+    return groups

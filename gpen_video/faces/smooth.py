@@ -1,12 +1,11 @@
-"""Landmark smoothing per track: zero-phase (two passes over the video) or causal (one pass).
+"""Landmark smoothing per track, zero-phase, in one decode.
 
 Why: every frame is detected on its own, so five-point landmarks wobble by a pixel or two and
-the aligned crop, hence the restored face, shakes and flickers. A smoother that knows the
-whole track removes the wobble without lag; one that only knows the past trades a little lag
-for the same.
+the aligned crop, hence the restored face, shakes and flickers. A smoother that sees both sides
+of a frame removes the wobble without lag.
 
-Zero-phase (``smooth_track``): a local polynomial least-squares fit around every frame.
-On a gap-free track with the defaults it is exactly a Savitzky–Golay filter (quadratic,
+``smooth_track`` smooths one whole track: a local polynomial least-squares fit around every
+frame. On a gap-free track with the defaults it is exactly a Savitzky–Golay filter (quadratic,
 ``window`` frames; ``mode="interp"`` at the ends), chosen because
 
 - it is symmetric, hence zero-phase: no lag, and motion that is locally linear or quadratic
@@ -26,22 +25,21 @@ shortens a rotating face (a chord is shorter than its arc) and couples pose nois
 shape; in this parametrisation a rotating or zooming face keeps its shape, and the box
 follows the smoothed face exactly. ``space="points"`` smooths raw coordinates instead.
 
-Causal (``OneEuroSmoother``): the One-Euro filter (Casiez et al., CHI 2012) per track, with
-speed measured in face sizes per second so its knobs do not depend on resolution, and one
-cutoff for all points and the box of a face, so the face is filtered as a rigid whole.
+``LookaheadSmoother`` gives the same result while frames stream past: every fit only reaches
+a bounded number of frames, so each frame is final once that many later frames are known.
+``smooth_track`` on whole tracks stays as its reference.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 from scipy.ndimage import median_filter
 
-from gpen_video.records import TrackedFace, check_shape
+from gpen_video.records import TrackedFace
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +166,7 @@ def smooth_track(
     space: Space = "similarity",
     outlier_factor: float | None = 4.0,
     fill_gaps: bool = True,
+    output: tuple[int, int] | None = None,
     reference: bool = False,
 ) -> list[TrackedFace]:
     """Zero-phase smoothing of one track, with its detector gaps filled.
@@ -189,11 +188,14 @@ def smooth_track(
             left out of the final fit. Lower rejects more detections, including real quick
             moves; higher keeps more bad ones; None keeps every detection.
         fill_gaps: add interpolated records for the frames missing between detections.
+        output: ``(first, last)``: return only the records of these frames (inclusive); every
+            face given still takes part in the fits. None: all frames.
         reference: use the slow per-frame least-squares loop instead of the batched solve
             (same result; for tests).
 
     Returns:
-        One record per frame from the first to the last frame of the track. Detected frames
+        One record per frame from the first to the last frame of the track (within
+        ``output``). Detected frames
         keep ``landmarks_raw``, ``score`` and ``interpolated=False`` and get smoothed
         ``landmarks`` and ``box``; filled frames have ``landmarks_raw=None``, ``score=None``,
         ``interpolated=True``.
@@ -229,6 +231,10 @@ def smooth_track(
     params = _encode(landmarks, boxes, space)  # [M,P]
     t_obs = frames.astype(np.float64)
     t_out = np.arange(frames[0], frames[-1] + 1) if fill_gaps else frames
+    if output is not None:
+        t_out = t_out[(t_out >= output[0]) & (t_out <= output[1])]
+        if not len(t_out):
+            return []
     fit = _local_poly_reference if reference else _local_poly
 
     keep = np.ones(len(faces), bool)
@@ -288,117 +294,19 @@ def smooth_tracks(
     }
 
 
-# ------------------------------------------------------------------ causal smoother
-
-
-@dataclass
-class _EuroState:
-    value: np.ndarray  # [14] filtered landmarks (10) then box (4)
-    slope: np.ndarray  # [14] filtered derivative, per second
-    time: float
-
-
-def _alpha(cutoff: float, dt: float) -> float:
-    tau = 1.0 / (2.0 * math.pi * cutoff)
-    return 1.0 / (1.0 + tau / dt)
-
-
-class OneEuroSmoother:
-    """Causal per-track landmark smoother for streams that cannot be read twice.
-
-    Args:
-        min_cutoff: cutoff frequency (Hz) when the face is still. Lower removes more jitter
-            of a still face but makes it lag and float when it starts moving; higher keeps
-            more jitter.
-        beta: how fast the cutoff rises with speed (Hz per face size per second). Higher:
-            less lag on fast motion but more jitter while moving; lower: steadier but
-            lagging moving faces.
-        d_cutoff: cutoff (Hz) of the speed estimate that drives the adaptation. Higher
-            reacts sooner to starts and stops but lets noise open the filter; lower is
-            calmer but slower to adapt.
-        max_age: seconds after which a track's state is forgotten; a track seen again
-            after a longer pause restarts from its detection.
-        frame_step: seconds assumed between two updates of a track whose time did not
-            increase (streams without timestamps report 0.0 for every frame).
-
-    Example:
-        >>> import numpy as np
-        >>> from gpen_video.records import TrackedFace
-        >>> lm = np.array([[40, 50], [70, 50], [55, 65], [43, 80], [67, 80]], np.float32)
-        >>> face = TrackedFace(0, 0, np.array([25, 25, 85, 95], np.float32), lm, lm, 0.9)
-        >>> out = OneEuroSmoother().update([face], time=0.0)
-        >>> bool(np.allclose(out[0].landmarks, lm))
-        True
-    """
-
-    def __init__(
-        self,
-        min_cutoff: float = 1.0,
-        beta: float = 5.0,
-        d_cutoff: float = 1.0,
-        max_age: float = 1.0,
-        frame_step: float = 1.0 / 30.0,
-    ) -> None:
-        if frame_step <= 0:
-            raise ValueError(f"frame_step must be > 0, got {frame_step}")
-        if min_cutoff <= 0 or d_cutoff <= 0:
-            raise ValueError(f"cutoffs must be > 0, got {min_cutoff} and {d_cutoff}")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
-        self.min_cutoff = min_cutoff
-        self.beta = beta
-        self.d_cutoff = d_cutoff
-        self.max_age = max_age
-        self.frame_step = frame_step
-        self._states: dict[int, _EuroState] = {}
-
-    def reset(self) -> None:
-        """Forget every track's filter state."""
-        self._states.clear()
-
-    def update(self, faces: list[TrackedFace], time: float) -> list[TrackedFace]:
-        """Filter one frame's faces (presentation ``time`` in seconds); same order out.
-
-        A time that does not increase for a track counts as ``frame_step`` later.
-        """
-        self._states = {
-            tid: s for tid, s in self._states.items() if time - s.time <= self.max_age
-        }
-        out = []
-        for face in faces:
-            check_shape("TrackedFace.landmarks", face.landmarks, (5, 2))
-            x = np.concatenate([face.landmarks.reshape(10), face.box]).astype(np.float64)  # [14]
-            state = self._states.get(face.track_id)
-            if state is None:
-                state = _EuroState(x, np.zeros(14), time)
-            else:
-                dt = time - state.time
-                if dt <= 0:
-                    log.debug("track %d: time %.4f does not increase", face.track_id, time)
-                    dt = self.frame_step
-                a_d = _alpha(self.d_cutoff, dt)
-                slope = a_d * (x - state.value) / dt + (1.0 - a_d) * state.slope
-                speed = float(np.sqrt(np.mean(slope[:10] ** 2))) / max(face.size, 1e-6)
-                a = _alpha(self.min_cutoff + self.beta * speed, dt)
-                state = _EuroState(a * x + (1.0 - a) * state.value, slope, state.time + dt)
-            self._states[face.track_id] = state
-            value = state.value.astype(np.float32)
-            out.append(replace(face, landmarks=value[:10].reshape(5, 2), box=value[10:].copy()))
-        return out
-
-
-# ------------------------------------------------------------------ one pass, zero phase
+# ------------------------------------------------------------------ streaming, zero phase
 
 
 class LookaheadSmoother:
-    """Zero-phase smoothing in a single decode: frames are released once enough later ones are known.
+    """Zero-phase smoothing while frames stream past: a frame is released once enough later ones are known.
 
     ``push`` takes every frame's tracked faces in order and returns the frames that are now
     final, in chunks; each chunk is smoothed with ``smooth_track`` over the detections within
     ``context`` frames of it. That equals whole-track smoothing wherever a track has ``window``
     detections within reach, which holds unless a track misses most of ``context`` frames in a
-    row. Gaps are filled as in two passes: any detection that could continue a track within
-    ``max_gap`` frames has been pushed before the frames before it are released.
+    row. Gaps are filled as by whole-track smoothing: any detection that could continue a track
+    within ``max_gap`` frames has been pushed before the frames before it are released. Only
+    the faces of the last ``delay + context`` frames are kept, however long the video.
 
     Args:
         window: smoother length in frames (as ``smooth_track``).
@@ -406,27 +314,42 @@ class LookaheadSmoother:
         chunk: frames released per smoothing call. Higher: less smoothing work per frame,
             more frames held in memory.
         **kwargs: passed to ``smooth_track``.
+
+    Example:
+        >>> smoother = LookaheadSmoother(window=3, max_gap=0, chunk=1)
+        >>> released = [r for i in range(100, 110) for r in smoother.push(i, [])]
+        >>> [i for i, _ in released + smoother.finish()] == list(range(100, 110))
+        True
     """
 
     def __init__(self, *, window: int = 9, max_gap: int = 8, chunk: int = 16, **kwargs: Any) -> None:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
+        if max_gap < 0:
+            raise ValueError(f"max_gap must be >= 0, got {max_gap}")
         self.window = window
         self.context = 2 * window + max_gap + 2
+        """Frames on either side of a released frame whose detections it depends on."""
         self.chunk = chunk
         self.kwargs = kwargs
         self._raw: dict[int, list[TrackedFace]] = {}
         self._next = 0
-        self._last = -1
+        self._last: int | None = None
 
     @property
     def delay(self) -> int:
-        """Most frames held back before release."""
+        """Most frames held back before release (a frame is released at the latest when the
+        frame ``delay - 1`` after it is pushed)."""
         return self.context + self.chunk
 
     def push(self, frame_index: int, faces: Sequence[TrackedFace]) -> list[tuple[int, list[TrackedFace]]]:
-        """Add one frame's tracked faces; returns ``(frame_index, smoothed faces)`` now final."""
-        if frame_index != self._last + 1:
+        """Add one frame's tracked faces; returns ``(frame_index, smoothed faces)`` now final.
+
+        The first frame pushed may have any index; each later one must be the next index.
+        """
+        if self._last is None:
+            self._next = frame_index
+        elif frame_index != self._last + 1:
             raise ValueError(f"frames must be pushed in order without gaps: got {frame_index} after {self._last}")
         for face in faces:
             self._raw.setdefault(face.track_id, []).append(face)
@@ -437,7 +360,9 @@ class LookaheadSmoother:
 
     def finish(self) -> list[tuple[int, list[TrackedFace]]]:
         """Release every frame still held (end of the video)."""
-        return self._release(self._last) if self._next <= self._last else []
+        if self._last is None or self._next > self._last:
+            return []
+        return self._release(self._last)
 
     def _release(self, last: int) -> list[tuple[int, list[TrackedFace]]]:
         first = self._next
@@ -447,9 +372,8 @@ class LookaheadSmoother:
             faces = [f for f in self._raw[track_id] if f.frame_index >= first - self.context]
             if faces and faces[-1].frame_index >= first and faces[0].frame_index <= last:
                 window = [f for f in faces if f.frame_index <= last + self.context]
-                for face in smooth_track(window, window=self.window, **self.kwargs):
-                    if first <= face.frame_index <= last:
-                        ready[face.frame_index].append(face)
+                for face in smooth_track(window, window=self.window, output=(first, last), **self.kwargs):
+                    ready[face.frame_index].append(face)
             kept = [f for f in faces if f.frame_index >= keep_from]
             if kept:
                 self._raw[track_id] = kept

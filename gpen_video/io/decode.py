@@ -14,8 +14,8 @@ counting what it had to drop.
 from __future__ import annotations
 
 import logging
-import math
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -25,9 +25,11 @@ from typing import Literal
 
 import av
 import numpy as np
-from av.video.reformatter import Interpolation, VideoReformatter
+from av.video.reformatter import VideoReformatter
 
 from gpen_video.errors import DecodeError, InputError
+from gpen_video.io.colour import AVCOL_RANGE_JPEG, matrix_for, to_rgb
+from gpen_video.io.files import check_input_file
 from gpen_video.records import Frame
 
 log = logging.getLogger(__name__)
@@ -35,21 +37,6 @@ log = logging.getLogger(__name__)
 Deinterlace = Literal["auto", "off", "frame", "field"]
 
 FIELD_ORDERS = {0: "unknown", 1: "progressive", 2: "tt", 3: "bb", 4: "tb", 5: "bt"}
-
-# AVColorSpace -> swscale matrix (SWS_CS_*). Matrices swscale lacks fall back per _matrix_for.
-_SWS_MATRIX = {1: 1, 4: 4, 5: 5, 6: 5, 7: 7, 9: 9, 10: 9}
-AVCOL_SPC_RGB, AVCOL_SPC_BT709, AVCOL_SPC_SMPTE170M = 0, 1, 6
-AVCOL_RANGE_MPEG, AVCOL_RANGE_JPEG = 1, 2
-
-# Nearest-sample chroma with accurate rounding: YUV -> RGB -> YUV with the same matrix gives
-# back the original samples exactly (bilinear chroma would blur chroma a little on each pass).
-EXACT_SWS_FLAGS = (
-    Interpolation.POINT
-    | Interpolation.ACCURATE_RND
-    | Interpolation.FULL_CHR_H_INT
-    | Interpolation.FULL_CHR_H_INP
-)
-
 
 @dataclass(frozen=True)
 class VideoInfo:
@@ -120,12 +107,7 @@ class VideoInfo:
 
 def _open(path: Path) -> av.container.InputContainer:
     """Open ``path`` for reading or raise InputError saying why and what to do."""
-    if not path.exists():
-        raise InputError(f"input file {path} does not exist; check the path and try again")
-    if path.is_dir():
-        raise InputError(f"input {path} is a directory; give a video file instead")
-    if path.stat().st_size == 0:
-        raise InputError(f"input file {path} is empty (0 bytes); copy or download it again")
+    check_input_file(path)
     try:
         return av.open(str(path), mode="r")
     except av.FFmpegError as exc:
@@ -141,12 +123,6 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.vide
         if not stream.disposition & av.stream.Disposition.attached_pic:
             return stream
     raise InputError(f"input file {path} has no video stream; give a file with video in it")
-
-
-def _matrix_for(colorspace: int, coded_height: int) -> int:
-    if colorspace in _SWS_MATRIX:
-        return colorspace
-    return AVCOL_SPC_BT709 if coded_height >= 720 else AVCOL_SPC_SMPTE170M
 
 
 def _bit_depth(pix_fmt: str) -> int:
@@ -236,60 +212,9 @@ def probe(path: str | Path) -> VideoInfo:
             color_trc=ctx.color_trc if ctx.color_trc != 2 else first.color_trc,
             colorspace=colorspace,
             sample_aspect_ratio=stream.sample_aspect_ratio or None,
-            matrix=_matrix_for(colorspace, coded_h),
+            matrix=matrix_for(colorspace, coded_h),
             full_range=full_range,
         )
-
-
-def to_rgb(frame: av.VideoFrame, info: VideoInfo, reformatter: VideoReformatter | None = None) -> np.ndarray:
-    """Stored YUV/RGB frame -> upright (H, W, 3) RGB, uint8 or uint16, with ``info``'s matrix."""
-    reformatter = reformatter or VideoReformatter()
-    kwargs = {}
-    if not frame.format.is_rgb:
-        kwargs = dict(
-            src_colorspace=_SWS_MATRIX[info.matrix],
-            src_color_range=AVCOL_RANGE_JPEG if info.full_range else AVCOL_RANGE_MPEG,
-        )
-    rgb_frame = reformatter.reformat(
-        frame, format=info.rgb_format, interpolation=EXACT_SWS_FLAGS, **kwargs
-    )
-    rgb = rgb_frame.to_ndarray()  # [HWC] stored orientation
-    if info.rotation:
-        rgb = np.ascontiguousarray(np.rot90(rgb, k=info.rotation // 90))
-    return rgb
-
-
-def to_rgb_reference(frame: av.VideoFrame, info: VideoInfo) -> np.ndarray:
-    """Slow numpy reference of ``to_rgb`` for 8-bit planar YUV (tests compare the two).
-
-    Nearest-sample chroma, the standard Kr/Kb matrices, float maths, round to nearest.
-    """
-    kr, kb = {1: (0.2126, 0.0722), 9: (0.2627, 0.0593), 10: (0.2627, 0.0593),
-              7: (0.212, 0.087), 4: (0.30, 0.11)}.get(info.matrix, (0.299, 0.114))
-    fmt = frame.format
-    planes = []
-    for i in range(3):
-        plane = frame.planes[i]
-        h = frame.height if i == 0 else fmt.chroma_height(frame.height)
-        w = frame.width if i == 0 else fmt.chroma_width(frame.width)
-        planes.append(
-            np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:h, :w].astype(np.float64)
-        )
-    y, u, v = planes
-    sy = 2 if u.shape[0] < frame.height else 1
-    sx = 2 if u.shape[1] < frame.width else 1
-    u = np.repeat(np.repeat(u, sy, axis=0), sx, axis=1)[: frame.height, : frame.width]
-    v = np.repeat(np.repeat(v, sy, axis=0), sx, axis=1)[: frame.height, : frame.width]
-    if info.full_range:
-        yn, un, vn = y / 255.0, (u - 128) / 255.0, (v - 128) / 255.0
-    else:
-        yn, un, vn = (y - 16) / 219.0, (u - 128) / 224.0, (v - 128) / 224.0
-    kg = 1 - kr - kb
-    r = yn + 2 * (1 - kr) * vn
-    b = yn + 2 * (1 - kb) * un
-    g = (yn - kr * r - kb * b) / kg
-    rgb = np.clip(np.round(np.stack([r, g, b], axis=-1) * 255), 0, 255).astype(np.uint8)  # [HWC]
-    return np.rot90(rgb, k=info.rotation // 90) if info.rotation else rgb
 
 
 class _Deinterlacer:
@@ -330,6 +255,7 @@ class SourceStash:
         self.max_bytes = max_bytes
         self._items: OrderedDict[int, tuple[av.VideoFrame, np.ndarray]] = OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()  # the decode thread puts, the writing thread pops
         self.evicted = 0
 
     @staticmethod
@@ -338,26 +264,40 @@ class SourceStash:
 
     def put(self, index: int, picture: av.VideoFrame, rgb: np.ndarray) -> None:
         item = (picture, rgb.copy())
-        self._items[index] = item
-        self._bytes += self._size(item)
-        while self._bytes > self.max_bytes and len(self._items) > 1:
-            _, old = self._items.popitem(last=False)
-            self._bytes -= self._size(old)
-            self.evicted += 1
+        size = self._size(item)
+        with self._lock:
+            self._items[index] = item
+            self._bytes += size
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= self._size(old)
+                self.evicted += 1
 
     def pop(self, index: int) -> tuple[av.VideoFrame, np.ndarray] | None:
         """The (decoded picture, RGB as yielded) of ``index``; older entries are dropped."""
-        while self._items and next(iter(self._items)) < index:
-            _, old = self._items.popitem(last=False)
-            self._bytes -= self._size(old)
-        item = self._items.pop(index, None)
-        if item is not None:
-            self._bytes -= self._size(item)
-        return item
+        with self._lock:
+            while self._items and next(iter(self._items)) < index:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= self._size(old)
+            item = self._items.pop(index, None)
+            if item is not None:
+                self._bytes -= self._size(item)
+            return item
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now (decoded pictures and their RGB)."""
+        with self._lock:
+            return self._bytes
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
 
     def clear(self) -> None:
-        self._items.clear()
-        self._bytes = 0
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
 
 
 class VideoReader:
@@ -423,19 +363,36 @@ class VideoReader:
     def close(self) -> None:
         """Nothing stays open between ``frames()`` calls; kept for the context-manager API."""
 
-    def _expected_frames(self, stream) -> int | None:
+    def _lost_frames(self, stream, decoded: int, error_packets: int, first_pts: int | None,
+                     last_pts: int | None, last_duration: int) -> int:
+        """Frames lost, counted only from evidence, never from duration x average rate (which
+        is wrong for variable frame rate): packets that failed to decode, fewer frames than
+        the container declares, or frames that end well before the stream's declared length
+        (a truncated file)."""
+        lost = error_packets
         if stream.frames:
-            return int(stream.frames)
+            return max(lost, int(stream.frames) - decoded)
         duration = _stream_duration(stream)
-        rate = self.source_info.average_rate
-        if duration and rate:
-            return int(math.floor(duration * rate + Fraction(1, 2)))
-        return None
+        if not duration or first_pts is None or last_pts is None:
+            return lost
+        tb = stream.time_base
+        step = (last_pts - first_pts) * tb / (decoded - 1) if decoded > 1 else None
+        shown = last_duration * tb if last_duration else step
+        if not shown:
+            return lost
+        missing = duration - (last_pts * tb + shown)  # lenient: absolute end against length
+        typical = step or shown
+        if missing > 2 * typical:
+            lost = max(lost, int(missing / typical + Fraction(1, 2)))
+        return lost
 
     def _decoded(self, container, stream) -> Iterator[av.VideoFrame]:
         """Decoder output in order; counts undecodable packets instead of stopping."""
         error_packets = 0
         decoded = 0
+        first_pts: int | None = None
+        last_pts: int | None = None
+        last_duration = 0
         packets = container.demux(stream)
         while True:
             try:
@@ -454,12 +411,14 @@ class VideoReader:
                 frames = []
             for frame in frames:
                 decoded += 1
+                if frame.pts is not None:
+                    first_pts = frame.pts if first_pts is None else first_pts
+                    last_pts, last_duration = frame.pts, frame.duration or 0
                 self.concealed_frames += bool(frame.is_corrupt)
                 yield frame
             if packet is None:
                 break
-        expected = self._expected_frames(stream)
-        lost = max(error_packets, (expected - decoded) if expected is not None else 0)
+        lost = self._lost_frames(stream, decoded, error_packets, first_pts, last_pts, last_duration)
         self.damaged_frames = lost
         if decoded == 0:
             raise DecodeError(
@@ -500,8 +459,15 @@ class VideoReader:
         if stash is not None:
             stash.clear()
 
+        # Frames without a timestamp (raw streams) get a steady timeline at the nominal rate.
+        step = max(1, round(1 / (info.average_rate * info.time_base))) if info.average_rate else 1
+        previous: int | None = None
+
         def emit(av_frame: av.VideoFrame, pts: int | None) -> Frame:
-            nonlocal index
+            nonlocal index, previous
+            if pts is None:
+                pts = 0 if previous is None else previous + step
+            previous = pts
             frame = Frame(index=index, pts=pts, time_base=info.time_base,
                           rgb=to_rgb(av_frame, info, reformatter))
             if stash is not None:
@@ -511,7 +477,7 @@ class VideoReader:
 
         def filtered(av_frames: list[av.VideoFrame]) -> Iterator[Frame]:
             for out in av_frames:
-                if self._deinterlace_mode == "send_field":
+                if self._deinterlace_mode == "send_field" or out.pts is None:
                     pts = out.pts
                 else:  # bwdif halves the time base even when it keeps the rate
                     exact = Fraction(out.pts) * out.time_base / src_tb

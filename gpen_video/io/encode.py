@@ -1,12 +1,12 @@
 """Write restored frames back as the same video: timing, colour, orientation and every
 other stream kept, only the picture re-encoded.
 
-``VideoWriter`` takes the upright RGB frames ``decode.VideoReader`` yields (possibly with
-restored faces), turns them back to the stored orientation, converts RGB to YUV with the
-source's own matrix and range, and encodes them with the source's pts. Audio, subtitle,
-data and attachment streams are copied packet for packet from a second demuxer over the
-input, interleaved as the video advances. The file appears under its name only when it is
-complete.
+``VideoWriter`` sets up the encoder like the source (pixel format, colour tags, rotation,
+field order, pixel aspect), takes the upright RGB frames ``decode.VideoReader`` yields
+(possibly with restored faces), converts them back with the source's own matrix
+(``colour``) and encodes them with the source's pts. The other streams are copied packet
+for packet alongside (``streams``). The file is written to a temporary file beside the
+target and appears under its name only when complete (``files``).
 
 >>> with VideoReader("tape.mp4") as reader, VideoWriter("out.mp4", reader) as writer:  # doctest: +SKIP
 ...     for frame in reader.frames():
@@ -15,10 +15,7 @@ complete.
 
 from __future__ import annotations
 
-import io
 import logging
-import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Literal
@@ -27,17 +24,11 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from gpen_video.errors import EncodeError, OutputError, StreamCopyError
-from gpen_video.io.decode import (
-    _SWS_MATRIX,
-    AVCOL_RANGE_JPEG,
-    AVCOL_RANGE_MPEG,
-    EXACT_SWS_FLAGS,
-    SourceStash,
-    VideoInfo,
-    VideoReader,
-    probe,
-)
+from gpen_video.errors import EncodeError, GpenVideoError, InputError, OutputError
+from gpen_video.io import colour
+from gpen_video.io.decode import SourceStash, VideoInfo, VideoReader, probe
+from gpen_video.io.files import check_output, create_temp, disk_full, install, write_error
+from gpen_video.io.streams import StreamCopier
 from gpen_video.records import Frame, check_shape
 
 log = logging.getLogger(__name__)
@@ -46,9 +37,12 @@ Codec = Literal["h264", "h265", "prores", "ffv1"]
 
 ENCODERS: dict[str, str] = {"h264": "libx264", "h265": "libx265", "prores": "prores_ks", "ffv1": "ffv1"}
 
-# Tags the muxer writes itself; copying them would describe the input's muxer, not ours.
-_MUXER_KEYS = {"major_brand", "minor_version", "compatible_brands", "encoder", "vendor_id",
-               "duration", "number_of_frames", "number_of_bytes", "bps"}
+WHOLE_CHROMA_ENCODERS = frozenset({"libx264", "libx265", "prores_ks"})
+"""Encoders whose picture size must be a whole number of chroma samples. H.264 and HEVC
+cannot code, nor crop down to, an odd width in 4:2:0 or 4:2:2, nor an odd height in 4:2:0
+(their cropping unit is one chroma sample); prores_ks silently loses the last chroma column
+of an odd-width 4:2:2 picture. Such sizes get a finer chroma layout (4:4:4, or 4:2:2 when
+only the height is odd). FFV1 codes any size in any layout."""
 
 
 def default_output_path(input_path: str | Path) -> Path:
@@ -71,21 +65,37 @@ def _describe(pix_fmt: str) -> tuple[int, float, float, bool, bool, bool]:
     return bits, cw, ch, fmt.is_rgb, gray, alpha
 
 
-def choose_pix_fmt(source_pix_fmt: str, encoder: str) -> str:
+def _holds_size(pix_fmt: str, encoder: str, size: tuple[int, int] | None) -> bool:
+    if size is None or encoder not in WHOLE_CHROMA_ENCODERS:
+        return True
+    _, cw, ch, *_ = _describe(pix_fmt)
+    width, height = size
+    return width % round(1 / cw) == 0 and height % round(1 / ch) == 0
+
+
+def choose_pix_fmt(source_pix_fmt: str, encoder: str, size: tuple[int, int] | None = None) -> str:
     """The encoder's pixel format closest to the source: same if supported, else the one that
     loses least (no fewer bits, no coarser chroma, then the smallest change).
 
+    ``size`` (stored width, height) rules out layouts the encoder cannot code at that size:
+    a 641x361 4:2:0 source gets 4:4:4 from libx264, libx265 and prores_ks (see
+    WHOLE_CHROMA_ENCODERS).
+
     >>> choose_pix_fmt("yuv422p10le", "libx264"), choose_pix_fmt("yuv420p", "prores_ks")
     ('yuv422p10le', 'yuv422p10le')
+    >>> choose_pix_fmt("yuv420p", "libx264", (641, 361)), choose_pix_fmt("yuv420p", "libx264", (640, 361))
+    ('yuv444p', 'yuv422p')
     """
     source = source_pix_fmt.replace("yuvj", "yuv")
     supported = [f.name for f in av.codec.Codec(encoder, "w").video_formats or ()]
-    if source in supported:
+    if source in supported and _holds_size(source, encoder, size):
         return source
     bits, cw, ch, rgb, gray, alpha = _describe(source)
     candidates = []
     for name in supported:
         if name.startswith(("yuvj", "nv", "p0", "p2", "p4")) or name.endswith("be"):
+            continue
+        if not _holds_size(name, encoder, size):
             continue
         c_bits, c_cw, c_ch, c_rgb, c_gray, c_alpha = _describe(name)
         if c_gray and not gray or c_alpha and not alpha:
@@ -102,51 +112,6 @@ def choose_pix_fmt(source_pix_fmt: str, encoder: str) -> str:
     if not candidates:
         raise OutputError(f"encoder {encoder} supports no pixel format usable for {source_pix_fmt}")
     return min(candidates)[1]
-
-
-def _copy_metadata(source: dict[str, str], target: dict[str, str]) -> None:
-    for key, value in source.items():
-        low = key.lower()
-        if low in _MUXER_KEYS or low.startswith("_statistics") or low.startswith("duration"):
-            continue
-        target[key] = value
-
-
-def _time(packet: av.Packet) -> float:
-    ts = packet.dts if packet.dts is not None else packet.pts
-    return float(ts * packet.time_base) if ts is not None and packet.time_base else float("-inf")
-
-
-def _plane_view(frame: av.VideoFrame, i: int) -> np.ndarray:
-    plane = frame.planes[i]
-    dtype = np.uint16 if max(c.bits for c in frame.format.components) > 8 else np.uint8
-    width = plane.line_size // np.dtype(dtype).itemsize
-    return np.frombuffer(plane, dtype).reshape(-1, width)[: plane.height, : plane.width]
-
-
-def _same_pixels(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whole-array equality, compared 8 bytes at a time where the layout allows."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.flags.c_contiguous and b.flags.c_contiguous and a.nbytes % 8 == 0:
-        return bool(np.array_equal(a.reshape(-1).view(np.uint64), b.reshape(-1).view(np.uint64)))
-    return bool(np.array_equal(a, b))
-
-
-def splice_planes(target: av.VideoFrame, source: av.VideoFrame, changed: np.ndarray) -> None:
-    """Copy ``source``'s samples into ``target`` (same planar format and size) wherever a
-    pixel the sample covers is marked in ``changed`` (H, W) bool, stored orientation."""
-    height, width = changed.shape
-    for i in range(len(target.planes)):
-        out, src = _plane_view(target, i), _plane_view(source, i)
-        ph, pw = out.shape
-        sy, sx = -(-height // ph), -(-width // pw)
-        mask = changed
-        if (sy, sx) != (1, 1):
-            padded = np.zeros((ph * sy, pw * sx), bool)
-            padded[:height, :width] = changed
-            mask = padded.reshape(ph, sy, pw, sx).any(axis=(1, 3))  # [hw] per sample
-        np.copyto(out, src, where=mask)
 
 
 class VideoWriter:
@@ -172,9 +137,12 @@ class VideoWriter:
     is passed on as decoded. Memory: the decoded pictures of frames between reader and
     writer are kept, up to 1 GiB (older ones are then converted instead).
 
+    Odd sizes: the output has the source's exact size. Where h264/h265 cannot code it in the
+    source's chroma layout (641x361 in 4:2:0), a finer one is used (see ``choose_pix_fmt``).
+
     Raises:
-        OutputError: the output is the input, exists without ``overwrite``, or its folder or
-            container is unusable.
+        OutputError: the output is the input, exists without ``overwrite``, its folder or
+            container is unusable, or the disk is full (the partial file is removed).
         StreamCopyError: with ``strict``, a stream cannot be copied into the container.
         EncodeError: the encoder or muxer failed (the partial file is removed).
     """
@@ -207,28 +175,20 @@ class VideoWriter:
         self.codec = codec
         self.encoder = ENCODERS[codec]
         self.crf, self.preset, self.strict, self.overwrite = crf, preset, strict, overwrite
-        self.pix_fmt = choose_pix_fmt(info.pix_fmt, self.encoder)
+        check_output(info.path, self.output_path, overwrite=overwrite)
+        if not self.output_path.suffix:
+            raise OutputError(f"output {self.output_path} has no extension; add one such as .mp4 or .mkv")
+        size = (info.coded_width, info.coded_height)
+        self.pix_fmt = choose_pix_fmt(info.pix_fmt, self.encoder, size)
+        usual = choose_pix_fmt(info.pix_fmt, self.encoder)
+        if usual != self.pix_fmt:
+            log.warning("%s: %s cannot store a %dx%d picture as %s, so it is written as %s (same "
+                        "size and pixels; some hardware players do not play that layout)",
+                        self.output_path, codec, *size, usual, self.pix_fmt)
         self.frames_written = 0
-        self._check_paths()
         self._out: av.container.OutputContainer | None = None
-        self._copy_in: av.container.InputContainer | None = None
+        self._copier: StreamCopier | None = None
         self._tmp: Path | None = None
-
-    def _check_paths(self) -> None:
-        out, src = self.output_path, self.info.path
-        same = out.resolve() == src.resolve()
-        if not same and out.exists() and src.exists():
-            same = os.path.samefile(out, src)
-        if same:
-            raise OutputError(f"output {out} is the input file; choose another output name")
-        if out.exists() and not self.overwrite:
-            raise OutputError(f"output {out} already exists; remove it or pass overwrite (-y)")
-        if out.exists() and out.is_dir():
-            raise OutputError(f"output {out} is a directory; give a file name with an extension")
-        if not out.parent.is_dir():
-            raise OutputError(f"output folder {out.parent} does not exist; create it first")
-        if not out.suffix:
-            raise OutputError(f"output {out} has no extension; add one such as .mp4 or .mkv")
 
     # --- setup ---
 
@@ -242,31 +202,26 @@ class VideoWriter:
 
     def _open(self) -> None:
         out_path = self.output_path
-        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}.tmp-", suffix=out_path.suffix,
-                                   dir=out_path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._tmp = create_temp(out_path)
         try:
             self._out = av.open(str(self._tmp), mode="w")
-        except (ValueError, av.FFmpegError):
+        except ValueError:
             raise OutputError(
                 f"output {out_path} has an extension FFmpeg cannot write ({out_path.suffix}); "
                 "use .mp4, .mov or .mkv"
             ) from None
-        self._copy_in = av.open(str(self.info.path), mode="r")
-        _copy_metadata(self._copy_in.metadata, self._out.metadata)
-        self._copy_map: dict[int, av.stream.Stream] = {}
-        for stream in self._copy_in.streams:
-            if stream.index == self.info.stream_index:
-                self._video = self._add_video(stream)
-            else:
-                self._add_copy(stream)
+        except av.FFmpegError as exc:
+            raise write_error(out_path, exc) from None
+        try:
+            self._copier = StreamCopier(self.info.path, self._out, out_path, self.info.stream_index,
+                                        strict=self.strict)
+        except av.FFmpegError as exc:
+            raise InputError(f"cannot open {self.info.path} again to copy its other streams "
+                             f"({exc.strerror}); was it moved or changed?") from None
+        self._copier.add_streams(self._add_video)
         self._reformatter = VideoReformatter()
-        copied = [self._copy_in.streams[i] for i in self._copy_map]
-        self._copy_packets = self._copy_in.demux(*copied) if copied else iter(())
-        self._pending: av.Packet | None = None
 
-    def _add_video(self, template: av.video.stream.VideoStream) -> av.video.stream.VideoStream:
+    def _add_video(self, template: av.video.stream.VideoStream) -> None:
         info = self.info
         try:
             stream = self._out.add_stream(self.encoder, rate=info.average_rate or Fraction(25))
@@ -284,19 +239,10 @@ class VideoWriter:
             ctx.framerate = info.average_rate
         if info.sample_aspect_ratio:
             ctx.sample_aspect_ratio = info.sample_aspect_ratio
-        out_fmt = av.video.format.VideoFormat(self.pix_fmt)
-        if out_fmt.is_rgb == info.is_rgb:
-            ctx.color_range, ctx.colorspace = info.color_range, info.colorspace
-        elif not out_fmt.is_rgb:  # RGB source stored as YUV: tag the matrix we convert with
-            ctx.color_range, ctx.colorspace = AVCOL_RANGE_MPEG, info.matrix
+        ctx.color_range, ctx.colorspace = colour.output_tags(info, self.pix_fmt) or (
+            info.color_range, info.colorspace)
         ctx.color_primaries, ctx.color_trc = info.color_primaries, info.color_trc
-        self._yuv_args = {}
-        if not out_fmt.is_rgb:
-            full = info.full_range if not info.is_rgb else False
-            self._yuv_args = dict(
-                dst_colorspace=_SWS_MATRIX[info.matrix],
-                dst_color_range=AVCOL_RANGE_JPEG if full else AVCOL_RANGE_MPEG,
-            )
+        out_fmt = av.video.format.VideoFormat(self.pix_fmt)
         options: dict[str, str] = {}
         if self.codec in ("h264", "h265"):
             options.update(crf=str(self.crf), preset=self.preset)
@@ -314,49 +260,9 @@ class VideoWriter:
         stream.options = options
         if info.rotation:
             stream.set_display_rotation(info.rotation)
-        _copy_metadata(template.metadata, stream.metadata)
+        stream.metadata.update(self._copier.video_metadata())
         stream.disposition = template.disposition
-        return stream
-
-    def _add_copy(self, template: av.stream.Stream) -> None:
-        """Add a packet-copy of ``template`` if the container can hold it, else warn/raise."""
-        reason = self._cannot_copy(template)
-        if reason is not None:
-            what = f"{template.type} stream #{template.index} ({self._codec_name(template)})"
-            message = (f"{what} of {self.info.path} cannot be copied into "
-                       f"{self.output_path.name}: {reason}; use .mkv or .mov to keep it")
-            if self.strict:
-                raise StreamCopyError(message)
-            log.warning("%s; it is left out", message)
-            return
-        stream = self._out.add_stream_from_template(template)
-        _copy_metadata(template.metadata, stream.metadata)
-        stream.disposition = template.disposition
-        self._copy_map[template.index] = stream
-
-    @staticmethod
-    def _codec_name(stream: av.stream.Stream) -> str:
-        ctx = stream.codec_context
-        return ctx.name if ctx is not None else stream.type
-
-    def _cannot_copy(self, template: av.stream.Stream) -> str | None:
-        """Why the output container cannot hold a copy of ``template`` (None if it can).
-
-        Tried on a throwaway in-memory muxer, so a refusal is found before the real file
-        is started rather than at its header.
-        """
-        probe_out = av.open(io.BytesIO(), mode="w", format=self._out.format.name)
-        try:
-            probe_out.add_stream_from_template(template)
-            probe_out.start_encoding()
-        except (ValueError, av.FFmpegError) as exc:
-            return str(exc).split(":")[0] if isinstance(exc, av.FFmpegError) else str(exc)
-        finally:
-            try:
-                probe_out.close()
-            except (ValueError, av.FFmpegError):
-                pass
-        return None
+        self._video = stream
 
     # --- writing ---
 
@@ -378,23 +284,33 @@ class VideoWriter:
         av_frame.pts = pts
         av_frame.time_base = info.time_base
         try:
-            self._out.mux(self._video.encode(av_frame))
+            packets = self._video.encode(av_frame)
         except av.FFmpegError as exc:
-            raise EncodeError(f"encoding frame {frame.index} into {self.output_path} failed "
-                              f"({exc.strerror}); check free disk space and the codec settings") from None
+            raise self._failure(exc, f"the {self.encoder} encoder failed on frame {frame.index}"
+                                + self._first_frame_hint()) from None
+        try:
+            self._out.mux(packets)
+            if pts is not None:
+                self._copier.pump(float(pts * info.time_base))
+        except av.FFmpegError as exc:
+            raise self._failure(exc, f"the {self._out.format.name} muxer failed at frame {frame.index}") from None
         self.frames_written += 1
-        if pts is not None:
-            self._pump(float(pts * info.time_base))
+
+    def _first_frame_hint(self) -> str:
+        if self.frames_written:
+            return ""
+        return (f" (it did not start with {self.pix_fmt} at {self.info.coded_width}x"
+                f"{self.info.coded_height}; try another --codec)")
+
+    def _failure(self, exc: av.FFmpegError, what: str) -> GpenVideoError:
+        """OutputError for a full disk, else EncodeError naming the component and FFmpeg's cause."""
+        if disk_full(exc):
+            return write_error(self.output_path, exc)
+        return EncodeError(f"writing {self.output_path} failed: {what} ({exc.strerror})")
 
     def to_av_frame(self, rgb: np.ndarray) -> av.VideoFrame:
         """Upright RGB (H, W, 3) -> stored-orientation frame in the encoder's pixel format."""
-        if self.info.rotation:
-            rgb = np.rot90(rgb, k=-self.info.rotation // 90)
-        rgb = np.ascontiguousarray(rgb)  # [HWC] stored orientation
-        av_frame = av.VideoFrame.from_ndarray(rgb, format=self.info.rgb_format)
-        return self._reformatter.reformat(
-            av_frame, format=self.pix_fmt, interpolation=EXACT_SWS_FLAGS, **self._yuv_args
-        )
+        return colour.to_frame(rgb, self.info, self.pix_fmt, self._reformatter)
 
     def _spliced(self, frame: Frame) -> av.VideoFrame | None:
         """The decoded picture with only the changed pixels replaced, or None if unknown.
@@ -409,47 +325,15 @@ class VideoWriter:
         if picture.format.name != self.pix_fmt or not picture.format.is_planar:
             return None
         picture.pict_type = 0  # encoders honour decoded I/P/B types: let ours choose
-        if _same_pixels(frame.rgb, original):
+        if colour.same_pixels(frame.rgb, original):
             return picture
         changed = np.any(frame.rgb != original, axis=2)  # [HW] upright
         converted = self.to_av_frame(frame.rgb)
         if self.info.rotation:
             changed = np.rot90(changed, k=-self.info.rotation // 90)  # [HW] stored
         picture.make_writable()
-        splice_planes(picture, converted, changed)
+        colour.splice_planes(picture, converted, changed)
         return picture
-
-    def _regenerated_by_muxer(self, packet: av.Packet) -> bool:
-        """MP4/MOV text tracks mark each cue's end with an empty sample that the muxer writes
-        itself; copying the input's would double them."""
-        return (
-            packet.size == 2
-            and self._out.format.name in ("mp4", "mov")
-            and self._codec_name(packet.stream) == "mov_text"
-            and bytes(packet) == b"\x00\x00"
-        )
-
-    def _pump(self, until: float) -> None:
-        """Mux copied packets up to ``until`` seconds so the streams stay interleaved."""
-        while True:
-            if self._pending is None:
-                try:
-                    packet = next(self._copy_packets)
-                except StopIteration:
-                    return
-                except av.FFmpegError as exc:
-                    log.warning("%s: copying the other streams stopped early: %s",
-                                self.info.path, exc)
-                    self._copy_packets = iter(())
-                    return
-                if packet.size == 0 or self._regenerated_by_muxer(packet):
-                    continue
-                self._pending = packet
-            if _time(self._pending) > until:
-                return
-            packet, self._pending = self._pending, None
-            packet.stream = self._copy_map[packet.stream.index]
-            self._out.mux(packet)
 
     # --- finishing ---
 
@@ -465,30 +349,51 @@ class VideoWriter:
 
     def _finish(self) -> None:
         try:
-            self._out.mux(self._video.encode(None))
-            self._pump(float("inf"))
+            packets = self._video.encode(None)
+        except av.FFmpegError as exc:
+            raise self._failure(exc, f"the {self.encoder} encoder failed on its last frames") from None
+        name = self._out.format.name
+        try:
+            self._out.mux(packets)
+            self._copier.finish()
+        except av.FFmpegError as exc:
+            raise self._failure(exc, f"the {name} muxer failed after the last frame") from None
+        try:
             self._out.close()
         except av.FFmpegError as exc:
-            raise EncodeError(f"finishing {self.output_path} failed ({exc.strerror}); check free "
-                              "disk space and the codec settings") from None
+            raise self._failure(exc, f"the {name} muxer could not finish the file") from None
         self._out = None
-        self._copy_in.close()
-        self._copy_in = None
-        os.replace(self._tmp, self.output_path)
+        self._copier.close()
+        self._copier = None
+        try:
+            install(self._tmp, self.output_path, overwrite=self.overwrite)
+        except OSError as exc:
+            if isinstance(exc, GpenVideoError):
+                raise
+            raise write_error(self.output_path, exc) from None
         self._tmp = None
         if self.info.frame_count and self.frames_written != self.info.frame_count:
             log.debug("%s: wrote %d frames, the input has %d", self.output_path,
                       self.frames_written, self.info.frame_count)
 
     def _abort(self) -> None:
-        """Close everything and delete the temporary file; never masks the first error."""
-        for closable in (self._out, self._copy_in):
-            if closable is not None:
-                try:
-                    closable.close()
-                except Exception:  # noqa: BLE001 - already failing, keep the original error
-                    pass
-        self._out = self._copy_in = None
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
+        """Close everything and delete the temporary file; never masks the first error.
+
+        Runs on any exception, KeyboardInterrupt and exceptions raised by signal handlers
+        included; the file is removed even if closing fails or is interrupted.
+        """
+        out, copier, tmp = self._out, self._copier, self._tmp
+        self._out = self._copier = self._tmp = None
+        if self._stash is not None:
+            self._stash.clear()  # the decoded pictures of frames that will never be written
+        try:
+            for close in (out.close if out else None, copier.close if copier else None):
+                if close is not None:
+                    try:
+                        close()
+                    except Exception:  # noqa: BLE001 - already failing, keep the original error
+                        pass
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+

@@ -1,33 +1,42 @@
-"""Batched GPEN inference on aligned face crops.
+"""Batched GPEN inference on aligned face crops already on the device.
 
-Crops arrive as (N, S, S, 3) RGB arrays (uint8 or uint16) and leave the same way. The
-restorer owns device placement, precision and batch size; on CUDA it steps the batch size
-down when memory runs out instead of failing.
+Crops arrive as [N,3,S,S] float RGB in [0, 1] (``warp.FaceCrops.pixels``) and leave the same
+way in float32. The restorer owns the model's device, precision, memory layout and batch
+size; when the device runs out of memory it halves the batch instead of failing. How large a
+batch fits is a pure function of measured sizes (``fit_batch_size``), so it is tested
+anywhere; only the measurement itself (``measure_face_bytes``, ``device.free_memory``) needs
+a GPU; ``fit_cuda_batch_size`` combines the three there.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 
+from gpen_video.device import free_memory
 
 log = logging.getLogger(__name__)
 
+
 def default_batch_size(device: torch.device) -> int:
-    """CPU: 1, measured fastest per face on 2-core machines; CUDA: chosen by ``fit_batch_size``."""
+    """CPU: 1, measured fastest per face on 2-core machines; CUDA: 16 until ``fit_batch_size``."""
     return 1 if device.type == "cpu" else 16
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device allocator's out-of-memory error."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
 
 
-@dataclass
+@dataclass(frozen=True)
 class RestoreStats:
+    """Counters of a restorer's work: faces restored, forward calls, out-of-memory step-downs."""
+
     faces: int = 0
     batches: int = 0
     oom_stepdowns: int = 0
@@ -37,12 +46,20 @@ class Restorer:
     """Runs a GPEN module on batches of crops.
 
     Args:
-        model: a module mapping [N,3,S,S] RGB in [-1, 1] to the same.
+        model: a module mapping [N,3,S,S] RGB in [-1, 1] to the same (or a tuple whose
+            first item is that).
         size: the crop side S the model expects.
         device: where the model runs (the module is moved there).
-        dtype: compute precision.
-        batch_size: faces per forward call; halved on CUDA out-of-memory errors.
-        channels_last: use the channels-last memory format (faster convolutions on GPUs).
+        dtype: compute precision (float32, float16 or bfloat16).
+        batch_size: faces per forward call; halved on out-of-memory errors.
+        channels_last: feed the model channels-last (NHWC) inputs, faster convolutions on
+            GPUs; None: on for CUDA devices. The module itself is not converted: GPEN's
+            modulated weights are 5-D, and it lays out its derived weights like its input.
+
+    Example:
+        >>> restorer = Restorer(torch.nn.Identity(), 8)
+        >>> restorer.restore_tensor(torch.full((2, 3, 8, 8), 0.25)).unique().tolist()
+        [0.25]
     """
 
     def __init__(
@@ -50,46 +67,34 @@ class Restorer:
         model: torch.nn.Module,
         size: int,
         *,
-        device: torch.device = torch.device("cpu"),
+        device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         batch_size: int = 1,
         channels_last: bool | None = None,
     ) -> None:
         self.size = size
-        self.device = device
+        self.device = torch.device(device)
         self.dtype = dtype
         self.batch_size = max(1, batch_size)
-        self.channels_last = device.type == "cuda" if channels_last is None else channels_last
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.model = model.to(device=device, dtype=dtype, memory_format=fmt).eval()
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.model = model.to(device=self.device, dtype=dtype).eval()
         self.stats = RestoreStats()
 
     @torch.inference_mode()
-    def restore(self, crops: np.ndarray) -> np.ndarray:
-        """Restore (N, S, S, 3) RGB crops; returns an array of the same shape and dtype."""
-        if crops.ndim != 4 or crops.shape[1:] != (self.size, self.size, 3):
-            raise ValueError(f"crops must have shape (n, {self.size}, {self.size}, 3), got {crops.shape}")
-        out = np.empty_like(crops)
-
-        def run(start: int, stop: int) -> None:
-            out[start:stop] = self._forward(crops[start:stop])
-
-        self._in_batches(len(crops), run)
-        return out
-
-    @torch.inference_mode()
     def restore_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """Restore a float tensor [N,3,S,S] in [0, 1] already on the device (GPU path)."""
+        """Restore crops [N,3,S,S] float in [0, 1] on the device; returns float32 [N,3,S,S] in [0, 1]."""
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.size, self.size):
             raise ValueError(f"x must have shape (n, 3, {self.size}, {self.size}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor in [0, 1], got {x.dtype}")
         parts: list[torch.Tensor] = []
 
         def run(start: int, stop: int) -> None:
-            y = self._model(x[start:stop].to(self.dtype) * 2 - 1)
+            y = self._model((x[start:stop].float() * 2 - 1).to(self.dtype))  # [N3SS] in [-1, 1]
             parts.append(((y.float() + 1) * 0.5).clamp_(0, 1))
 
         self._in_batches(len(x), run)
-        return torch.cat(parts) if parts else x.new_empty(x.shape)
+        return torch.cat(parts) if parts else torch.empty(x.shape, dtype=torch.float32, device=x.device)
 
     def _in_batches(self, n: int, run: Callable[[int, int], None]) -> None:
         """Call ``run(start, stop)`` over batches; halve the batch size on out-of-memory errors."""
@@ -99,51 +104,110 @@ class Restorer:
             try:
                 run(start, stop)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
-                if not _is_oom(exc) or self.batch_size == 1:
+                if not is_out_of_memory(exc) or self.batch_size == 1:
                     raise
                 self.batch_size = max(1, self.batch_size // 2)
-                self.stats.oom_stepdowns += 1
-                log.warning("out of GPU memory; batch size lowered to %d", self.batch_size)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                self.stats = replace(self.stats, oom_stepdowns=self.stats.oom_stepdowns + 1)
+                log.warning("out of device memory; batch size lowered to %d", self.batch_size)
+                torch.cuda.empty_cache()  # a no-op unless CUDA is in use
                 continue
-            self.stats.batches += 1
+            self.stats = replace(self.stats, batches=self.stats.batches + 1)
             start = stop
-        self.stats.faces += n
+        self.stats = replace(self.stats, faces=self.stats.faces + n)
 
     def _model(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.model(self._prepare(x))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = self.model(x)
         return y[0] if isinstance(y, tuple) else y
 
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def _forward(self, crops: np.ndarray) -> np.ndarray:
-        scale = float(np.iinfo(crops.dtype).max)
-        host = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2)  # [NCHW]
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        x = host.to(self.device, non_blocking=True).to(self.dtype) * (2 / scale) - 1
-        y = ((self._model(x).float() + 1) * (scale / 2)).round_().clamp_(0, scale)
-        return y.permute(0, 2, 3, 1).cpu().numpy().astype(crops.dtype)  # [NHWC]
+def fit_batch_size(
+    *,
+    free_bytes: int,
+    per_face_bytes: int,
+    frame_bytes: int,
+    frames_held: Callable[[int], int],
+    limit: int = 128,
+    headroom: float = 0.8,
+) -> int:
+    """The largest power-of-two batch whose faces and held frames fit the free device memory.
 
+    Picks the largest b = 2^k ≤ ``limit`` with
+    ``b·per_face_bytes + frames_held(b)·frame_bytes ≤ headroom·free_bytes``; 1 when none fits
+    (the out-of-memory step-down is then the last resort).
 
-def fit_batch_size(restorer: Restorer, *, limit: int = 128, headroom: float = 0.8) -> int:
-    """Largest batch that fits the device's free memory, measured with a batch of one.
+    Args:
+        free_bytes: free device memory before the job (``device.free_memory``).
+        per_face_bytes: device bytes one more face in a batch costs (``measure_face_bytes``).
+        frame_bytes: device bytes one frame held between crop and paste costs
+            (``Warp.held_bytes``; 0 when frames stay on the host).
+        frames_held: frames the pipeline holds on the device at batch size b (the frames
+            waiting to fill a batch plus those in the queues between stages).
+        limit: largest batch considered. Higher: fewer calls, more latency and memory.
+        headroom: share of the free memory to plan for. Lower: safer against fragmentation
+            and other processes, smaller batches.
 
-    Runs one face, reads the peak memory it took, and divides the free memory by it. On the
-    CPU returns the restorer's current batch size.
+    >>> fit_batch_size(free_bytes=1000, per_face_bytes=100, frame_bytes=10, frames_held=lambda b: b + 4)
+    4
     """
-    if restorer.device.type != "cuda":
-        return restorer.batch_size
-    torch.cuda.synchronize(restorer.device)
-    torch.cuda.reset_peak_memory_stats(restorer.device)
-    base = torch.cuda.memory_allocated(restorer.device)
-    probe = np.zeros((2, restorer.size, restorer.size, 3), np.uint8)
-    saved, restorer.batch_size = restorer.batch_size, 2
-    restorer.restore(probe)
-    restorer.batch_size = saved
-    per_face = max(1, (torch.cuda.max_memory_allocated(restorer.device) - base) // 2)
-    free, _ = torch.cuda.mem_get_info(restorer.device)
-    fitted = int(max(1, min(limit, free * headroom // per_face)))
-    return 1 << (fitted.bit_length() - 1)
+    if free_bytes < 0 or per_face_bytes <= 0 or frame_bytes < 0:
+        raise ValueError(
+            f"need free_bytes >= 0, per_face_bytes > 0, frame_bytes >= 0; got {free_bytes}, {per_face_bytes}, {frame_bytes}"
+        )
+    if limit < 1 or not 0.0 < headroom <= 1.0:
+        raise ValueError(f"need limit >= 1 and headroom in (0, 1]; got {limit}, {headroom}")
+    budget = headroom * free_bytes
+    best, b = 1, 1
+    while b <= limit:
+        if b * per_face_bytes + frames_held(b) * frame_bytes <= budget:
+            best = b
+        b *= 2
+    return best
+
+
+def measure_face_bytes(restorer: Restorer) -> int:
+    """Device bytes one more face in a batch costs, measured on CUDA with a batch of two.
+
+    The model's peak working memory per face (after a warm-up, so cached weights are not
+    counted) plus the face's float32 input crop, which waits on the device for its batch.
+    """
+    device = restorer.device
+    if device.type != "cuda":
+        raise ValueError(f"face memory is only measured on CUDA devices, not {device}")
+    probe = torch.zeros((2, 3, restorer.size, restorer.size), device=device)
+    saved_batch, saved_stats = restorer.batch_size, restorer.stats
+    restorer.batch_size = 2
+    try:
+        restorer.restore_tensor(probe)  # warm-up: derived weights, cuDNN plans
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        restorer.restore_tensor(probe)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    finally:
+        restorer.batch_size, restorer.stats = saved_batch, saved_stats
+    return max(1, peak // 2) + probe[0].numel() * probe.element_size()
+
+
+def fit_cuda_batch_size(
+    restorer: Restorer,
+    *,
+    frame_bytes: int,
+    frames_held: Callable[[int], int],
+    limit: int = 128,
+    headroom: float = 0.8,
+) -> int:
+    """``fit_batch_size`` with the per-face cost and the free memory measured on the restorer's
+    CUDA device (the measuring forwards' cached blocks are released first)."""
+    per_face = measure_face_bytes(restorer)
+    torch.cuda.empty_cache()
+    return fit_batch_size(
+        free_bytes=free_memory(restorer.device),
+        per_face_bytes=per_face,
+        frame_bytes=frame_bytes,
+        frames_held=frames_held,
+        limit=limit,
+        headroom=headroom,
+    )

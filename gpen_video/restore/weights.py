@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 
 from gpen_video.io.files import write_atomic
-from gpen_video.errors import DownloadError, WeightsError
+from gpen_video.errors import ConfigError, DownloadError, WeightsError
 from gpen_video.restore.model import (
     GPEN,
     PRESET_CONFIGS,
@@ -155,7 +155,7 @@ class ModelStatus:
 def default_cache_dir(env: Mapping[str, str] = os.environ) -> Path:
     """$GPEN_VIDEO_HOME if set, else the platform's user cache dir for gpen-video.
 
-    The only place the environment is read; the CLI calls it and passes the result on.
+    The one cache rule of the CLI and the library: a ``cache_dir`` of None means this folder.
     """
     home = env.get("GPEN_VIDEO_HOME")
     if home:
@@ -165,22 +165,26 @@ def default_cache_dir(env: Mapping[str, str] = os.environ) -> Path:
     return Path(platformdirs.user_cache_dir("gpen-video"))
 
 
-def get_spec(name: str | WeightSpec) -> WeightSpec:
-    """The registry entry ``name`` (a spec passes through); WeightsError names the known ones."""
+def get_spec(name: str | WeightSpec, kind: Kind | None = None) -> WeightSpec:
+    """The registry entry ``name`` (a spec passes through), of ``kind`` when given.
+
+    An unknown name is a bad option, not a weights problem: ConfigError lists the known names
+    (of ``kind`` when given).
+    """
     if isinstance(name, WeightSpec):
         return name
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise WeightsError(f"unknown model {name!r}; choose one of {', '.join(REGISTRY)}") from None
+    spec = REGISTRY.get(name)
+    if spec is None or (kind is not None and spec.kind != kind):
+        known = ", ".join(s.name for s in REGISTRY.values() if kind is None or s.kind == kind)
+        raise ConfigError(f"unknown model {name!r}; choose one of {known}")
+    return spec
 
 
 spec_for = get_spec  # the name the pipeline uses
 
 
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
-    # The library never reads the environment: None means the platform default.
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(env={})
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
 def _sidecar(path: Path) -> Path:
@@ -418,8 +422,8 @@ def resolve_weights(
     Args:
         name: registry name (``GPEN-BFR-512``, ``RetinaFace-R50`` …) or a ``WeightSpec``.
         path: a file the user supplied: validated and returned, never downloaded or replaced.
-        cache_dir: where downloads live (None: the platform cache dir; the CLI passes
-            ``default_cache_dir()``, which honours $GPEN_VIDEO_HOME).
+        cache_dir: where downloads live (None: ``default_cache_dir()``, which honours
+            $GPEN_VIDEO_HOME).
         offline: never touch the network; WeightsError if the file is not cached.
         progress: show a tqdm bar on stderr while downloading.
         url: download from this address instead of the spec's.

@@ -1,0 +1,182 @@
+"""Stored pictures <-> RGB with the stream's own matrix and range, exact both ways.
+
+The reader converts each decoded picture to upright RGB (``to_rgb``); the writer converts
+RGB back to the encoder's pixel format with the same matrix (``to_frame``). With
+``EXACT_SWS_FLAGS`` the round trip returns the decoded samples unchanged, and where only part
+of a frame was restored the writer keeps the decoder's own samples around it
+(``splice_planes``), so untouched pixels reach the encoder exactly as they were decoded.
+
+Colour enums are FFmpeg's: AVColorSpace for matrices, AVColorRange for ranges.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import av
+import numpy as np
+from av.video.reformatter import Interpolation, VideoReformatter
+
+AVCOL_SPC_RGB, AVCOL_SPC_BT709, AVCOL_SPC_SMPTE170M = 0, 1, 6
+AVCOL_RANGE_MPEG, AVCOL_RANGE_JPEG = 1, 2
+
+SWS_MATRIX: dict[int, int] = {1: 1, 4: 4, 5: 5, 6: 5, 7: 7, 9: 9, 10: 9}
+"""AVColorSpace -> the swscale matrix (SWS_CS_*) that implements it. Matrices swscale lacks
+are replaced by the usual guess (see ``matrix_for``)."""
+
+EXACT_SWS_FLAGS = (
+    Interpolation.POINT
+    | Interpolation.ACCURATE_RND
+    | Interpolation.FULL_CHR_H_INT
+    | Interpolation.FULL_CHR_H_INP
+)
+"""Nearest-sample chroma with accurate rounding: YUV -> RGB -> YUV with the same matrix gives
+back the original samples exactly (bilinear chroma would blur chroma a little on each pass)."""
+
+_KR_KB = {1: (0.2126, 0.0722), 9: (0.2627, 0.0593), 10: (0.2627, 0.0593), 7: (0.212, 0.087),
+          4: (0.30, 0.11)}
+
+
+class PictureLayout(Protocol):
+    """How a stream's stored pictures map to upright RGB (``decode.VideoInfo`` is one)."""
+
+    @property
+    def matrix(self) -> int:
+        """AVColorSpace of the YUV <-> RGB matrix."""
+
+    @property
+    def full_range(self) -> bool:
+        """YUV samples use the full (JPEG) range rather than the limited (MPEG) one."""
+
+    @property
+    def is_rgb(self) -> bool:
+        """The stored pixels are RGB already."""
+
+    @property
+    def rgb_format(self) -> str:
+        """PyAV format of the RGB frames: rgb24 (uint8) or rgb48le (uint16)."""
+
+    @property
+    def rotation(self) -> int:
+        """Display rotation, degrees counterclockwise: 0, 90, 180 or 270."""
+
+
+def matrix_for(colorspace: int, coded_height: int) -> int:
+    """The matrix to convert with: the tag if swscale has it, else BT.709 from 720 lines up and
+    BT.601 below (what players assume for untagged video)."""
+    if colorspace in SWS_MATRIX:
+        return colorspace
+    return AVCOL_SPC_BT709 if coded_height >= 720 else AVCOL_SPC_SMPTE170M
+
+
+def to_rgb(frame: av.VideoFrame, layout: PictureLayout,
+           reformatter: VideoReformatter | None = None) -> np.ndarray:
+    """Stored YUV/RGB picture -> upright (H, W, 3) RGB, uint8 or uint16, with ``layout``'s matrix."""
+    reformatter = reformatter or VideoReformatter()
+    kwargs = {}
+    if not frame.format.is_rgb:
+        kwargs = dict(
+            src_colorspace=SWS_MATRIX[layout.matrix],
+            src_color_range=AVCOL_RANGE_JPEG if layout.full_range else AVCOL_RANGE_MPEG,
+        )
+    rgb_frame = reformatter.reformat(
+        frame, format=layout.rgb_format, interpolation=EXACT_SWS_FLAGS, **kwargs
+    )
+    rgb = rgb_frame.to_ndarray()  # [HWC] stored orientation
+    if layout.rotation:
+        rgb = np.ascontiguousarray(np.rot90(rgb, k=layout.rotation // 90))
+    return rgb
+
+
+def to_rgb_reference(frame: av.VideoFrame, layout: PictureLayout) -> np.ndarray:
+    """Slow numpy reference of ``to_rgb`` for 8-bit planar YUV (tests compare the two).
+
+    Nearest-sample chroma, the standard Kr/Kb matrices, float maths, round to nearest.
+    """
+    kr, kb = _KR_KB.get(layout.matrix, (0.299, 0.114))
+    fmt = frame.format
+    planes = []
+    for i in range(3):
+        plane = frame.planes[i]
+        h = frame.height if i == 0 else fmt.chroma_height(frame.height)
+        w = frame.width if i == 0 else fmt.chroma_width(frame.width)
+        planes.append(
+            np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[:h, :w].astype(np.float64)
+        )
+    y, u, v = planes
+    sy = 2 if u.shape[0] < frame.height else 1
+    sx = 2 if u.shape[1] < frame.width else 1
+    u = np.repeat(np.repeat(u, sy, axis=0), sx, axis=1)[: frame.height, : frame.width]
+    v = np.repeat(np.repeat(v, sy, axis=0), sx, axis=1)[: frame.height, : frame.width]
+    if layout.full_range:
+        yn, un, vn = y / 255.0, (u - 128) / 255.0, (v - 128) / 255.0
+    else:
+        yn, un, vn = (y - 16) / 219.0, (u - 128) / 224.0, (v - 128) / 224.0
+    kg = 1 - kr - kb
+    r = yn + 2 * (1 - kr) * vn
+    b = yn + 2 * (1 - kb) * un
+    g = (yn - kr * r - kb * b) / kg
+    rgb = np.clip(np.round(np.stack([r, g, b], axis=-1) * 255), 0, 255).astype(np.uint8)  # [HWC]
+    return np.rot90(rgb, k=layout.rotation // 90) if layout.rotation else rgb
+
+
+def output_tags(layout: PictureLayout, pix_fmt: str) -> tuple[int, int] | None:
+    """(AVColorRange, AVColorSpace) to tag on an encoder writing ``pix_fmt``, matching what
+    ``to_frame`` converts with; None keeps the source's tags (same family, RGB or YUV)."""
+    if av.video.format.VideoFormat(pix_fmt).is_rgb == layout.is_rgb:
+        return None
+    if av.video.format.VideoFormat(pix_fmt).is_rgb:
+        return AVCOL_RANGE_JPEG, AVCOL_SPC_RGB
+    return AVCOL_RANGE_MPEG, layout.matrix  # RGB source stored as YUV
+
+
+def to_frame(rgb: np.ndarray, layout: PictureLayout, pix_fmt: str,
+             reformatter: VideoReformatter | None = None) -> av.VideoFrame:
+    """Upright RGB (H, W, 3) -> stored-orientation picture in ``pix_fmt``, with ``layout``'s
+    matrix and range (the inverse of ``to_rgb``)."""
+    if layout.rotation:
+        rgb = np.rot90(rgb, k=-layout.rotation // 90)
+    rgb = np.ascontiguousarray(rgb)  # [HWC] stored orientation
+    frame = av.VideoFrame.from_ndarray(rgb, format=layout.rgb_format)
+    kwargs = {}
+    if not av.video.format.VideoFormat(pix_fmt).is_rgb:
+        full = layout.full_range and not layout.is_rgb
+        kwargs = dict(
+            dst_colorspace=SWS_MATRIX[layout.matrix],
+            dst_color_range=AVCOL_RANGE_JPEG if full else AVCOL_RANGE_MPEG,
+        )
+    reformatter = reformatter or VideoReformatter()
+    return reformatter.reformat(frame, format=pix_fmt, interpolation=EXACT_SWS_FLAGS, **kwargs)
+
+
+def plane_view(frame: av.VideoFrame, i: int) -> np.ndarray:
+    """Plane ``i`` of a planar picture as an (h, w) array without its line padding (a view)."""
+    plane = frame.planes[i]
+    dtype = np.uint16 if max(c.bits for c in frame.format.components) > 8 else np.uint8
+    width = plane.line_size // np.dtype(dtype).itemsize
+    return np.frombuffer(plane, dtype).reshape(-1, width)[: plane.height, : plane.width]
+
+
+def same_pixels(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whole-array equality, compared 8 bytes at a time where the layout allows."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.flags.c_contiguous and b.flags.c_contiguous and a.nbytes % 8 == 0:
+        return bool(np.array_equal(a.reshape(-1).view(np.uint64), b.reshape(-1).view(np.uint64)))
+    return bool(np.array_equal(a, b))
+
+
+def splice_planes(target: av.VideoFrame, source: av.VideoFrame, changed: np.ndarray) -> None:
+    """Copy ``source``'s samples into ``target`` (same planar format and size) wherever a
+    pixel the sample covers is marked in ``changed`` (H, W) bool, stored orientation."""
+    height, width = changed.shape
+    for i in range(len(target.planes)):
+        out, src = plane_view(target, i), plane_view(source, i)
+        ph, pw = out.shape
+        sy, sx = -(-height // ph), -(-width // pw)
+        mask = changed
+        if (sy, sx) != (1, 1):
+            padded = np.zeros((ph * sy, pw * sx), bool)
+            padded[:height, :width] = changed
+            mask = padded.reshape(ph, sy, pw, sx).any(axis=(1, 3))  # [hw] per sample
+        np.copyto(out, src, where=mask)

@@ -1,0 +1,299 @@
+"""Frames in, frames with the faces to restore out, in one decode.
+
+::
+
+    frames ─► detect thread: scene-cut signature, detector in batches
+           ─► track (reset at scene cuts) ─► smooth (zero-phase look-ahead, gaps filled)
+           ─► select per track ─► PlannedFrame
+
+Each frame is held until the smoother has seen the later frames its fit reaches
+(``LookaheadSmoother.context``), so the landmarks equal those of smoothing every whole track,
+while detection of later frames runs in a background thread. Nothing is kept per frame or per
+face beyond that window, however long the video: the report, if any, goes to its own spool.
+
+Which faces are restored is decided per track, never per frame, so a restored face neither
+flickers on and off nor jumps between two similar people:
+
+- ``min_face``: a track is restored from the first frame at which the median size (shorter
+  box side) of its detections within ``context`` frames either side reaches ``min_face``; from
+  then on it stays restored until it ends.
+- ``only_largest_face``: when no track is chosen, the restorable track of the frame with the
+  largest median size (lowest id on a tie) is chosen; it stays chosen until it ends (a scene
+  cut ends every track), then the next one is chosen the same way.
+- ``skip_tracks``: ids (as in the report) that are never restored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpen_video.engine import Stages
+from gpen_video.faces.detect import FaceDetector
+from gpen_video.faces.scenes import SceneCutDetector, cut_signature
+from gpen_video.faces.smooth import LookaheadSmoother
+from gpen_video.faces.track import Tracker
+from gpen_video.records import Detections, Frame, TrackedFace
+from gpen_video.report import ReportWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlannedFrame:
+    """One frame and its faces, released once the look-ahead has seen enough later frames.
+
+    Attributes:
+        frame: the frame as read (not modified).
+        faces: the faces to restore, smoothed (gaps filled), by track id.
+        tracked: every tracked face of the frame, restored or not, by track id.
+    """
+
+    frame: Frame
+    faces: tuple[TrackedFace, ...]
+    tracked: tuple[TrackedFace, ...]
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    """Counts of one plan (final once it is exhausted).
+
+    Attributes:
+        frames: frames released.
+        scene_cuts: shots started after the first.
+        tracks: tracks with at least one face released.
+        restored_tracks: tracks with at least one face to restore.
+    """
+
+    frames: int
+    scene_cuts: int
+    tracks: int
+    restored_tracks: int
+
+
+@dataclass
+class _TrackState:
+    """What the selection knows of one live track."""
+
+    on: bool = False
+    restored: bool = False
+
+
+class Planner:
+    """Detects, tracks, smooths and selects the faces of a stream of frames; reusable across videos.
+
+    Args:
+        detector: finds the faces; called from a background thread with ``detect_batch``
+            frames at a time.
+        smooth_window: smoother length in frames (``smooth_track``). Longer: steadier faces,
+            slower reaction to motion, and more frames held (see ``delay``).
+        max_gap: frames a track may go undetected and still be continued, the gap filled in
+            (``Tracker``). Longer bridges longer misses but holds more frames.
+        min_face: smallest median face size (pixels, shorter box side) of a restored track.
+        only_largest_face: restore one track at a time (see the module docstring).
+        skip_tracks: track ids never restored.
+        detect_batch: frames per detector call. Higher: better accelerator use, more frames
+            held.
+        chunk: frames smoothed per call. Higher: less smoothing work per frame, more frames
+            held.
+
+    Example:
+        >>> import numpy as np
+        >>> from fractions import Fraction
+        >>> from gpen_video.records import Detections, Frame
+        >>> class NoFaces:
+        ...     def detect(self, images):
+        ...         return [Detections.empty() for _ in images]
+        >>> planner = Planner(NoFaces())
+        >>> frames = (Frame(i, i, Fraction(1, 25), np.zeros((8, 8, 3), np.uint8)) for i in range(50))
+        >>> plan = planner.plan(frames)
+        >>> [p.frame.index for p in plan] == list(range(50)), plan.stats.frames
+        (True, 50)
+    """
+
+    def __init__(
+        self,
+        detector: FaceDetector,
+        *,
+        smooth_window: int = 9,
+        max_gap: int = 8,
+        min_face: int = 24,
+        only_largest_face: bool = False,
+        skip_tracks: Iterable[int] = (),
+        detect_batch: int = 8,
+        chunk: int = 16,
+    ) -> None:
+        if smooth_window < 1:
+            raise ValueError(f"smooth_window must be >= 1, got {smooth_window}")
+        if max_gap < 0:
+            raise ValueError(f"max_gap must be >= 0, got {max_gap}")
+        if detect_batch < 1:
+            raise ValueError(f"detect_batch must be >= 1, got {detect_batch}")
+        self.detector = detector
+        self.smooth_window = smooth_window
+        self.max_gap = max_gap
+        self.min_face = min_face
+        self.only_largest_face = only_largest_face
+        self.skip_tracks = frozenset(skip_tracks)
+        self.detect_batch = detect_batch
+        self.chunk = chunk
+        self._lookahead = LookaheadSmoother(window=smooth_window, max_gap=max_gap, chunk=chunk)
+
+    @property
+    def delay(self) -> int:
+        """Most frames the planner holds at once (read, not yet released): the look-ahead,
+        plus the detection queue and the batch being detected."""
+        return self._lookahead.delay + 3 * self.detect_batch
+
+    @property
+    def context(self) -> int:
+        """Frames either side of a frame that its smoothing and its ``min_face`` median see."""
+        return self._lookahead.context
+
+    def plan(
+        self, frames: Iterable[Frame], *, stages: Stages | None = None, report: ReportWriter | None = None
+    ) -> Plan:
+        """Plan one video: ``frames`` in order, consecutive indices (the first may be any).
+
+        Args:
+            frames: the decoded frames; iterated in a background thread.
+            stages: the job's stage threads (the detection thread joins them, its time goes
+                to ``stages.timer`` as "detect" and "plan"); None: the plan runs its own and
+                stops them when exhausted or closed.
+            report: fed every released frame and scene cut (not written: call its ``write``).
+
+        Returns:
+            An iterator of ``PlannedFrame``, one per frame, in order; its ``stats`` are final
+            once it is exhausted.
+        """
+        return Plan(self, frames, stages, report)
+
+
+class Plan(Iterator[PlannedFrame]):
+    """The frames of one video with their faces; made by ``Planner.plan``."""
+
+    def __init__(self, planner: Planner, frames: Iterable[Frame], stages: Stages | None, report: ReportWriter | None):
+        self._planner = planner
+        self._own_stages = stages is None
+        self._stages = Stages() if stages is None else stages
+        self._report = report
+        self._tracker = Tracker(max_gap=planner.max_gap)
+        self._smoother = LookaheadSmoother(window=planner.smooth_window, max_gap=planner.max_gap, chunk=planner.chunk)
+        self._sizes: dict[int, deque[tuple[int, float]]] = {}
+        self._live: dict[int, _TrackState] = {}
+        self._chosen: int | None = None
+        self._frames = self._cuts = self._tracks = self._restored = 0
+        self._run = self._planned(frames)
+
+    @property
+    def stats(self) -> PlanStats:
+        return PlanStats(self._frames, self._cuts, self._tracks, self._restored)
+
+    def __next__(self) -> PlannedFrame:
+        return next(self._run)
+
+    def close(self) -> None:
+        """Stop early: stop the detection thread if the plan runs its own."""
+        self._run.close()
+
+    # ------------------------------------------------------------------ detection thread
+
+    def _detected(self, frames: Iterable[Frame]) -> Iterator[tuple[Frame, Detections, bool]]:
+        """(frame, detections, starts a new shot) for every frame, detected in batches."""
+        cuts = SceneCutDetector()
+        batch: list[tuple[Frame, bool]] = []
+        for n, frame in enumerate(frames):
+            batch.append((frame, cuts.update(cut_signature(frame.rgb)) and n > 0))
+            if len(batch) == self._planner.detect_batch:
+                yield from self._detect(batch)
+                batch = []
+        if batch:
+            yield from self._detect(batch)
+
+    def _detect(self, batch: list[tuple[Frame, bool]]) -> Iterator[tuple[Frame, Detections, bool]]:
+        start = time.perf_counter()
+        found = self._planner.detector.detect([frame.rgb for frame, _ in batch])
+        self._stages.time("detect", time.perf_counter() - start)
+        if len(found) != len(batch):
+            raise ValueError(f"the detector returned {len(found)} results for {len(batch)} images")
+        for (frame, cut), detections in zip(batch, found):
+            yield frame, detections, cut
+
+    # ------------------------------------------------------------------ caller's thread
+
+    def _planned(self, frames: Iterable[Frame]) -> Iterator[PlannedFrame]:
+        detect_batch = self._planner.detect_batch
+        held: deque[Frame] = deque()
+        try:
+            for frame, detections, cut in self._stages.prefetch(self._detected(frames), 2 * detect_batch, name="detect"):
+                start = time.perf_counter()
+                if cut:
+                    self._tracker.reset()
+                    self._cuts += 1
+                    if self._report is not None:
+                        self._report.add_scene_cut(frame.index)
+                faces = self._tracker.update(frame.index, detections)
+                for face in faces:
+                    self._sizes.setdefault(face.track_id, deque()).append((face.frame_index, face.size))
+                held.append(frame)
+                ready = [self._release(held.popleft(), i, fs) for i, fs in self._smoother.push(frame.index, faces)]
+                self._stages.time("plan", time.perf_counter() - start)
+                yield from ready
+            start = time.perf_counter()
+            ready = [self._release(held.popleft(), i, fs) for i, fs in self._smoother.finish()]
+            self._stages.time("plan", time.perf_counter() - start)
+            yield from ready
+        finally:
+            if self._own_stages:
+                self._stages.close()
+
+    def _median_size(self, track_id: int, index: int) -> float:
+        """Median size of the track's detections within ``context`` frames of ``index``."""
+        reach = self._smoother.context
+        sizes = [s for i, s in self._sizes.get(track_id, ()) if abs(i - index) <= reach]
+        return float(np.median(sizes)) if sizes else 0.0
+
+    def _forget_sizes_before(self, index: int) -> None:
+        for track_id in list(self._sizes):
+            sizes = self._sizes[track_id]
+            while sizes and sizes[0][0] < index:
+                sizes.popleft()
+            if not sizes:
+                del self._sizes[track_id]
+
+    def _release(self, frame: Frame, index: int, faces: list[TrackedFace]) -> PlannedFrame:
+        if frame.index != index:
+            raise AssertionError(f"released frame {index} but held frame {frame.index}")
+        planner = self._planner
+        self._forget_sizes_before(index - self._smoother.context)
+        tracked = tuple(sorted(faces, key=lambda f: f.track_id))
+        live: dict[int, _TrackState] = {}
+        for face in tracked:
+            state = self._live.get(face.track_id)
+            if state is None:
+                state = _TrackState()
+                self._tracks += 1
+            if not state.on and face.track_id not in planner.skip_tracks:
+                state.on = self._median_size(face.track_id, index) >= planner.min_face
+            live[face.track_id] = state
+        self._live = live  # a track missing from a released frame has ended (gaps are filled)
+        chosen = [f for f in tracked if live[f.track_id].on]
+        if planner.only_largest_face:
+            if self._chosen not in live:
+                best = max(chosen, key=lambda f: (self._median_size(f.track_id, index), -f.track_id), default=None)
+                self._chosen = None if best is None else best.track_id
+            chosen = [f for f in chosen if f.track_id == self._chosen]
+        for face in chosen:
+            state = live[face.track_id]
+            if not state.restored:
+                state.restored = True
+                self._restored += 1
+        self._frames += 1
+        if self._report is not None:
+            self._report.add_frame(frame, tracked, {f.track_id for f in chosen})
+        return PlannedFrame(frame, tuple(chosen), tracked)
