@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from gpen_video.config import Config, load_config  # noqa: E402
 from gpen_video.errors import Cancelled, GpenVideoError  # noqa: E402
-from gpen_video.records import AlignedFace, Detections, Frame, TrackedFace  # noqa: E402
+from gpen_video.records import Detections, Frame, TrackedFace  # noqa: E402
 
 
 def __getattr__(name: str):
@@ -33,7 +33,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "AlignedFace", "Cancelled", "Config", "Detections", "FacePipeline", "Frame", "GPEN", "GpenVideoError",
+    "Cancelled", "Config", "Detections", "FacePipeline", "Frame", "GPEN", "GpenVideoError",
     "JobResult", "TrackedFace", "__version__", "create_detector", "list_models", "load_config", "load_gpen",
     "resolve_weights",
 ]

@@ -35,7 +35,7 @@ from gpen_video.io.images import copy_unchanged, read_image, write_image
 from gpen_video.plan import Plan, PlannedFrame, Planner
 from gpen_video.records import Frame
 from gpen_video.report import ReportWriter
-from gpen_video.restore.restorer import Restorer, default_batch_size
+from gpen_video.restore.restorer import Restorer, default_batch_size, fit_batch_size, measure_face_bytes
 from gpen_video.warp import FaceCrops, Warp, create_warp
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class FacePipeline:
         download_progress: bool = False,
     ) -> None:
         self.config = config
+        self._face_bytes: int | None = None
         self.device = resolve_device(config.device) if restorer is None else restorer.device
         self.restorer = restorer if restorer is not None else self._build_restorer(download_progress)
         self.detector = detector if detector is not None else create_detector(
@@ -124,8 +125,7 @@ class FacePipeline:
             only_largest_face=config.only_largest_face,
             skip_tracks=config.skip_tracks,
         )
-        kind = config.warp if config.warp != "auto" else ("torch" if self.device.type == "cuda" else "opencv")
-        self.warp: Warp = create_warp(kind, size=self.restorer.size, device=self.device)
+        self.warp: Warp = create_warp(config.warp, size=self.restorer.size, device=self.device)
         self.masker = None
         if config.mask == "parse":
             from gpen_video.restore.parsing import ParsingMasker
@@ -151,12 +151,28 @@ class FacePipeline:
             model, size, device=self.device, dtype=resolve_dtype(c.precision, self.device),
             batch_size=c.batch_size or default_batch_size(self.device),
         )
-        if c.batch_size is None and self.device.type == "cuda":
-            from gpen_video.restore.restorer import fit_cuda_batch_size
-
-            restorer.batch_size = fit_cuda_batch_size(restorer, frames_held=self.frames_on_device)
-            log.info("batch size %d fits the free GPU memory", restorer.batch_size)
         return restorer
+
+    def fit_batch(self, height: int, width: int, dtype: np.dtype, *, free_bytes: int, face_bytes: int) -> int:
+        """The batch size that fits ``free_bytes`` of device memory for frames of this size,
+        counting the frames the pipeline holds on the device (``frames_on_device``)."""
+        return fit_batch_size(
+            free_bytes=free_bytes,
+            per_face_bytes=face_bytes,
+            frame_bytes=self.warp.held_bytes(height, width, dtype),
+            frames_held=self.frames_on_device,
+        )
+
+    def _fit_cuda_batch(self, height: int, width: int, dtype: np.dtype) -> None:
+        """``--batch-size auto`` on CUDA: refit for each video, whose frame size changes what
+        the held frames cost."""
+        if self.config.batch_size is not None or self.device.type != "cuda":
+            return
+        if self._face_bytes is None:
+            self._face_bytes = measure_face_bytes(self.restorer)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        self.restorer.batch_size = self.fit_batch(height, width, dtype, free_bytes=free, face_bytes=self._face_bytes)
+        log.info("batch size %d fits the free GPU memory", self.restorer.batch_size)
 
     def frames_on_device(self, batch_size: int) -> int:
         """Most frames the torch warp holds on the device at once with ``batch_size``: the
@@ -265,6 +281,7 @@ class FacePipeline:
         written = 0
         with VideoReader(src, deinterlace=self.config.deinterlace) as reader:
             info = reader.info
+            self._fit_cuda_batch(info.height, info.width, info.dtype)
             writer_report = ReportWriter(src, fps=float(info.average_rate or 0)) if report else None
             try:
                 with Stages(timer) as stages, self._writer(reader, dst, overwrite) as writer:

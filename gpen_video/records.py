@@ -120,22 +120,3 @@ class TrackedFace:
     def size(self) -> float:
         """Shorter side of the box in pixels."""
         return float(min(self.box[2] - self.box[0], self.box[3] - self.box[1]))
-
-
-@dataclass(frozen=True)
-class AlignedFace:
-    """A face crop warped to the GPEN template.
-
-    Attributes:
-        face: the TrackedFace it was cut from.
-        crop: (S, S, 3) RGB, same dtype as the frame.
-        affine: (2, 3) float64 matrix mapping frame pixels to crop pixels.
-    """
-
-    face: TrackedFace
-    crop: np.ndarray
-    affine: np.ndarray
-
-    def __post_init__(self) -> None:
-        check_shape("AlignedFace.crop", self.crop, (None, None, 3))
-        check_shape("AlignedFace.affine", self.affine, (2, 3))

@@ -265,6 +265,20 @@ class VideoIndex:
         i = int(np.searchsorted(self.keyframes, frame, side="right")) - 1
         return int(self.keyframes[i]) if i >= 0 else 0
 
+    def seek_points(self, frame: int) -> list[int]:
+        """Frames to start decoding at to reach ``frame``, best first: the keyframe at or
+        before it, then ever earlier keyframes (1, 3, 7, ... back), then frame 0.
+
+        >>> VideoIndex(np.arange(100), np.arange(0, 100, 10), Fraction(1, 25), 0).seek_points(75)
+        [70, 60, 40, 0]
+        """
+        keys = self.keyframes[self.keyframes <= frame]
+        points, i, step = [], len(keys) - 1, 1
+        while i >= 0 and keys[i] > 0:
+            points.append(int(keys[i]))
+            i, step = i - step, step * 2
+        return [*points, 0]
+
 
 def _decode_from(path: Path, index: VideoIndex, start: int) -> Iterator[tuple[int, av.VideoFrame]]:
     """``(frame index, picture)`` for every picture decoded after seeking to frame ``start``."""
@@ -284,20 +298,19 @@ def decode_range(path: str | Path, index: VideoIndex, first: int, last: int) -> 
     the keyframe at or before ``first`` instead of at the start of the file.
 
     The frames from that keyframe up to ``first`` are decoded and dropped: that is the whole
-    cost of starting mid-file. Should a container's seek land after ``first``, the file is
-    decoded from its start instead.
+    cost of starting mid-file. Where a container's seek lands after ``first`` (MPEG-TS seeks
+    by timestamps, not by an index), earlier keyframes are tried, then the start of the file.
     """
     if not 0 <= first <= last < index.pts.size:
         raise ValueError(f"frames {first}..{last} are outside 0..{index.pts.size - 1}")
-    start = index.keyframe_at_or_before(first)
-    for seek_to in (start, 0) if start > 0 else (0,):
+    for seek_to in index.seek_points(first):
         with closing(_decode_from(Path(path), index, seek_to)) as pictures:
             emitted = False
             for at, picture in pictures:
                 if at < first:
                     continue
                 if at > first and not emitted and seek_to > 0:
-                    log.debug("%s: seeking to frame %d landed after it; decoding from the start", path, first)
+                    log.debug("%s: seeking to frame %d for frame %d landed after it", path, seek_to, first)
                     break
                 if at > last:
                     return

@@ -223,3 +223,22 @@ def test_the_readme_api_example_runs(gpen256_file, clip, tmp_path):
     assert (tmp_path / "tape.restored.mp4").exists()
     assert frame_count(tmp_path / "tape.restored.mp4") == 30
     assert "faces restored" in done.stdout
+
+
+def test_batch_fit_counts_the_frames_held_on_the_device(detector):
+    """``--batch-size auto`` on CUDA, driven through an injected free-memory figure: the torch
+    warp keeps frames on the device, so a large frame size must lower the batch."""
+    import numpy as np
+
+    pipeline = pipeline_for(detector, warp="torch")
+    face = 300 << 20
+    free = 24 << 30
+    small = pipeline.fit_batch(360, 640, np.uint8, free_bytes=free, face_bytes=face)
+    large = pipeline.fit_batch(2160, 3840, np.uint16, free_bytes=free, face_bytes=face)
+    assert large < small
+    for height, width, dtype, batch in ((360, 640, np.uint8, small), (2160, 3840, np.uint16, large)):
+        frame = pipeline.warp.held_bytes(height, width, dtype)
+        assert batch * face + pipeline.frames_on_device(batch) * frame <= 0.8 * free
+        assert 2 * batch * face + pipeline.frames_on_device(2 * batch) * frame > 0.8 * free
+    opencv = pipeline_for(detector, warp="opencv")
+    assert opencv.fit_batch(2160, 3840, np.uint16, free_bytes=free, face_bytes=face) >= large

@@ -7,7 +7,6 @@ frame's known similarity transform.
 from __future__ import annotations
 
 import json
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -294,11 +293,11 @@ def test_torch_warp_path_matches_opencv_path(one_face, detector, tmp_path, dtype
 def test_parse_mask_from_the_weights_cache(detector, tmp_path):
     """--mask parse end to end: the parser's weights come from the cache (offline, hash
     recorded), and a parser that calls everything skin pastes over the plain mask's support."""
-    from gpen_video.warp import blend
+    from gpen_video.restore.parsing import parse_net
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    state = blend._parse_net().state_dict()
+    state = parse_net().state_dict()
     # a parser that calls every pixel skin (label 1): the parse mask must then cover the crop
     state["out_mask_conv.conv2d.weight"].zero_()
     state["out_mask_conv.conv2d.bias"].copy_(torch.nn.functional.one_hot(torch.tensor(1), 19).float())

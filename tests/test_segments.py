@@ -4,8 +4,11 @@ one-segment render gives (frames, pts, valid dts, the other streams' packets).""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
+import textwrap
 from fractions import Fraction
 from pathlib import Path
 
@@ -152,7 +155,7 @@ def test_window_adds_context_inside_the_video():
 # --- the decode side ---
 
 
-@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".ts"])
 def test_decode_range_starts_at_the_keyframe_before(tmp_path, suffix):
     """Seeking to the keyframe at or before a frame and decoding forward gives exactly the
     pictures (and pts) a decode from the start gives, B-frames and VFR included."""
@@ -170,6 +173,14 @@ def test_decode_range_starts_at_the_keyframe_before(tmp_path, suffix):
                for at, picture in decode_range(src, index, first, last)]
         assert [g[0] for g in got] == list(range(first, last + 1))
         assert [(p, b) for _, p, b in got] == full[first: last + 1]
+
+
+def test_seek_points_step_back_through_keyframes():
+    index = VideoIndex(np.arange(200), np.arange(0, 200, 10), Fraction(1, 25), 0)
+    assert index.seek_points(75) == [70, 60, 40, 0]
+    assert index.seek_points(199) == [190, 180, 160, 120, 40, 0]
+    assert index.seek_points(9) == [0]
+    assert VideoIndex(np.arange(5), np.zeros(0, np.int64), Fraction(1, 25), 0).seek_points(4) == [0]
 
 
 # --- encoding and assembly ---
@@ -297,6 +308,61 @@ def test_segments_are_byte_identical_across_runs(tmp_path, codec):
     (tmp_path / "again").mkdir()
     (b,) = _encode(tmp_path / "again", info, frames, segment, codec)
     assert a.read_bytes() == b.read_bytes()
+    assert b"cpuid" not in a.read_bytes()  # x265 names the CPU's features in its info SEI
+
+
+def test_x265_info_sei_would_name_the_cpu(tmp_path):
+    """The control for the check above: x265 left to its defaults writes the CPU's features
+    into the stream headers, so segments from different machines would not join."""
+    with av.open(str(tmp_path / "plain.mp4"), "w") as out:
+        stream = out.add_stream("libx265", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"x265-params": "log-level=error"}
+        picture = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24").reformat(format="yuv420p")
+        picture.pts = 0
+        out.mux(stream.encode(picture))
+        out.mux(stream.encode(None))
+    assert b"cpuid" in (tmp_path / "plain.mp4").read_bytes()
+
+
+_ENCODE_ON_CPUS = textwrap.dedent("""
+    import os, sys
+    import av
+    from gpen_video.io.decode import VideoReader
+    from gpen_video.io.encode import ENCODERS
+    from gpen_video.segments import SegmentWriter
+    cpus, src, dst, control, codec = sys.argv[1:]
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: int(cpus)])
+    with VideoReader(src) as reader:
+        frames = list(reader.frames())
+        with SegmentWriter(dst, reader.info, codec=codec) as writer:
+            for frame in frames:
+                writer.write(frame)
+    with av.open(control, "w") as out:  # the encoder left to choose its threads
+        stream = out.add_stream(ENCODERS[codec], rate=25)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        for i, frame in enumerate(frames):
+            picture = av.VideoFrame.from_ndarray(frame.rgb, format="rgb24").reformat(format="yuv420p")
+            picture.pts = i
+            out.mux(stream.encode(picture))
+        out.mux(stream.encode(None))
+""")
+
+
+def test_segment_bytes_do_not_depend_on_the_cpu_count(tmp_path):
+    """x264 chooses its threads from the CPUs it may use, and its output depends on it;
+    segments pin the count, so a run on one CPU and on all give the same bytes."""
+    codec = "h264"
+    cpus = len(os.sched_getaffinity(0))
+    if cpus < 2:
+        pytest.skip("needs at least 2 CPUs")
+    src = make_clip(tmp_path / "in.mp4", frames=12, size=(320, 240), audio_tracks=0)
+    for n in (1, cpus):
+        subprocess.run([sys.executable, "-c", _ENCODE_ON_CPUS, str(n), str(src), str(tmp_path / f"seg{n}.mp4"),
+                        str(tmp_path / f"control{n}.mp4"), codec], check=True, cwd=Path(__file__).parents[1])
+    if (tmp_path / "control1.mp4").read_bytes() == (tmp_path / f"control{cpus}.mp4").read_bytes():
+        pytest.skip(f"{codec} chose the same threads on 1 and {cpus} CPUs here")
+    assert (tmp_path / "seg1.mp4").read_bytes() == (tmp_path / f"seg{cpus}.mp4").read_bytes()
 
 
 def test_assemble_refuses_segments_encoded_differently(tmp_path):
