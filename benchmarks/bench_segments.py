@@ -6,7 +6,7 @@ picture and an encoder start per segment, the segment files' hashes (for the man
 nothing else: assembly copies packets in both cases. Also measured: starting to decode at a
 segment (seek to the keyframe before it, decode forward) against decoding from the start.
 
-    python benchmarks/bench_segments.py [--seconds 90] [--size 1280x720] [--preset medium]
+    python benchmarks/bench_segments.py [--seconds 90] [--size 1280x720] [--preset medium] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Clock:
     def __init__(self) -> None:
         self.wall = self.cpu = 0.0
 
-    def __enter__(self) -> "Clock":
+    def __enter__(self) -> Clock:
         self._wall, self._cpu = time.perf_counter(), time.process_time()
         return self
 
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--size", default="1280x720")
     parser.add_argument("--preset", default="medium")
     parser.add_argument("--segment-seconds", type=float, default=30.0)
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each variant, in alternating order")
     args = parser.parse_args()
     width, height = map(int, args.size.split("x"))
     rate = Fraction(25)
@@ -120,16 +121,24 @@ def main() -> None:
         print(f"clip: {width}x{height}, {count} frames at {rate} fps, AAC audio; x264 {args.preset}, "
               f"crf 18, {len(plan)} segments of {args.segment_seconds:g} s")
 
-        rows = []
-        for name, segments in (("one segment", [Segment(0, 0, count - 1, int(index.pts[0]))]),
-                               (f"{args.segment_seconds:g} s segments", plan)):
-            work = tmp / name.replace(" ", "-")
-            work.mkdir()
-            encoding, hashing, paths = encode(work, info, index.pts, pictures, segments, args.preset)
-            with Clock() as assembling:
-                assemble(src, paths, work / "out.mp4")
-            rows.append((name, encoding, hashing, assembling, (work / "out.mp4").stat().st_size))
-        print(f"{'seconds (wall/cpu)':20} {'encode':>13} {'hash':>11} {'assemble':>11} {'total':>13} {'MB':>7}")
+        variants = [("one segment", [Segment(0, 0, count - 1, int(index.pts[0]))]),
+                    (f"{args.segment_seconds:g} s segments", plan)]
+        clocks = {name: (Clock(), Clock(), Clock()) for name, _ in variants}
+        sizes = {}
+        for run in range(args.repeat):  # alternate the order: load from other jobs evens out
+            for name, segments in variants[:: -1 if run % 2 else 1]:
+                work = tmp / f"{name.replace(' ', '-')}-{run}"
+                work.mkdir()
+                encoding, hashing, paths = encode(work, info, index.pts, pictures, segments, args.preset)
+                with Clock() as assembling:
+                    assemble(src, paths, work / "out.mp4")
+                for total, part in zip(clocks[name], (encoding, hashing, assembling)):
+                    total.wall += part.wall / args.repeat
+                    total.cpu += part.cpu / args.repeat
+                sizes[name] = (work / "out.mp4").stat().st_size
+        rows = [(name, *clocks[name], sizes[name]) for name, _ in variants]
+        print(f"seconds per run, wall/CPU (CPU: every thread of this process), mean of {args.repeat}")
+        print(f"{'':20} {'encode':>13} {'hash':>11} {'assemble':>11} {'total':>13} {'MB':>7}")
         for name, encoding, hashing, assembling, size in rows:
             cells = [f"{c.wall:6.2f}/{c.cpu:6.2f}" for c in (encoding, hashing, assembling)]
             wall = encoding.wall + hashing.wall + assembling.wall

@@ -157,11 +157,14 @@ def _summary(result: JobResult) -> str:
     )
 
 
-def _check_before_loading_models(config: Config, input_path: Path, output_path: Path, *, overwrite: bool) -> None:
-    """Fail on an unusable input or output before spending time on weights."""
+def _check_before_loading_models(input_path: Path, output_path: Path, *, overwrite: bool,
+                                 report: Path | None) -> None:
+    """Fail on an unusable input, output or report path before spending time on weights."""
     from gpen_video.io.decode import probe
 
     check_output(input_path, output_path, overwrite=overwrite)
+    if report is not None:
+        check_output(input_path, report, overwrite=True)  # an old report is replaced; the input never
     if is_image(input_path):
         read_image(input_path)
     else:
@@ -216,14 +219,16 @@ def _jobs(args: argparse.Namespace) -> list[tuple[Path, Path]]:
 
 
 def run_restore(args: argparse.Namespace, config: Config) -> int:
-    from gpen_video.pipeline import FacePipeline
     from gpen_video.restore.weights import get_spec
 
     get_spec(config.model, kind="gpen")  # a bad --model is reported before any file is touched
     jobs = _jobs(args)
     overwrite = bool(args.overwrite)
     if len(jobs) == 1:
-        _check_before_loading_models(config, *jobs[0], overwrite=overwrite)
+        report = Path(args.report) if args.report else None
+        _check_before_loading_models(*jobs[0], overwrite=overwrite, report=report)
+    from gpen_video.pipeline import FacePipeline  # after the checks: importing it takes seconds
+
     pipeline = FacePipeline(config, download_progress=not args.quiet)
     failed: list[tuple[Path, str]] = []
     done = 0

@@ -116,14 +116,14 @@ class InputIdentity:
     head_sha256: str
 
     @classmethod
-    def of(cls, path: str | Path) -> "InputIdentity":
+    def of(cls, path: str | Path) -> InputIdentity:
         path = Path(path)
         stat = path.stat()
         with open(path, "rb") as handle:
             head = handle.read(HEAD_BYTES)
         return cls(size=stat.st_size, mtime_ns=stat.st_mtime_ns, head_sha256=hashlib.sha256(head).hexdigest())
 
-    def change(self, other: "InputIdentity") -> str | None:
+    def change(self, other: InputIdentity) -> str | None:
         """How ``other`` (the input now) differs from this one, or None."""
         if other.size != self.size:
             return f"its size changed ({self.size} -> {other.size} bytes)"
@@ -200,16 +200,16 @@ class Manifest:
     def complete(self) -> bool:
         return len(self.finished) == len(self.plan)
 
-    def with_segment(self, record: SegmentRecord) -> "Manifest":
+    def with_segment(self, record: SegmentRecord) -> Manifest:
         """This manifest with ``record`` finished (replacing an earlier record of its index)."""
         kept = [s for s in self.segments if s.index != record.index]
         return replace(self, segments=tuple(sorted([*kept, record], key=lambda s: s.index)))
 
-    def fresh(self) -> "Manifest":
+    def fresh(self) -> Manifest:
         """The same job with no segment finished."""
         return replace(self, segments=())
 
-    def mismatch(self, job: "Manifest") -> str | None:
+    def mismatch(self, job: Manifest) -> str | None:
         """Why this (stored) manifest does not describe ``job``; None if it does."""
         if self.format != job.format:
             return f"the work folder was written by another version of gpen-video (format {self.format})"
@@ -232,7 +232,7 @@ class Manifest:
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "Manifest":
+    def from_json(cls, text: str) -> Manifest:
         """Parse a manifest; raises ValueError (with the reason) for anything malformed."""
         try:
             data = json.loads(text)
@@ -250,7 +250,7 @@ class Manifest:
 
     @classmethod
     def for_job(cls, input_path: str | Path, settings: Mapping[str, object], weights_hash: str,
-                encoder: str, plan: Sequence[tuple[int, int]]) -> "Manifest":
+                encoder: str, plan: Sequence[tuple[int, int]]) -> Manifest:
         """The manifest of a job that has not finished any segment yet."""
         return cls(input=InputIdentity.of(input_path), settings_hash=settings_hash(settings),
                    weights_hash=weights_hash, encoder=encoder,
@@ -304,11 +304,11 @@ class WorkFolder:
         except FileNotFoundError:
             return None, None
         except (OSError, UnicodeDecodeError) as exc:
-            return None, f"its manifest cannot be read ({exc})"
+            return None, f"the manifest in {self.path} cannot be read ({exc})"
         try:
             return Manifest.from_json(text), None
         except ValueError as exc:
-            return None, f"its {exc}"
+            return None, f"the manifest in {self.path} is unusable: {exc}"
 
     def resume(self, job: Manifest, *, restart: bool = False, verify: bool = False) -> tuple[Manifest, str | None]:
         """The manifest to continue ``job`` with, and why an earlier run's work was dropped.

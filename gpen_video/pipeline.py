@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -33,7 +33,7 @@ from gpen_video.io.encode import VideoWriter, default_output_path
 from gpen_video.io.files import check_output
 from gpen_video.io.images import copy_unchanged, read_image, write_image
 from gpen_video.plan import Plan, PlannedFrame, Planner
-from gpen_video.records import Frame
+from gpen_video.records import Frame, TrackedFace
 from gpen_video.report import ReportWriter
 from gpen_video.restore.restorer import Restorer, default_batch_size, fit_batch_size, measure_face_bytes
 from gpen_video.warp import FaceCrops, Warp, create_warp
@@ -44,6 +44,8 @@ Progress = Callable[[int, "int | None"], None]
 """``progress(done_frames, total_frames_or_None)``, called as frames are written; raising
 ``gpen_video.Cancelled`` from it stops the job cleanly."""
 
+MODEL_SETTINGS = ("model", "weights", "device", "precision", "detector", "detect_size", "score_threshold", "mask")
+"""Config fields that decide which models a pipeline loads (see ``FacePipeline.reconfigured``)."""
 DECODE_DEPTH = 8
 """Decoded frames queued ahead of the planner."""
 STAGE_DEPTH = 16
@@ -344,6 +346,28 @@ class FacePipeline:
             for done, frame in enumerate(restored, 1):
                 yield frame.rgb
                 _tick(progress, cancel, done, None)
+
+    def restore_faces(self, rgb: np.ndarray, faces: Sequence[TrackedFace]) -> np.ndarray:
+        """Restore the given faces of one frame (a preview: faces come from an earlier plan,
+        e.g. a report or ``Planner.plan``), returning the frame with them pasted back."""
+        frame = Frame(0, 0, Fraction(1), rgb)
+        if not faces:
+            return rgb
+        crops = self.warp.crop(frame, tuple(faces))
+        restored = self.restorer.restore_tensor(crops.pixels)
+        return self._paste(_Restored(crops, frame, restored)).rgb
+
+    def reconfigured(self, config: Config) -> "FacePipeline":
+        """A pipeline for ``config`` that shares this one's models where the settings that
+        build them (model, weights, device, precision, detector, mask) are unchanged."""
+        same = {name: getattr(config, name) == getattr(self.config, name) for name in MODEL_SETTINGS}
+        if not same["model"] or not same["weights"] or not same["device"] or not same["precision"]:
+            return FacePipeline(config)
+        detector_same = all(same[n] for n in ("detector", "detect_size", "score_threshold"))
+        other = FacePipeline(config, restorer=self.restorer, detector=self.detector if detector_same else None)
+        if same["mask"] and self.masker is not None:
+            other.masker = self.masker
+        return other
 
     def restore_image(self, src: str | Path, dst: str | Path | None = None, *, overwrite: bool = False) -> JobResult:
         """Restore every face of one still image (jpg/png/bmp/webp/tiff).

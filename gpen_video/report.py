@@ -31,8 +31,6 @@ import numpy as np
 from gpen_video.io.files import atomic_file
 from gpen_video.records import Frame, TrackedFace
 
-SPOOL_ROWS = 64
-"""Faces buffered before they go to the spool. Higher: fewer database calls, more memory."""
 SPOOL_CACHE_KIB = 8192
 """SQLite page cache of the spool; beyond it pages go to the temporary file."""
 
@@ -91,7 +89,6 @@ class ReportWriter:
         self._db.execute("PRAGMA synchronous = OFF")
         self._db.execute("CREATE TABLE faces (track_id INTEGER, frame_index INTEGER, restored INTEGER, entry TEXT)")
         self._db.execute("CREATE TABLE cuts (frame_index INTEGER)")
-        self._rows: list[tuple[int, int, int, str]] = []
 
     def __enter__(self) -> "ReportWriter":
         return self
@@ -102,24 +99,19 @@ class ReportWriter:
     def add_frame(self, frame: Frame, faces: Sequence[TrackedFace], restored: Collection[int]) -> None:
         """Record one frame: every tracked face in it, and the ids of the tracks restored in it."""
         self.frames += 1
+        rows = []
         for face in faces:
             done = face.track_id in restored
             entry = json.dumps(face_entry(face, frame, restored=done), separators=(",", ":"))
-            self._rows.append((face.track_id, face.frame_index, int(done), entry))
-        if len(self._rows) >= SPOOL_ROWS:
-            self._spool()
+            rows.append((face.track_id, face.frame_index, int(done), entry))
+        self._db.executemany("INSERT INTO faces VALUES (?, ?, ?, ?)", rows)
 
     def add_scene_cut(self, frame_index: int) -> None:
         """Record that a new shot starts at ``frame_index``."""
         self._db.execute("INSERT INTO cuts VALUES (?)", (frame_index,))
 
-    def _spool(self) -> None:
-        self._db.executemany("INSERT INTO faces VALUES (?, ?, ?, ?)", self._rows)
-        self._rows.clear()
-
     def write(self, path: str | Path) -> None:
         """Write the JSON document to ``path``; it appears only when complete."""
-        self._spool()
         self._db.execute("CREATE INDEX IF NOT EXISTS by_track ON faces (track_id, frame_index)")
         head = {"input": self.input_path, "frames": self.frames, "fps": self.fps}
         with atomic_file(path) as out:
@@ -142,5 +134,4 @@ class ReportWriter:
 
     def close(self) -> None:
         """Drop the spool (SQLite deletes its temporary file). Idempotent."""
-        self._rows.clear()
         self._db.close()

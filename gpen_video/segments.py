@@ -224,7 +224,7 @@ class VideoIndex:
         check_shape("VideoIndex.keyframes", self.keyframes, (None,))
 
     @classmethod
-    def scan(cls, path: str | Path, stream_index: int | None = None) -> "VideoIndex":
+    def scan(cls, path: str | Path, stream_index: int | None = None) -> VideoIndex:
         """Demux the video stream of ``path`` (no decoding) and index its frames.
 
         Raises:
@@ -377,7 +377,7 @@ class SegmentWriter:
             options["profile"] = "4444" if full_chroma else "hq"
         return options
 
-    def __enter__(self) -> "SegmentWriter":
+    def __enter__(self) -> SegmentWriter:
         self._tmp = files.create_temp(self.path)
         try:
             self._out = av.open(str(self._tmp), mode="w", container_options={"fflags": "+bitexact"})
@@ -504,6 +504,10 @@ class _DtsJoiner:
         """The packets ready to mux (in order) once ``packet`` (next in decode order) is in."""
         if self.first_pts is None:
             self.first_pts = packet.pts
+            if self.latest and packet.pts <= self.latest[-1]:
+                raise EncodeError(f"segment {self.segment} starts at pts {packet.pts}, not after the "
+                                  f"previous segments (they reach pts {self.latest[-1]}); segments must "
+                                  "hold consecutive frames, in order")
         if self.leading and packet.dts is not None and packet.dts < self.first_pts:
             self.held.append(packet)
             return []

@@ -242,3 +242,27 @@ def test_batch_fit_counts_the_frames_held_on_the_device(detector):
         assert 2 * batch * face + pipeline.frames_on_device(2 * batch) * frame > 0.8 * free
     opencv = pipeline_for(detector, warp="opencv")
     assert opencv.fit_batch(2160, 3840, np.uint16, free_bytes=free, face_bytes=face) >= large
+
+
+def test_restore_faces_previews_one_frame_from_a_plan(detector, clip):
+    """The web page's preview: a frame's planned faces restored alone equal the frame that
+    restore_video produces for it."""
+    with av.open(str(clip)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    pipeline = pipeline_for(detector)
+    from gpen_video.records import Frame
+    from fractions import Fraction
+
+    planned = list(pipeline.planner.plan(Frame(i, i, Fraction(1, 25), f) for i, f in enumerate(frames)))
+    whole = list(pipeline.restore_frames(iter(frames)))
+    for index in (0, 12, 29):
+        preview = pipeline.restore_faces(frames[index], planned[index].faces)
+        np.testing.assert_array_equal(preview, whole[index])
+    assert pipeline.restore_faces(frames[3], ()) is frames[3]
+
+
+def test_reconfigured_shares_the_models(detector):
+    pipeline = pipeline_for(detector)
+    other = pipeline.reconfigured(pipeline.config.replace(strength=0.5, only_largest_face=True, codec="ffv1"))
+    assert other.restorer is pipeline.restorer and other.detector is pipeline.detector
+    assert other.config.strength == 0.5 and other.planner.only_largest_face

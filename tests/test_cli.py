@@ -223,7 +223,7 @@ def test_models_download_from_a_mirror_then_listed_as_cached(gpen256_file, http_
 def test_unknown_model_name_lists_the_presets(tmp_path, capsys):
     code = main(["models", "download", "GPEN-BFR-9000", "--cache-dir", str(tmp_path)])
     err = capsys.readouterr().err
-    assert code == 5 and "GPEN-BFR-512" in err
+    assert code == 2 and "GPEN-BFR-512" in err  # an unknown name is a bad option, not a weights problem
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -311,3 +311,8 @@ def test_skip_tracks_flag(tmp_path):
     assert config_from_args(args).skip_tracks == (3, 7)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["restore", "x.mp4", "--skip-tracks", "a"])
+
+
+def test_unknown_model_is_a_bad_option_before_the_input_is_read(clip, tmp_path, capsys):
+    code, err = cli("restore", clip, "-o", tmp_path / "o.mp4", "--model", "GPEN-BFR-9000", capsys=capsys)
+    assert code == 2 and "GPEN-BFR-256" in err and err.count("error:") == 1

@@ -128,7 +128,7 @@ def test_a_changed_job_starts_afresh_and_says_why(tmp_path, job, change, reason)
     (lambda path: path.write_bytes(b"short"), "segment file segment-00001.mp4 has 5 bytes, 6 were written"),
 ])
 def test_missing_or_truncated_segment_starts_afresh(tmp_path, job, damage, reason):
-    src, expected = job
+    _, expected = job
     work = WorkFolder(tmp_path / "work")
     manifest, _ = work.resume(expected)
     manifest = _finish(work, manifest, 1, b"second")
@@ -138,7 +138,7 @@ def test_missing_or_truncated_segment_starts_afresh(tmp_path, job, damage, reaso
 
 
 def test_verify_finds_a_segment_changed_in_place(tmp_path, job):
-    src, expected = job
+    _, expected = job
     work = WorkFolder(tmp_path / "work")
     manifest, _ = work.resume(expected)
     _finish(work, manifest, 1, b"second")
@@ -150,12 +150,12 @@ def test_verify_finds_a_segment_changed_in_place(tmp_path, job):
 
 
 def test_unreadable_manifest_and_restart(tmp_path, job):
-    src, expected = job
+    _, expected = job
     work = WorkFolder(tmp_path / "work")
     work.path.mkdir()
     work.manifest_path.write_text("{not json")
     fresh, why = work.resume(expected)
-    assert why.startswith("starting afresh: its malformed manifest (JSONDecodeError")
+    assert why.startswith(f"starting afresh: the manifest in {work.path} is unusable: malformed manifest (JSONDecodeError")
     manifest = _finish(work, fresh, 0, b"x")
     _, why = work.resume(expected, restart=True)
     assert why == "starting afresh: a restart was asked for"
@@ -164,7 +164,7 @@ def test_unreadable_manifest_and_restart(tmp_path, job):
 
 
 def test_record_checks_the_plan(tmp_path, job):
-    src, expected = job
+    _, expected = job
     work = WorkFolder(tmp_path / "work")
     manifest, _ = work.resume(expected)
     path = work.segment_path(0, ".mp4")
@@ -179,7 +179,7 @@ def test_record_checks_the_plan(tmp_path, job):
 
 
 def test_remove_deletes_only_its_own_files(tmp_path, job):
-    src, expected = job
+    _, expected = job
     work = WorkFolder(tmp_path / "work")
     manifest, _ = work.resume(expected)
     _finish(work, manifest, 0, b"x")
@@ -206,7 +206,7 @@ def test_lock_refuses_a_second_run(tmp_path):
 def test_manifest_survives_kill_9_while_being_replaced(tmp_path, job):
     """A process killed outright while recording segment after segment leaves a manifest that
     loads: the old one or the new one, never a part."""
-    src, expected = job
+    src, _ = job
     work = WorkFolder(tmp_path / "work")
     script = textwrap.dedent(f"""
         from pathlib import Path

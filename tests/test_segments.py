@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from fractions import Fraction
+from itertools import pairwise
 from pathlib import Path
 
 import av
@@ -188,9 +189,9 @@ def test_seek_points_step_back_through_keyframes():
 
 @pytest.mark.parametrize("codec", ["h264", "h265", "prores", "ffv1"])
 def test_segments_assemble_to_the_one_segment_render(tmp_path, codec):
-    """A VFR clip with audio and subtitles in four segments: every frame once with its pts,
-    valid dts (the dts one encode of all frames has), the other streams' packets as the
-    source's, and pictures as decoded from the segment files."""
+    """A VFR clip with audio and subtitles in three or more segments: every frame once with
+    its pts, valid dts (the dts one encode of all frames has), the other streams' packets as
+    the source's, and pictures as decoded from the segment files."""
     container = ".mov" if codec == "prores" else ".mkv" if codec == "ffv1" else ".mp4"
     src = make_clip(tmp_path / f"in{container}", frames=60, vfr_pts=_vfr_pts(60), subtitle=True,
                     options={"preset": "medium"})
@@ -209,7 +210,7 @@ def test_segments_assemble_to_the_one_segment_render(tmp_path, codec):
     assert sorted(Fraction(p.pts) * tb / info.time_base for p in packets) == [f.pts for f in frames]
     if container != ".mkv":  # Matroska stores no dts
         dts = [p.dts for p in packets]
-        assert all(a < b for a, b in zip(dts, dts[1:]))
+        assert all(a < b for a, b in pairwise(dts))
         assert all(p.dts <= p.pts for p in packets)
         assert dts == [p.dts for p in reference]
     starts = {round(frames[s.first_frame].pts * info.time_base, 6) for s in segments}
@@ -242,7 +243,7 @@ def test_vfr_join_gets_the_dts_of_one_encode(tmp_path):
     assert [s.first_frame for s in segments][:2] == [0, 40]
     parts = _encode(tmp_path, info, frames, segments, "h264")
     naive = [p.dts for part in parts for p in _video_packets(part)[1]]
-    assert any(a >= b for a, b in zip(naive, naive[1:])), "a plain concatenation would be invalid"
+    assert any(a >= b for a, b in pairwise(naive)), "a plain concatenation would be invalid"
 
     (tmp_path / "one").mkdir()
     (one,) = _encode(tmp_path / "one", info, frames, [Segment(0, 0, 79, frames[0].pts)], "h264")
@@ -250,7 +251,7 @@ def test_vfr_join_gets_the_dts_of_one_encode(tmp_path):
     assemble(src, [one], tmp_path / "whole.mp4")
     probed = _ffprobe_video_packets(tmp_path / "out.mp4")
     dts = [int(p["dts"]) for p in probed]
-    assert all(a < b for a, b in zip(dts, dts[1:]))
+    assert all(a < b for a, b in pairwise(dts))
     assert all(int(p["dts"]) <= int(p["pts"]) for p in probed)
     assert dts == [int(p["dts"]) for p in _ffprobe_video_packets(tmp_path / "whole.mp4")]
     tb = _video_packets(tmp_path / "out.mp4")[0]
@@ -374,6 +375,8 @@ def test_assemble_refuses_segments_encoded_differently(tmp_path):
                      preset="ultrafast")
     with pytest.raises(EncodeError, match="other settings"):
         assemble(src, first + second, tmp_path / "out.mp4")
+    with pytest.raises(EncodeError, match="segment 1 starts at pts 0, not after the previous"):
+        assemble(src, first + first, tmp_path / "out.mp4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "in.mp4", "segment-0.mp4"]
 
 
