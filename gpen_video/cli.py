@@ -1,4 +1,4 @@
-"""Command line: ``gpen-video restore`` and ``gpen-video models``.
+"""Command line: ``gpen-video restore``, ``gpen-video models`` and ``gpen-video web``.
 
 Exit codes: 0 success; 1 some files of a folder failed, or an unexpected error; 2 bad
 options or config; 3 unusable input; 4 output cannot be written; 5 weights problem;
@@ -120,6 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", parents=[common], help="list weight presets, or download one")
     m.add_argument("action", nargs="?", choices=["list", "download"], default="list")
     m.add_argument("name", nargs="?", help="preset to download")
+
+    w = sub.add_parser("web", parents=[common], help="serve a page to preview and restore in a browser (needs gpen-video[web])")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    w.add_argument("--config", help="the page's initial preset: a file or a name from configs/")
+    w.add_argument("--auth", metavar="USER:PASSWORD", help="require this login (needed with a --host other than 127.0.0.1)")
+    w.add_argument("--auth-file", metavar="FILE", help="require a login from this file of USER:PASSWORD lines")
+    w.add_argument("--max-upload", default="8GB", help="largest upload, e.g. 500MB or 8GB (default 8GB)")
+    w.add_argument("--media-dir", metavar="DIR", help="let the page pick inputs from files under DIR (nothing else)")
+    w.add_argument("--jobs-dir", metavar="DIR", help="where jobs and results are kept (default: CACHE/web)")
+    _flag(w, "--model", help="the page's initial GPEN preset")
+    _flag(w, "--weights", help="local checkpoint file (fixes the model); nothing is downloaded")
+    _flag(w, "--offline", action="store_const", const=True, help="never download weights")
+    _flag(w, "--device", help="auto, cpu, cuda or cuda:N: jobs run one at a time on it")
     return parser
 
 
@@ -280,6 +294,41 @@ def run_models(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def run_web(args: argparse.Namespace, config: Config) -> int:
+    """``gpen-video web``: check the options, then serve until Ctrl-C or SIGTERM."""
+    from gpen_video.restore.weights import default_cache_dir, get_spec
+    from gpen_video.web.access import check_binding, parse_size, read_auth
+    from gpen_video.web.media import MediaDir
+
+    get_spec(config.model, kind="gpen")
+    accounts = read_auth(args.auth, args.auth_file)
+    check_binding(args.host, accounts)
+    max_upload = parse_size(args.max_upload)
+    media = MediaDir(args.media_dir) if args.media_dir else None
+    jobs_dir = Path(args.jobs_dir) if args.jobs_dir else Path(config.cache_dir or default_cache_dir()) / "web"
+    try:
+        from gpen_video.web.app import WebOptions, serve
+    except ImportError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "gradio":
+            raise
+        raise ConfigError('the web page needs Gradio: pip install "gpen-video[web]"') from None
+    names = ("model", "weights", "offline", "device", "cache_dir", "mirror")
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    options = WebOptions(
+        jobs_dir=jobs_dir.expanduser().resolve(), host=args.host, port=args.port, preset=args.config,
+        overrides=overrides, accounts=accounts, max_upload=max_upload, media_dir=media,
+    )
+
+    def ready(url: str) -> None:
+        print(f"gpen-video web: open {url} (Ctrl-C stops; unfinished jobs continue at the next start)", flush=True)
+
+    try:
+        serve(options, ready=ready)
+    except (KeyboardInterrupt, Cancelled):
+        print("gpen-video web stopped; unfinished jobs continue when it starts again", file=sys.stderr)
+    return 0
+
+
 def _stop_on(signum: int, _frame: object) -> None:
     raise Cancelled(f"stopped by {signal.Signals(signum).name}; nothing was written", signal=signum)
 
@@ -300,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
         if args.command == "restore":
             return run_restore(args, config)
+        if args.command == "web":
+            return run_web(args, config)
         return run_models(args, config)
     except Cancelled as exc:
         print(f"interrupted: {exc}", file=sys.stderr)

@@ -25,7 +25,6 @@ flickers on and off nor jumps between two similar people:
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -40,8 +39,6 @@ from gpen_video.faces.smooth import LookaheadSmoother
 from gpen_video.faces.track import Tracker
 from gpen_video.records import Detections, Frame, TrackedFace
 from gpen_video.report import ReportWriter
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

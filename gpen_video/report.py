@@ -1,9 +1,10 @@
 """The ``--report`` JSON: every track, every frame, raw and used landmarks, and what was restored.
 
 Faces arrive as the planner releases frames. Each face's JSON entry is made once and spooled to
-a private temporary SQLite database (on disk, with a bounded page cache; SQLite deletes it when
-the writer is closed, and the file is already unlinked while in use, so a killed run leaves
-nothing behind). ``ReportWriter.write`` then streams the document from it, tracks by id and
+a private temporary SQLite database: on disk in SQLite's temporary folder (``$SQLITE_TMPDIR``,
+``$TMPDIR``, else ``/var/tmp``), about as large as the report, with a bounded page cache. SQLite
+deletes it when the writer is closed, and the file is already unlinked while in use, so a
+killed run leaves nothing behind. ``ReportWriter.write`` then streams the document from it, tracks by id and
 faces by frame, into a file that appears only when complete. Memory stays bounded however long
 the video: a 2-hour tape is about 180,000 frames.
 

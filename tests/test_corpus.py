@@ -64,8 +64,11 @@ def test_corpus_covers_the_issue(ran):
 
 
 def test_no_temporary_file_outlives_a_run_and_the_weights_stay_as_they_were(ran):
+    """Every run had the same private TMPDIR. torch makes its compile-cache folder there on
+    import (empty, reused): that is a cache, not something a run left behind."""
     _, _, _, env, weights_unchanged = ran
-    assert os.listdir(env["TMPDIR"]) == []
+    left = [n for n in os.listdir(env["TMPDIR"]) if not n.startswith("torchinductor_")]
+    assert left == [], f"left in the temporary folder by the runs: {left}"
     assert weights_unchanged
 
 
@@ -84,11 +87,11 @@ def made_up(tmp_path) -> tuple[Case, dict]:
     """A failing case (exit 3) whose folder holds its input, and that folder's snapshot."""
     (tmp_path / "in.mp4").write_bytes(b"input bytes")
     case = Case("made-up", "unusable input", tmp_path, ("in.mp4",), 3, message="in.mp4")
-    return case, {str(tmp_path): snapshot(tmp_path)}
+    return case, snapshot(tmp_path)
 
 
 def _outcome(case: Case, before: dict, code: int | None, stderr: str) -> Outcome:
-    return Outcome(case, code, stderr, 1.0, 1.0, before, {str(case.folder): snapshot(case.folder)})
+    return Outcome(case, code, stderr, 1.0, 1.0, before, snapshot(case.folder))
 
 
 def test_checker_passes_a_clean_failure(made_up):
@@ -145,3 +148,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_checker_requires_lost_frames_to_be_counted(made_up):
+    from tests.clips import make_clip
+
+    case, before = made_up
+    case = replace(case, code=0, outputs=("out.mkv",), size=(32, 16), frames=5, warning="damaged")
+    make_clip(case.folder / "out.mkv", frames=3, size=(32, 16), audio_tracks=0)
+    os.chmod(case.folder / "out.mkv", 0o666 & ~_umask())
+    quiet = check(_outcome(case, before, 0, ""))
+    assert any("2 of 5 frames lost without a warning" in p for p in quiet), quiet
+    counted = "warning: in.mkv is damaged: 2 of about 5 frames could not be decoded\n"
+    assert check(_outcome(case, before, 0, counted)) == []
+    miscounted = check(_outcome(case, before, 0, counted.replace("2 of", "4 of")))
+    assert any("counts 4 lost frames, 2 were" in p for p in miscounted), miscounted

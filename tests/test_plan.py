@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import tracemalloc
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 
@@ -43,19 +43,20 @@ def detections(faces: list[tuple[np.ndarray, np.ndarray]]) -> Detections:
 
 
 class ScriptedDetector:
-    """A ``FaceDetector`` that returns ``script(i)`` for the i-th image it is given."""
+    """A ``FaceDetector`` that returns ``script(i)`` for the i-th image it is given; counts
+    its calls by batch size (bounded memory, for the long runs)."""
 
     def __init__(self, script: Script, *, fail_at: int | None = None) -> None:
         self.script = script
         self.fail_at = fail_at
         self.seen = 0
-        self.batches: list[int] = []
+        self.batches: Counter[int] = Counter()
         self.threads: set[str] = set()
 
     def detect(self, images):
         if self.fail_at is not None and self.seen + len(images) > self.fail_at:
             raise RuntimeError("detector failed")
-        self.batches.append(len(images))
+        self.batches[len(images)] += 1
         self.threads.add(threading.current_thread().name)
         out = [self.script(self.seen + k) for k in range(len(images))]
         self.seen += len(images)
@@ -312,6 +313,16 @@ def test_report_says_what_was_done(tmp_path):
     assert stats.restored_tracks == 2
 
 
+def test_report_into_a_missing_folder_is_an_output_error(tmp_path):
+    from gpen_video.errors import OutputError
+
+    with ReportWriter("tape.mp4", fps=25.0) as report:
+        run(Planner(ScriptedDetector(three_faces)), tiny_frames(40), report)
+        with pytest.raises(OutputError, match="missing"):
+            report.write(tmp_path / "missing" / "report.json")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_report_of_a_video_without_faces(tmp_path):
     out = tmp_path / "r.json"
     with ReportWriter("empty.mp4", fps=0.0) as report:
@@ -334,7 +345,7 @@ def test_frames_come_out_once_in_order_and_detection_runs_batched_in_a_thread():
         planned.append(p)
         held.append(read[0] - len(planned))
     assert [p.frame.index for p in planned] == list(range(N - 3))
-    assert detector.batches == [8] * ((N - 3) // 8) + [(N - 3) % 8]
+    assert detector.batches == {8: (N - 3) // 8, (N - 3) % 8: 1}
     assert threading.current_thread().name not in detector.threads
     assert max(held) <= planner.delay
     assert max(held) >= planner.context, "frames wait for the look-ahead"
