@@ -22,10 +22,11 @@ import pytest
 
 from gpen_video.errors import ConfigError, InputError
 from gpen_video.web.access import check_binding, parse_size, read_auth
+from gpen_video.web.jobs import JobStore, output_suffix, owner_of
 from gpen_video.web.media import MediaDir
 from tests.clips import read_frames, read_packets
 from tests.web_browser import (
-    CHROMIUM, WebServer, before_after, choose, download, job, launch_chromium, set_frame, upload,
+    CHROMIUM, WebServer, choose, download, job, launch_chromium, set_frame, upload,
     wait_faces, wait_job, wait_preview_change, wait_ready, Screens,
 )
 
@@ -89,30 +90,57 @@ def test_media_dir_reads_only_inside(tmp_path: Path) -> None:
         MediaDir(tmp_path / "nothing")
 
 
-def _cli(*args: str, env: dict | None = None, code: str = "") -> subprocess.CompletedProcess:
-    program = code + "import sys; from gpen_video.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--host", "0.0.0.0"], "--auth USER:PASSWORD"),
+        (["--host", "192.0.2.1", "--auth", "nopassword"], "USER:PASSWORD"),
+        (["--max-upload", "lots"], "is not a size"),
+        (["--media-dir", "missing"], "is not a folder"),
+        (["--model", "GPEN-BFR-3"], "unknown model"),
+    ],
+)
+def test_cli_refuses_unsafe_or_impossible_setups(args, words, tmp_path, monkeypatch, capsys) -> None:
+    from gpen_video.cli import main
 
-
-def test_cli_refuses_unsafe_or_impossible_setups(tmp_path: Path) -> None:
-    cases = [
-        (["web", "--host", "0.0.0.0"], "--auth USER:PASSWORD"),
-        (["web", "--auth", "nopassword"], "USER:PASSWORD"),
-        (["web", "--max-upload", "lots"], "is not a size"),
-        (["web", "--media-dir", str(tmp_path / "missing")], "is not a folder"),
-        (["web", "--model", "GPEN-BFR-3"], "unknown model"),
-    ]
-    for args, words in cases:
-        run = _cli(*args, "--jobs-dir", str(tmp_path / "jobs"))
-        assert run.returncode == 2, (args, run.stderr)
-        lines = run.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (args, run.stderr)
+    monkeypatch.chdir(tmp_path)
+    assert main(["web", *args, "--jobs-dir", str(tmp_path / "jobs")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
     assert not (tmp_path / "jobs").exists()
 
 
+@pytest.mark.parametrize(
+    ("suffix", "codec", "image", "expected"),
+    [(".mp4", "h264", False, ".mp4"), (".mkv", "h264", False, ".mkv"), (".webm", "h264", False, ".mp4"),
+     (".mp4", "ffv1", False, ".mkv"), (".mov", "ffv1", False, ".mov"), (".mp4", "prores", False, ".mov"),
+     (".webm", "h265", False, ".mp4"), (".jpg", "ffv1", True, ".jpg")],
+)
+def test_output_suffix(suffix: str, codec: str, image: bool, expected: str) -> None:
+    assert output_suffix(suffix, codec, image=image) == expected
+
+
+def test_job_record_round_trip(tmp_path: Path) -> None:
+    from gpen_video import load_config
+
+    source = tmp_path / "tape 3.mov"
+    source.write_bytes(b"video")
+    store = JobStore(tmp_path / "jobs")
+    config = load_config("archival", skip_tracks=(3, 7), weights=str(tmp_path / "w.pth"))
+    job = store.create(owner_of("token"), source, "tape 3.mov", config, link_input=True)
+    assert job.input == tmp_path / "jobs" / job.id / "input" / "tape 3.mov" and job.input.read_bytes() == b"video"
+    assert job.output.name == "tape 3.restored.mov" and job.state == "queued"
+    again = JobStore(tmp_path / "jobs")  # a restarted server reads the same jobs
+    assert again.get(job.id) == job and again.unfinished() == [job]
+    assert again.get(job.id, owner_of("another browser")) is None and again.latest(owner_of("token")) == job
+    assert oct((tmp_path / "jobs" / job.id / "job.json").stat().st_mode & 0o777) != "0o600"
+
+
 def test_cli_without_gradio_says_what_to_install(tmp_path: Path) -> None:
-    run = _cli("web", "--jobs-dir", str(tmp_path / "jobs"), code="import sys; sys.modules['gradio'] = None; ")
+    program = ("import sys; sys.modules['gradio'] = None; from gpen_video.cli import main; "
+               "sys.exit(main(sys.argv[1:]))")
+    run = subprocess.run([sys.executable, "-c", program, "web", "--jobs-dir", str(tmp_path / "jobs")],
+                         capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == ['error: the web page needs Gradio: pip install "gpen-video[web]"']
 
@@ -173,7 +201,8 @@ def page(chromium, server: WebServer):
     context = chromium.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     tab = context.new_page()
     outside: list[str] = []
-    tab.on("request", lambda r: None if r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else outside.append(r.url))
+    local = ("http://127.0.0.1", "data:", "blob:")
+    tab.on("request", lambda r: None if r.url.startswith(local) else outside.append(r.url))
     tab.goto(server.url)
     yield tab
     context.close()
@@ -272,7 +301,7 @@ def _check_skipped_face_untouched(plan, before, after, *, skipped: int) -> None:
             luma = np.abs(after[index][0][y0:y1, x0:x1].astype(int) - before[index][0][y0:y1, x0:x1].astype(int))
             restored += luma.size > 0 and luma.mean() > 10
         chroma_keep = keep[0::2, 0::2] & keep[1::2, 0::2] & keep[0::2, 1::2] & keep[1::2, 1::2]  # [H/2, W/2]
-        for plane, mask in zip(range(3), (keep, chroma_keep, chroma_keep)):
+        for plane, mask in enumerate((keep, chroma_keep, chroma_keep)):
             compared += int(mask.sum())
             changed += int((after[index][plane][mask] != before[index][plane][mask]).sum())
     assert compared > 50 * 30 * 30, "the skipped face was hardly ever apart from the restored one"

@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 
 from gpen_video.config import CONFIG_DIR, Config, load_config  # noqa: E402
 from gpen_video.errors import ConfigError, GpenVideoError  # noqa: E402
+from gpen_video.web.access import DEFAULT_MAX_UPLOAD  # noqa: E402
 from gpen_video.web.analysis import Analysis, analyse  # noqa: E402
 from gpen_video.web.jobs import ACTIVE, Job, JobRunner, JobStore, Pipelines, owner_of  # noqa: E402
 from gpen_video.web.media import MediaDir  # noqa: E402
@@ -77,7 +78,7 @@ class WebOptions:
     preset: str | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
     accounts: list[tuple[str, str]] = field(default_factory=list)
-    max_upload: int = 8 * 1000**3
+    max_upload: int = DEFAULT_MAX_UPLOAD
     media_dir: MediaDir | None = None
 
 
@@ -102,6 +103,14 @@ def _error(message: str | None) -> dict:
     if not message:
         return gr.update(value="", visible=False)
     return gr.update(value=f'<p class="gv-error" role="alert">{html.escape(message)}</p>', visible=True)
+
+
+def _message(exc: Exception, doing: str) -> str:
+    """One line for the page: a GpenVideoError's own sentence; anything else is logged."""
+    if isinstance(exc, GpenVideoError):
+        return str(exc)
+    log.exception("%s failed", doing)
+    return f"unexpected {type(exc).__name__} in {doing}: {exc} (the server's log has the details)"
 
 
 def _presets(chosen: str | None) -> tuple[list[tuple[str, str]], str]:
@@ -146,11 +155,16 @@ class WebApp:
 
     # ------------------------------------------------------------------ faces found
 
+    @staticmethod
+    def forget(previous: Analysis | None) -> None:
+        """Delete the preview frames of an analysis that a new one replaces."""
+        if previous is not None and previous.samples:
+            shutil.rmtree(previous.samples[0].path.parent, ignore_errors=True)
+
     def find_faces(self, source: Path, name: str, previous: Analysis | None, settings: tuple,
                    progress: gr.Progress) -> tuple:
         """Outputs: analysis, error, summary, gallery, faces, frame slider, before/after, restore."""
-        if previous is not None and previous.samples:
-            shutil.rmtree(previous.samples[0].path.parent, ignore_errors=True)
+        self.forget(previous)
         folder = self.analyses / secrets.token_hex(8)
         try:
             pipeline = self.pipelines.get(self.config(*settings))
@@ -158,9 +172,9 @@ class WebApp:
                 pipeline, source, folder, name=name, seconds=ANALYSE_SECONDS,
                 progress=lambda done, total: progress((done, total), desc="Finding faces", unit="frames"),
             )
-        except GpenVideoError as exc:
+        except Exception as exc:  # noqa: BLE001 - one line in the page, the traceback in the log
             shutil.rmtree(folder, ignore_errors=True)
-            message = str(exc).replace(str(source), name)
+            message = _message(exc, "finding faces in " + name).replace(str(source), name)
             return (None, _error(message), "", [], gr.update(choices=[], value=[]),
                     gr.update(interactive=False), None,
                     gr.update(interactive=False))
@@ -168,7 +182,7 @@ class WebApp:
         labels = [(f"Face {t.track_id} · {_clock(t.first)}–{_clock(t.last)}", t.track_id) for t in restorable]
         if found.image:
             labels = [(f"Face {t.track_id}", t.track_id) for t in restorable]
-        gallery = [(t.thumbnail, label) for t, (label, _) in zip(restorable, labels)]
+        gallery = [(t.thumbnail, f"Face {t.track_id}") for t in restorable]
         samples = found.samples
         step = samples[1].index - samples[0].index if len(samples) > 1 else 1
         middle = samples[len(samples) // 2].index
@@ -206,8 +220,8 @@ class WebApp:
             pipeline = self.pipelines.get(self.config(*settings))
             rgb = sample.rgb()
             after = pipeline.restore_faces(rgb, [f for f in sample.faces if f.track_id in set(checked or [])])
-        except GpenVideoError as exc:
-            return None, _error(str(exc))
+        except Exception as exc:  # noqa: BLE001 - one line in the page, the traceback in the log
+            return None, _error(_message(exc, "the preview"))
         return (_display(rgb), _display(after)), _error(None)
 
     # ------------------------------------------------------------------ jobs
@@ -239,12 +253,15 @@ class WebApp:
                 status = f"{job.done_frames}" + (f" / {total}" if total else "") + f" frames · {job.fps:.1f} fps"
                 if job.seconds_left is not None:
                     status += f" · {_eta(job.seconds_left)} left"
+        elif job.state == "done" and job.image:
+            status = f"done: {job.faces_restored} face{'s' if job.faces_restored != 1 else ''} restored"
         elif job.state == "done":
             status = (f"done: {job.done_frames} frame{'s' if job.done_frames != 1 else ''}, "
                       f"{job.faces_restored} face{'s' if job.faces_restored != 1 else ''} restored "
                       f"in {_eta(job.seconds)}")
             if job.served is not None and (job.config.codec, job.served.suffix.lower()) not in PLAYABLE:
-                status += f"; browsers do not play {job.config.codec.upper()} {job.served.suffix} files, download it below"
+                kind = f"{job.config.codec.upper()} {job.served.suffix}"
+                status += f"; browsers do not play {kind} files, download it below"
         elif job.state == "cancelled":
             status = "cancelled; nothing was written"
         else:
@@ -253,7 +270,7 @@ class WebApp:
             status += " · continued after a server restart"
         bar_max = total if total else max(job.done_frames, 1)
         bar_value = bar_max if job.state == "done" else job.done_frames
-        queue = f"Server: {running} job running, {waiting} waiting." if running or waiting else ""
+        queue = f"Server: {running} job running, {waiting} waiting." if job.state in ACTIVE else ""
         return (
             f'<div class="gv-job" data-job="{job.id}" data-state="{job.state}" '
             f'data-done="{job.done_frames}" data-total="{total}">'
@@ -351,8 +368,8 @@ class WebApp:
                 with gr.Column(scale=2):
                     error = gr.HTML("", elem_id="error", visible=False)
                     summary = gr.Markdown("", elem_id="analysis")
-                    gallery = gr.Gallery(label="Faces found", elem_id="face-thumbnails", columns=8, rows=1,
-                                         height=190, allow_preview=False, object_fit="contain")
+                    gallery = gr.Gallery(label="Faces found", elem_id="face-thumbnails", columns=6, fit_columns=False,
+                                         height=200, allow_preview=False, object_fit="contain", interactive=False)
                     faces = gr.CheckboxGroup([], label="Restore these faces (untick a person to leave them alone)",
                                              elem_id="faces")
                     frame = gr.Slider(0, 1, value=0, step=1, label="Preview frame", elem_id="preview-frame",
@@ -372,6 +389,7 @@ class WebApp:
 
             def from_upload(path, previous, *values, progress=gr.Progress()):
                 if not path:
+                    self.forget(previous)
                     return (None, _error(None), "", [], gr.update(choices=[], value=[]), gr.skip(), None,
                             gr.update(interactive=False))
                 return self.find_faces(Path(path), Path(path).name, previous, values, progress)
@@ -448,7 +466,7 @@ def serve(options: WebOptions, *, ready=None) -> None:
     """
     from gpen_video.pipeline import FacePipeline
 
-    home = options.jobs_dir
+    home = options.jobs_dir.expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     lock = _lock(home)
     served, jobs, analyses = home / "served", home / "jobs", home / "analysis"
@@ -477,7 +495,8 @@ def serve(options: WebOptions, *, ready=None) -> None:
                 theme=gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]),
             )
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {options.host}:{options.port} ({exc}); choose another --port") from None
+            where = f"{options.host}:{options.port}"
+            raise ConfigError(f"cannot listen on {where} ({exc}); choose another --port") from None
         if ready is not None:
             ready(url)
         while True:

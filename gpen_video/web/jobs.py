@@ -184,8 +184,13 @@ class JobStore:
         shutil.rmtree(self.root / job.id / "input", ignore_errors=True)
 
 
-CONTAINERS = {"ffv1": (".mkv", (".mkv", ".mov", ".avi")), "prores": (".mov", (".mov", ".mkv"))}
-"""Codecs whose output needs a container other than the usual MP4: (default, accepted)."""
+CONTAINERS = {
+    "h264": (".mp4", (".mp4", ".m4v", ".mov", ".mkv", ".ts", ".m2ts", ".mts", ".avi", ".flv", ".3gp")),
+    "h265": (".mp4", (".mp4", ".m4v", ".mov", ".mkv", ".ts", ".m2ts", ".mts")),
+    "ffv1": (".mkv", (".mkv", ".mov", ".avi")),
+    "prores": (".mov", (".mov", ".mkv")),
+}
+"""Per codec: the container used when the input's cannot hold it, and those that can."""
 
 
 def output_suffix(suffix: str, codec: str, *, image: bool) -> str:
