@@ -1,175 +1,209 @@
-"""The cost of segmenting: 30 s segments against one segment, encode-only, side by side.
+"""What segments cost, and what resuming saves, end to end.
 
-The same synthetic 720p frames go through ``SegmentWriter`` once as one segment and once as
-30-second segments; each result is assembled with the source's audio. Segmenting adds an IDR
-picture and an encoder start per segment, the segment files' hashes (for the manifest) and
-nothing else: assembly copies packets in both cases. Also measured: starting to decode at a
-segment (seek to the keyframe before it, decode forward) against decoding from the start.
+1. Segmenting: the whole pipeline (GPEN-BFR-256 with random weights unless ``--model none``,
+   which restores with an identity network: a pessimistic bound, as the model's time no longer
+   hides anything) on one clip, rendered as one segment and as ``--segment-seconds``
+   segments, alternating, ``--repeat`` times. Segmenting adds the index scan, an encoder start
+   and an IDR picture per segment, the segment files' and logs' hashes, and the assembly
+   (a stream copy of the whole video); the cost is the difference, as a share of the
+   one-segment time.
+2. Resuming: the command line on a second clip, run whole, then killed with SIGKILL about
+   half-way and run again: once killed right after the segment that completes half of the
+   frames was recorded, once at half of the whole run's wall time (inside a segment, whose
+   part done is lost). The resumed run's wall time is compared with the whole run's.
 
-    python benchmarks/bench_segments.py [--seconds 90] [--size 1280x720] [--preset medium] [--repeat 1]
+    python benchmarks/bench_segments.py [--seconds 90] [--size 640x360] [--segment-seconds 30]
+        [--resume-seconds 40] [--resume-segment-seconds 5] [--repeat 2] [--model GPEN-BFR-256|none]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
-import av
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from gpen_video.io.decode import probe  # noqa: E402
-from gpen_video.manifest import file_sha256  # noqa: E402
-from gpen_video.records import Frame  # noqa: E402
-from gpen_video.segments import (  # noqa: E402
-    SEGMENT_SUFFIX,
-    Segment,
-    SegmentWriter,
-    VideoIndex,
-    assemble,
-    decode_range,
-    plan_segments,
-)
-from tests.clips import make_clip, pattern  # noqa: E402
-
-DISTINCT = 48
-"""Distinct pictures generated once; frames are these, shifted a little more each cycle."""
-
-
-class Pictures:
-    """Cheap moving 720p content: a cycle of pattern frames, panned one step per cycle."""
-
-    def __init__(self, width: int, height: int):
-        self.base = [pattern(i, width, height) for i in range(DISTINCT)]
-
-    def __call__(self, i: int) -> np.ndarray:
-        return np.roll(self.base[i % DISTINCT], 7 * (i // DISTINCT), axis=1)
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 
 class Clock:
-    """Wall and CPU seconds (all threads of this process: the encoder's too) spent inside
-    ``with clock:`` blocks. CPU time stays meaningful on a machine shared with other jobs."""
-
-    def __init__(self) -> None:
-        self.wall = self.cpu = 0.0
+    """Wall and CPU seconds (every thread of this process) of a ``with`` block."""
 
     def __enter__(self) -> Clock:
         self._wall, self._cpu = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.wall += time.perf_counter() - self._wall
-        self.cpu += time.process_time() - self._cpu
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
 
 
-def encode(work: Path, info, pts: np.ndarray, pictures: Pictures, segments: list[Segment],
-           preset: str) -> tuple[Clock, Clock, list[Path]]:
-    """Encode ``segments``; returns (encoding clock, hashing clock, files). Making the frames
-    is not timed."""
-    encoding, hashing = Clock(), Clock()
-    paths = []
-    for segment in segments:
-        path = work / f"segment-{segment.index:05d}{SEGMENT_SUFFIX['h264']}"
-        with encoding:
-            writer = SegmentWriter(path, info, preset=preset).__enter__()
-        try:
-            for i in range(segment.first_frame, segment.last_frame + 1):
-                frame = Frame(index=i, pts=int(pts[i]), time_base=info.time_base, rgb=pictures(i))
-                with encoding:
-                    writer.write(frame)
-        except BaseException as exc:
-            writer.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-        with encoding:
-            writer.__exit__(None, None, None)
-        with hashing:
-            file_sha256(path)
-        paths.append(path)
-    return encoding, hashing, paths
+def _pipeline(model: str, segment_seconds: float, detector, restorer):
+    from gpen_video.config import load_config
+    from gpen_video.pipeline import FacePipeline
+
+    config = load_config(None, device="cpu", segment_seconds=segment_seconds)
+    return FacePipeline(config, restorer=restorer, detector=detector)
 
 
-def decoded_frames(frames: Iterator) -> int:
-    return sum(1 for _ in frames)
+def _restorer(model: str):
+    import torch
+
+    from gpen_video.device import resolve_dtype
+    from gpen_video.restore.model import build_model, preset_config
+    from gpen_video.restore.restorer import Restorer
+
+    if model == "none":
+        return Restorer(torch.nn.Identity(), 256)
+    config = preset_config(model)
+    torch.manual_seed(0)
+    return Restorer(build_model(config), config.size, dtype=resolve_dtype("auto", torch.device("cpu")))
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):7.2f} ({min(values):.2f}..{max(values):.2f})"
+
+
+def segmenting(args, tmp: Path) -> None:
+    from gpen_video.faces.detect import create_detector
+    from samples.make_demo import render_clip
+
+    width, height = map(int, args.size.split("x"))
+    clip = tmp / "segmenting.mp4"
+    render_clip(clip, seconds=args.seconds, size=(width, height), faces=1, seed=3)
+    detector, restorer = create_detector("retinaface-mobile"), _restorer(args.model)
+    variants = {"one segment": 1e9, f"{args.segment_seconds:g} s segments": args.segment_seconds}
+    times: dict[str, list[Clock]] = {name: [] for name in variants}
+    segments = {}
+    print(f"1. segmenting: {args.seconds:g} s at {width}x{height}, 25 fps, one face, AAC; model {args.model}; "
+          f"x264 medium crf 18; {args.repeat} runs each, alternating")
+    for run in range(args.repeat):
+        for name, seconds in list(variants.items())[:: -1 if run % 2 else 1]:
+            pipeline = _pipeline(args.model, seconds, detector, restorer)
+            out = tmp / f"out-{run}-{seconds:g}.mp4"
+            with Clock() as clock:
+                result = pipeline.restore_video(clip, out)
+            times[name].append(clock)
+            from gpen_video.io.decode import VideoReader
+            from gpen_video.segments import SegmentPlan
+
+            with VideoReader(clip) as reader:
+                segments[name] = len(SegmentPlan.of(reader, seconds))
+            print(f"   run {run + 1} {name:18} {clock.wall:7.2f} s wall {clock.cpu:7.2f} s CPU "
+                  f"({result.frames} frames, {result.faces_restored} faces, {segments[name]} segments)")
+            out.unlink()
+    one, seg = (times[name] for name in variants)
+    print(f"   {'':22} {'wall s, median (min..max)':>28} {'CPU s':>24}")
+    for name in variants:
+        print(f"   {name:22} {_spread([c.wall for c in times[name]]):>28} {_spread([c.cpu for c in times[name]]):>24}")
+    wall = [s.wall / o.wall - 1 for o, s in zip(one, seg)]
+    cpu = [s.cpu / o.cpu - 1 for o, s in zip(one, seg)]
+    print(f"   segmenting cost per run pair: wall {', '.join(f'{100 * w:+.1f} %' for w in wall)}; "
+          f"CPU {', '.join(f'{100 * c:+.1f} %' for c in cpu)}")
+    print(f"   median: wall {100 * statistics.median(wall):+.1f} %, CPU {100 * statistics.median(cpu):+.1f} % "
+          "(target <= 3 %)")
+
+
+_CLI = [sys.executable, "-m", "gpen_video", "restore"]
+
+
+def _cli_args(args, clip: Path, out: Path, weights: Path) -> list[str]:
+    return [*_CLI, str(clip), "-o", str(out), "--model", "GPEN-BFR-256", "--weights", str(weights), "--device", "cpu",
+            "--segment-seconds", str(args.resume_segment_seconds), "-q", "-y"]
+
+
+def _run(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return time.perf_counter() - start
+
+
+def _killed(cmd: list[str], work: Path, *, at_fraction: float | None = None, after_seconds: float | None = None) -> float:
+    """Run ``cmd`` and SIGKILL it: once the manifest shows ``at_fraction`` of the frames done,
+    or after ``after_seconds``. Returns the fraction of frames recorded as done."""
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    start = time.perf_counter()
+    manifest = work / "manifest.json"
+    done = 0.0
+    while proc.poll() is None:
+        if manifest.exists():
+            try:
+                data = json.loads(manifest.read_text())
+                done = sum(s["frame_count"] for s in data["segments"]) / sum(c for _, c in data["plan"])
+            except (ValueError, KeyError, ZeroDivisionError):
+                pass
+        if (at_fraction is not None and done >= at_fraction) or (
+                after_seconds is not None and time.perf_counter() - start >= after_seconds):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    data = json.loads(manifest.read_text())
+    return sum(s["frame_count"] for s in data["segments"]) / sum(c for _, c in data["plan"])
+
+
+def resuming(args, tmp: Path) -> None:
+    import torch
+
+    from gpen_video.manifest import work_dir_for
+    from gpen_video.restore.model import preset_config
+    from samples.make_demo import render_clip
+    from tests.conftest import random_state_dict
+
+    weights = tmp / "GPEN-BFR-256.pth"
+    torch.save(random_state_dict(preset_config("GPEN-BFR-256"), seed=1), weights)
+    clip = tmp / "resuming.mp4"
+    render_clip(clip, seconds=args.resume_seconds, size=(320, 180), faces=1, seed=4)
+    out = tmp / "resumed.mp4"
+    cmd = _cli_args(args, clip, out, weights)
+    print(f"2. resuming: gpen-video restore on {args.resume_seconds:g} s at 320x180, one face, GPEN-BFR-256, "
+          f"--segment-seconds {args.resume_segment_seconds:g}, killed with SIGKILL about half-way")
+    rows: dict[str, list[float]] = {"whole run": [], "after a kill at a recorded half": [],
+                                    "after a kill at half the time": []}
+    done: dict[str, list[float]] = {k: [] for k in rows}
+    for run in range(args.repeat):
+        whole = _run(cmd)
+        rows["whole run"].append(whole)
+        out.unlink()
+        for name, how in (("after a kill at a recorded half", {"at_fraction": 0.5}),
+                          ("after a kill at half the time", {"after_seconds": whole / 2})):
+            done[name].append(_killed(cmd, work_dir_for(out), **how))
+            rows[name].append(_run(cmd))
+            out.unlink()
+        print(f"   run {run + 1}: whole {whole:.1f} s; " + "; ".join(
+            f"{name} ({100 * done[name][-1]:.0f} % of frames kept) {rows[name][-1]:.1f} s"
+            for name in list(rows)[1:]))
+    for name in list(rows)[1:]:
+        ratios = [r / w for r, w in zip(rows[name], rows["whole run"])]
+        print(f"   {name}: resumed run / whole run {', '.join(f'{r:.2f}' for r in ratios)} "
+              f"(median {statistics.median(ratios):.2f}; target <= 0.60)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=90.0)
-    parser.add_argument("--size", default="1280x720")
-    parser.add_argument("--preset", default="medium")
+    parser.add_argument("--size", default="640x360")
     parser.add_argument("--segment-seconds", type=float, default=30.0)
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each variant, in alternating order")
+    parser.add_argument("--resume-seconds", type=float, default=40.0)
+    parser.add_argument("--resume-segment-seconds", type=float, default=5.0)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--model", default="GPEN-BFR-256", help="GPEN preset, or none (identity network)")
+    parser.add_argument("--only", choices=["segmenting", "resuming"])
     args = parser.parse_args()
-    width, height = map(int, args.size.split("x"))
-    rate = Fraction(25)
-    count = int(args.seconds * rate)
-    pictures = Pictures(width, height)
-
+    print(f"bench_segments, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        src = make_clip(tmp / "source.mp4", frames=count, size=(width, height), rate=rate,
-                        audio_tracks=1, frame_fn=pictures, options={"preset": "ultrafast", "crf": "18"})
-        info = probe(src)
-        index = VideoIndex.scan(src)
-        plan = plan_segments(index.pts, index.time_base, args.segment_seconds)
-        print(f"clip: {width}x{height}, {count} frames at {rate} fps, AAC audio; x264 {args.preset}, "
-              f"crf 18, {len(plan)} segments of {args.segment_seconds:g} s")
-
-        variants = [("one segment", [Segment(0, 0, count - 1, int(index.pts[0]))]),
-                    (f"{args.segment_seconds:g} s segments", plan)]
-        clocks = {name: (Clock(), Clock(), Clock()) for name, _ in variants}
-        sizes = {}
-        for run in range(args.repeat):  # alternate the order: load from other jobs evens out
-            for name, segments in variants[:: -1 if run % 2 else 1]:
-                work = tmp / f"{name.replace(' ', '-')}-{run}"
-                work.mkdir()
-                encoding, hashing, paths = encode(work, info, index.pts, pictures, segments, args.preset)
-                with Clock() as assembling:
-                    assemble(src, paths, work / "out.mp4")
-                for total, part in zip(clocks[name], (encoding, hashing, assembling)):
-                    total.wall += part.wall / args.repeat
-                    total.cpu += part.cpu / args.repeat
-                sizes[name] = (work / "out.mp4").stat().st_size
-        rows = [(name, *clocks[name], sizes[name]) for name, _ in variants]
-        print(f"seconds per run, wall/CPU (CPU: every thread of this process), mean of {args.repeat}")
-        print(f"{'':20} {'encode':>13} {'hash':>11} {'assemble':>11} {'total':>13} {'MB':>7}")
-        for name, encoding, hashing, assembling, size in rows:
-            cells = [f"{c.wall:6.2f}/{c.cpu:6.2f}" for c in (encoding, hashing, assembling)]
-            wall = encoding.wall + hashing.wall + assembling.wall
-            cpu = encoding.cpu + hashing.cpu + assembling.cpu
-            print(f"{name:20} {cells[0]:>13} {cells[1]:>11} {cells[2]:>11} {wall:6.2f}/{cpu:6.2f} {size / 1e6:7.2f}")
-        (_, *one, one_size), (_, *seg, seg_size) = rows
-        wall_cost = sum(c.wall for c in seg) / sum(c.wall for c in one) - 1
-        cpu_cost = sum(c.cpu for c in seg) / sum(c.cpu for c in one) - 1
-        print(f"segmenting cost: {100 * wall_cost:+.1f} % wall time, {100 * cpu_cost:+.1f} % CPU time, "
-              f"{100 * (seg_size / one_size - 1):+.1f} % bytes")
-
-        middle = plan[len(plan) // 2]
-        window = middle.window(40, 40, count)
-        start = time.perf_counter()
-        with av.open(str(src)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            to_window = 0
-            for frame in container.decode(stream):
-                if index.frame_at(frame.pts) >= window.decode_last:
-                    break
-                to_window += 1
-        from_start = time.perf_counter() - start
-        start = time.perf_counter()
-        decoded = decoded_frames(decode_range(src, index, window.decode_first, window.decode_last))
-        seeking = time.perf_counter() - start
-        keyframe = index.keyframe_at_or_before(window.decode_first)
-        print(f"decoding segment {middle.index}'s window (frames {window.decode_first}..{window.decode_last}): "
-              f"from the start {from_start:.2f} s ({to_window} frames), after a seek {seeking:.2f} s "
-              f"({decoded} frames kept, {window.decode_first - keyframe} decoded before them from "
-              f"keyframe {keyframe})")
+        if args.only in (None, "segmenting"):
+            segmenting(args, Path(tmp))
+        if args.only in (None, "resuming"):
+            resuming(args, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -116,12 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(o, "--preset", help="x264/x265 preset (default medium)")
     _flag(o, "--deinterlace", choices=["auto", "off", "frame", "field"])
     _flag(o, "--strict", action="store_const", const=True, help="fail when a stream cannot be copied")
+    j = r.add_argument_group("long jobs")
+    _flag(j, "--segment-seconds", type=float, metavar="S",
+          help="render videos in segments of about S seconds, each kept when done (default 30)")
+    _flag(j, "--retries", type=int, metavar="N", help="tries again of a segment that fails (default 2)")
+    _flag(j, "--work-dir", metavar="DIR", help="keep unfinished jobs' segments here (default: beside the output)")
+    j.add_argument("--restart", action="store_true",
+                   help="start afresh instead of resuming an interrupted job (or skipping a finished one)")
+    j.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="render on Ray workers: a local Ray runtime, or the cluster at ADDRESS (put it after "
+                        "INPUT, or write --ray=ADDRESS); needs gpen-video[ray] and storage every node sees")
 
     m = sub.add_parser("models", parents=[common], help="list weight presets, or download one")
     m.add_argument("action", nargs="?", choices=["list", "download"], default="list")
     m.add_argument("name", nargs="?", help="preset to download")
 
-    w = sub.add_parser("web", parents=[common], help="serve a page to preview and restore in a browser (needs gpen-video[web])")
+    w = sub.add_parser("web", parents=[common],
+                       help="serve a page to preview and restore in a browser (needs gpen-video[web])")
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     w.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     w.add_argument("--config", help="the page's initial preset: a file or a name from configs/")
@@ -165,6 +176,8 @@ def _summary(result: JobResult) -> str:
             return head + "no face to restore; copied unchanged"
         return head + f"{_plural(result.faces_restored, 'face')} restored in {result.seconds:.1f} s"
     extra = f", {result.damaged_frames} damaged frames dropped" if result.damaged_frames else ""
+    if result.resumed_frames:
+        extra += f"; {result.resumed_frames} of the frames were done by an earlier run"
     return head + (
         f"{_plural(result.frames, 'frame')}, {_plural(result.faces_restored, 'face')} restored, "
         f"{_plural(result.tracks, 'track')}, {result.seconds:.1f} s ({result.fps:.1f} fps){extra}"
@@ -194,10 +207,14 @@ class _Bar:
 
     def __init__(self, name: str, quiet: bool) -> None:
         self.bar = tqdm(desc=name, unit="frame", disable=quiet, leave=False, dynamic_ncols=True)
+        self.started = False
 
     def __call__(self, done: int, total: int | None) -> None:
         if total is not None and self.bar.total != total:
             self.bar.total = total
+        if not self.started:  # a resumed job starts at the frames done before: not in the rate
+            self.started = True
+            self.bar.initial = self.bar.n = done - 1
         self.bar.update(done - self.bar.n)
 
     def __enter__(self) -> "_Bar":
@@ -233,7 +250,7 @@ def _jobs(args: argparse.Namespace) -> list[tuple[Path, Path]]:
 
 
 def run_restore(args: argparse.Namespace, config: Config) -> int:
-    from gpen_video.restore.weights import get_spec
+    from gpen_video.restore.weights import default_cache_dir, get_spec
 
     get_spec(config.model, kind="gpen")  # a bad --model is reported before any file is touched
     jobs = _jobs(args)
@@ -241,20 +258,40 @@ def run_restore(args: argparse.Namespace, config: Config) -> int:
     if len(jobs) == 1:
         report = Path(args.report) if args.report else None
         _check_before_loading_models(*jobs[0], overwrite=overwrite, report=report)
-    from gpen_video.pipeline import FacePipeline  # after the checks: importing it takes seconds
+    workers = None
+    if args.ray is not None:
+        from gpen_video.cluster import RayWorkers, import_ray
+
+        import_ray()  # without Ray: one line saying what to install, before any model is loaded
+    from gpen_video.manifest import FinishedOutputs  # after the checks: importing these takes seconds
+    from gpen_video.pipeline import FacePipeline
 
     pipeline = FacePipeline(config, download_progress=not args.quiet)
+    if args.ray is not None:
+        workers = RayWorkers(config, address=args.ray or None)
+    folder = Path(args.input).is_dir()
+    finished = FinishedOutputs(Path(config.cache_dir or default_cache_dir()) / "finished")
     failed: list[tuple[Path, str]] = []
-    done = 0
+    done = skipped = 0
     for input_path, output_path in jobs:
         try:
             if is_image(input_path):
                 result = pipeline.restore_image(input_path, output_path, overwrite=overwrite)
             else:
+                job = (workers or pipeline).job_identity(input_path) if folder else None
+                if job is not None and not args.restart and finished.matches(job, output_path):
+                    skipped += 1
+                    if not args.quiet:
+                        print(f"{input_path.name} -> {output_path}: restored before with the same settings; "
+                              "skipped (--restart does it again)", file=sys.stderr)
+                    continue
                 with _Bar(input_path.name, args.quiet) as bar:
                     result = pipeline.restore_video(
-                        input_path, output_path, overwrite=overwrite, report=args.report, progress=bar
+                        input_path, output_path, overwrite=overwrite, report=args.report, progress=bar,
+                        restart=args.restart, workers=workers,
                     )
+                if job is not None:
+                    finished.add(job, output_path)
         except (KeyboardInterrupt, Cancelled):
             raise
         except Exception as exc:  # noqa: BLE001 - a folder goes on with the next file
@@ -270,7 +307,7 @@ def run_restore(args: argparse.Namespace, config: Config) -> int:
         if not args.quiet:
             print(_summary(result), file=sys.stderr)
     if len(jobs) > 1 and not args.quiet:
-        print(f"{done} restored, {len(failed)} failed", file=sys.stderr)
+        print(f"{done} restored, {f'{skipped} skipped, ' if skipped else ''}{len(failed)} failed", file=sys.stderr)
         for path, reason in failed:
             print(f"  failed: {path.name}: {reason}", file=sys.stderr)
     return 1 if failed else 0

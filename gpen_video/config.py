@@ -40,6 +40,9 @@ Precision = Literal["auto", "fp16", "bf16", "fp32"]
 Detector = Literal["retinaface-mobile", "retinaface-r50"]
 Mask = Literal["plain", "parse"]
 Warp = Literal["auto", "opencv", "torch"]
+EncoderPreset = Literal[
+    "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo"
+]
 
 
 @dataclass(frozen=True)
@@ -95,11 +98,22 @@ class Config:
     codec: Codec = "h264"
     crf: int = 18
     """Quality for h264/h265. Lower: larger, closer to the input."""
-    preset: str = "medium"
+    preset: EncoderPreset = "medium"
     """x264/x265 speed preset. Slower presets: smaller files at the same quality."""
     deinterlace: Deinterlace = "auto"
     strict: bool = False
     """Fail instead of warning when a stream cannot be copied into the output container."""
+
+    # --- long jobs ---
+    segment_seconds: float = 30.0
+    """A video is rendered as segments of about this length, each kept as soon as it is done,
+    so an interrupted job resumes at the first unfinished one. Shorter: less work lost, more
+    keyframes. A clip shorter than 1.5 segments is one segment."""
+    retries: int = 2
+    """Times a failed segment is tried again from its start before the file fails."""
+    work_dir: str | None = None
+    """Where a job keeps its segments until the output is written; None: a hidden folder
+    beside the output (``.NAME.gpen-work``)."""
 
     def __post_init__(self) -> None:
         hints = get_type_hints(Config)
@@ -119,6 +133,8 @@ class Config:
             "smooth_window": self.smooth_window >= 1,
             "max_gap": self.max_gap >= 0,
             "batch_size": self.batch_size is None or self.batch_size >= 1,
+            "segment_seconds": self.segment_seconds > 0,
+            "retries": self.retries >= 0,
         }
         if any(not isinstance(t, int) or t < 0 for t in self.skip_tracks):
             raise ConfigError(f"skip_tracks must be track ids (whole numbers >= 0), got {self.skip_tracks!r}")

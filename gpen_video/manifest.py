@@ -8,12 +8,15 @@ cut it describes exactly the segments that are complete. It records:
 - the input's identity: size, modification time and the SHA-256 of its first MiB;
 - a hash of the settings that change pixels (the caller says which), the weights' hash and
   the encoder software (other builds make other bytes);
-- the segment plan, and per finished segment its frames, file name, size and SHA-256.
+- the segment plan, and per finished segment its frames, file name, size and SHA-256, and the
+  same of its detection log: what detection found in each of its frames (``write_log``), which
+  a resumed job replays through the planner instead of decoding those frames again.
 
 A later run with the same job builds the manifest it expects and ``WorkFolder.resume`` compares:
 everything equal and every finished file present with its size → those segments are kept;
 anything else → a fresh start, with one line saying why. After the output is written, the work
-folder is removed.
+folder is removed. ``FinishedOutputs`` remembers the jobs whose output was written, so a folder
+job run again skips them.
 
 >>> work = WorkFolder(work_dir_for(Path("tape.restored.mp4")))             # doctest: +SKIP
 >>> manifest, reason = work.resume(expected)                               # doctest: +SKIP
@@ -26,28 +29,36 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
+
 from gpen_video.errors import OutputError
+from gpen_video.faces.scenes import CutFeatures
 from gpen_video.io import files
+from gpen_video.plan import Observation, placeholder_frame
+from gpen_video.records import Detections, TrackedFace
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".lock"
-FORMAT = 1
-"""Version of the manifest layout; a manifest of another version is not resumed."""
+FORMAT = 2
+"""Version of the manifest and log layout; a work folder of another version is not resumed."""
 HEAD_BYTES = 1 << 20
 """How much of the input's start is hashed: enough to tell files apart, cheap on a 100 GB tape."""
 SEGMENT_PREFIX = "segment-"
+LOG_SUFFIX = ".log.npz"
+PLAN_SUFFIX = ".plan.npz"
 
 
 def work_dir_for(output_path: Path, work_root: Path | None = None) -> Path:
@@ -140,12 +151,14 @@ class SegmentRecord:
 
     Attributes:
         index: the segment's position in the plan.
-        first_frame: its first frame index.
-        frame_count: frames written (at most the planned number; fewer where frames of a
-            damaged input could not be decoded).
-        file: the file's name inside the work folder.
+        first_frame: its first frame index, as planned.
+        frame_count: frames written (fewer than planned where frames of a damaged input could
+            not be decoded; 0 when none could, and then there is no file).
+        file: the file's name inside the work folder ("" when it has no frame).
         size: the file's size in bytes.
         sha256: the file's SHA-256.
+        log: its detection log's name inside the work folder.
+        log_size, log_sha256: the log's size and SHA-256.
     """
 
     index: int
@@ -154,6 +167,14 @@ class SegmentRecord:
     file: str
     size: int
     sha256: str
+    log: str = ""
+    log_size: int = 0
+    log_sha256: str = ""
+
+    def files(self) -> list[tuple[str, int, str]]:
+        """(name, size, sha256) of each file the record stands for."""
+        return [(name, size, digest) for name, size, digest in
+                ((self.file, self.size, self.sha256), (self.log, self.log_size, self.log_sha256)) if name]
 
 
 @dataclass(frozen=True)
@@ -187,7 +208,7 @@ class Manifest:
             if not 0 <= record.index < len(self.plan):
                 raise ValueError(f"finished segment {record.index} is not in the plan of {len(self.plan)}")
             first, count = self.plan[record.index]
-            if record.first_frame != first or not 0 < record.frame_count <= count:
+            if record.first_frame != first or record.frame_count < 0:
                 raise ValueError(f"finished segment {record.index} has {record.frame_count} frames from "
                                  f"frame {record.first_frame}; the plan says {count} from frame {first}")
         object.__setattr__(self, "finished", finished)
@@ -209,8 +230,21 @@ class Manifest:
         """The same job with no segment finished."""
         return replace(self, segments=())
 
+    @property
+    def first_unfinished(self) -> int | None:
+        """The first segment not finished (None when all are)."""
+        return next((k for k in range(len(self.plan)) if k not in self.finished), None)
+
     def mismatch(self, job: Manifest) -> str | None:
         """Why this (stored) manifest does not describe ``job``; None if it does."""
+        reason = self.job_mismatch(job)
+        if reason is None and self.plan != job.plan:
+            return "the segment plan changed (another segment length or frame count)"
+        return reason
+
+    def job_mismatch(self, job: Manifest) -> str | None:
+        """Like ``mismatch``, leaving the segment plan out: the same input, settings, weights and
+        encoder software (``job`` may have no plan)."""
         if self.format != job.format:
             return f"the work folder was written by another version of gpen-video (format {self.format})"
         change = self.input.change(job.input)
@@ -222,8 +256,6 @@ class Manifest:
             return "the model weights changed"
         if self.encoder != job.encoder:
             return f"the encoder software changed ({self.encoder} -> {job.encoder})"
-        if self.plan != job.plan:
-            return "the segment plan changed (another segment length or frame count)"
         return None
 
     def to_json(self) -> str:
@@ -250,7 +282,7 @@ class Manifest:
 
     @classmethod
     def for_job(cls, input_path: str | Path, settings: Mapping[str, object], weights_hash: str,
-                encoder: str, plan: Sequence[tuple[int, int]]) -> Manifest:
+                encoder: str, plan: Sequence[tuple[int, int]] = ()) -> Manifest:
         """The manifest of a job that has not finished any segment yet."""
         return cls(input=InputIdentity.of(input_path), settings_hash=settings_hash(settings),
                    weights_hash=weights_hash, encoder=encoder,
@@ -297,6 +329,14 @@ class WorkFolder:
         """Where segment ``index`` is written (``suffix`` such as ``.mp4`` picks the container)."""
         return self.path / f"{SEGMENT_PREFIX}{index:05d}{suffix}"
 
+    def log_path(self, index: int) -> Path:
+        """Where the detection log of segment ``index`` is written (``write_log``)."""
+        return self.segment_path(index, LOG_SUFFIX)
+
+    def plan_path(self, index: int) -> Path:
+        """Where the faces to restore in segment ``index`` are written for a worker (``write_plan``)."""
+        return self.segment_path(index, PLAN_SUFFIX)
+
     def load(self) -> tuple[Manifest | None, str | None]:
         """The stored manifest, or (None, why not) when there is none or it cannot be read."""
         try:
@@ -336,27 +376,40 @@ class WorkFolder:
 
     def _damage(self, manifest: Manifest, verify: bool) -> str | None:
         for record in manifest.segments:
-            path = self.path / record.file
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                return f"segment file {record.file} is missing"
-            if size != record.size:
-                return f"segment file {record.file} has {size} bytes, {record.size} were written"
-            if verify and file_sha256(path) != record.sha256:
-                return f"segment file {record.file} is damaged (its SHA-256 changed)"
+            for name, recorded, digest in record.files():
+                path = self.path / name
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    return f"segment file {name} is missing"
+                if size != recorded:
+                    return f"segment file {name} has {size} bytes, {recorded} were written"
+                if verify and file_sha256(path) != digest:
+                    return f"segment file {name} is damaged (its SHA-256 changed)"
         return None
 
-    def record(self, manifest: Manifest, index: int, path: Path, frame_count: int) -> Manifest:
-        """Add the finished segment ``index`` (its file ``path`` in this folder, holding
-        ``frame_count`` frames: fewer than planned where the input was damaged) to
-        ``manifest``, save it atomically, and return it."""
-        path = Path(path)
-        if path.parent.resolve() != self.path.resolve():
-            raise ValueError(f"segment file {path} is not in the work folder {self.path}")
+    def record(self, manifest: Manifest, index: int, path: Path | None, frame_count: int,
+               log: Path | None = None) -> Manifest:
+        """Add the finished segment ``index`` to ``manifest``, save it atomically, and return it.
+
+        Args:
+            path: its file in this folder (None when no frame of it could be decoded).
+            frame_count: frames in it (fewer than planned where the input was damaged).
+            log: its detection log in this folder (``write_log``).
+        """
+        for file in (path, log):
+            if file is not None and Path(file).parent.resolve() != self.path.resolve():
+                raise ValueError(f"segment file {file} is not in the work folder {self.path}")
         first_frame, _ = manifest.plan[index]
+
+        def described(file: Path | None) -> tuple[str, int, str]:
+            return ("", 0, "") if file is None else (file.name, file.stat().st_size, file_sha256(file))
+
+        name, size, digest = described(path)
+        log_name, log_size, log_digest = described(log)
         record = SegmentRecord(index=index, first_frame=first_frame, frame_count=frame_count,
-                               file=path.name, size=path.stat().st_size, sha256=file_sha256(path))
+                               file=name, size=size, sha256=digest, log=log_name, log_size=log_size,
+                               log_sha256=log_digest)
         updated = manifest.with_segment(record)
         self.save(updated)
         return updated
@@ -399,3 +452,157 @@ class WorkFolder:
             pass
         except OSError:
             log.warning("work folder %s holds files gpen-video did not write; it was left in place", self.path)
+
+
+# --- detection logs ---
+
+
+CHROMA_BINS, LUMA_BINS = 37, 16
+"""Sizes of ``CutFeatures.chroma`` and ``.luma`` (checked by its constructor)."""
+
+
+def write_log(path: Path, observations: Iterable[Observation]) -> int:
+    """Save what detection found in each of a segment's frames (index, pts, faces, scene-cut
+    features), exactly (float32 detections, float64 features), atomically. The frames' pixels
+    are not kept. Returns the number of frames."""
+    rows: dict[str, list] = {name: [] for name in
+                             ("index", "pts", "has_pts", "faces", "boxes", "landmarks", "scores", "chroma", "luma",
+                              "mean_luma")}
+    for o in observations:
+        rows["index"].append(o.frame.index)
+        rows["pts"].append(o.frame.pts if o.frame.pts is not None else 0)
+        rows["has_pts"].append(o.frame.pts is not None)
+        rows["faces"].append(len(o.detections))
+        rows["boxes"].append(o.detections.boxes)
+        rows["landmarks"].append(o.detections.landmarks)
+        rows["scores"].append(o.detections.scores)
+        rows["chroma"].append(o.cut.chroma)
+        rows["luma"].append(o.cut.luma)
+        rows["mean_luma"].append(o.cut.mean_luma)
+    count = len(rows["index"])
+    empty = Detections.empty()
+    arrays = {
+        "index": np.array(rows["index"], np.int64),
+        "pts": np.array(rows["pts"], np.int64),
+        "has_pts": np.array(rows["has_pts"], bool),
+        "faces": np.array(rows["faces"], np.int64),
+        "boxes": np.concatenate([empty.boxes, *rows["boxes"]]).astype(np.float32),
+        "landmarks": np.concatenate([empty.landmarks, *rows["landmarks"]]).astype(np.float32),
+        "scores": np.concatenate([empty.scores, *rows["scores"]]).astype(np.float32),
+        "chroma": np.array(rows["chroma"], np.float64).reshape(count, CHROMA_BINS),
+        "luma": np.array(rows["luma"], np.float64).reshape(count, LUMA_BINS),
+        "mean_luma": np.array(rows["mean_luma"], np.float64),
+    }
+    _save_npz(path, arrays)
+    return count
+
+
+def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    files.write_atomic(path, buffer.getvalue(), overwrite=True)
+
+
+def read_log(path: Path, *, time_base: Fraction, height: int, width: int, dtype: np.dtype) -> Iterator[Observation]:
+    """The observations ``write_log`` saved, with pixel-less frames of the given size and dtype
+    (``plan.placeholder_frame``), in order."""
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files}
+    ends = np.cumsum(arrays["faces"])
+    starts = ends - arrays["faces"]
+    for n in range(arrays["index"].size):
+        pts = int(arrays["pts"][n]) if arrays["has_pts"][n] else None
+        frame = placeholder_frame(int(arrays["index"][n]), pts, time_base, height, width, dtype)
+        a, b = starts[n], ends[n]
+        detections = Detections(arrays["boxes"][a:b], arrays["landmarks"][a:b], arrays["scores"][a:b])
+        cut = CutFeatures(arrays["chroma"][n], arrays["luma"][n], float(arrays["mean_luma"][n]))
+        yield Observation(frame, detections, cut)
+
+
+# --- plans (for segments rendered elsewhere) ---
+
+
+def write_plan(path: Path, planned: Iterable[tuple[int, Sequence[TrackedFace]]]) -> None:
+    """Save the faces to restore in each frame of a segment (``(frame index, faces)``), exactly,
+    for a worker that renders the segment without planning it (``read_plan``)."""
+    rows: dict[str, list] = {name: [] for name in ("frame", "track", "box", "landmarks", "raw", "has_raw", "score",
+                                                   "has_score", "interpolated")}
+    dtypes: dict[str, np.dtype] = {}
+    for index, faces in planned:
+        for face in faces:
+            rows["frame"].append(index)
+            rows["track"].append(face.track_id)
+            rows["box"].append(face.box)
+            rows["landmarks"].append(face.landmarks)
+            rows["raw"].append(face.landmarks if face.landmarks_raw is None else face.landmarks_raw)
+            rows["has_raw"].append(face.landmarks_raw is not None)
+            rows["score"].append(0.0 if face.score is None else face.score)
+            rows["has_score"].append(face.score is not None)
+            rows["interpolated"].append(face.interpolated)
+            for name, value in (("box", face.box), ("landmarks", face.landmarks), ("raw", rows["raw"][-1])):
+                dtypes.setdefault(name, value.dtype)
+    shapes = {"box": (0, 4), "landmarks": (0, 5, 2), "raw": (0, 5, 2)}
+    arrays = {
+        name: (np.stack(rows[name]) if rows[name] else np.zeros(shapes[name], dtypes.get(name, np.float32)))
+        for name in shapes
+    }
+    arrays.update(frame=np.array(rows["frame"], np.int64), track=np.array(rows["track"], np.int64),
+                  has_raw=np.array(rows["has_raw"], bool), score=np.array(rows["score"], np.float64),
+                  has_score=np.array(rows["has_score"], bool), interpolated=np.array(rows["interpolated"], bool))
+    _save_npz(path, arrays)
+
+
+def read_plan(path: Path) -> dict[int, tuple[TrackedFace, ...]]:
+    """The faces ``write_plan`` saved, by frame index (frames without faces are absent)."""
+    with np.load(path) as data:
+        a = {name: data[name] for name in data.files}
+    faces: dict[int, list[TrackedFace]] = {}
+    for n in range(a["frame"].size):
+        index = int(a["frame"][n])
+        faces.setdefault(index, []).append(TrackedFace(
+            track_id=int(a["track"][n]), frame_index=index, box=a["box"][n],
+            landmarks_raw=a["raw"][n] if a["has_raw"][n] else None, landmarks=a["landmarks"][n],
+            score=float(a["score"][n]) if a["has_score"][n] else None, interpolated=bool(a["interpolated"][n])))
+    return {index: tuple(found) for index, found in faces.items()}
+
+
+# --- finished outputs ---
+
+
+class FinishedOutputs:
+    """What jobs wrote which outputs, so that a folder job run again skips finished files.
+
+    One small JSON file per output (named after its absolute path) in ``folder``: the job's
+    manifest and the output's size and modification time when it was written. An output counts
+    as finished only while it is still that very file and the job is the same (input,
+    settings, weights, encoder software: ``Manifest.job_mismatch``).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def _record_path(self, output: Path) -> Path:
+        digest = hashlib.sha256(str(Path(output).absolute()).encode()).hexdigest()[:24]
+        return self.folder / f"{digest}.json"
+
+    def add(self, job: Manifest, output: Path) -> None:
+        """Remember that ``job`` wrote ``output`` (just now, as it is)."""
+        stat = Path(output).stat()
+        record = {"output": str(Path(output).absolute()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                  "manifest": json.loads(job.to_json())}
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            files.write_atomic(self._record_path(output), json.dumps(record).encode(), overwrite=True)
+        except OSError as exc:
+            log.warning("cannot remember that %s is finished (%s); a later folder run will do it again", output, exc)
+
+    def matches(self, job: Manifest, output: Path) -> bool:
+        """Whether ``output`` is the finished output of ``job``."""
+        try:
+            record = json.loads(self._record_path(output).read_text(encoding="utf-8"))
+            stat = Path(output).stat()
+            stored = Manifest.from_json(json.dumps(record["manifest"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return (record.get("output") == str(Path(output).absolute()) and record.get("size") == stat.st_size
+                and record.get("mtime_ns") == stat.st_mtime_ns and stored.job_mismatch(job) is None)

@@ -11,6 +11,12 @@ Each frame is held until the smoother has seen the later frames its fit reaches
 while detection of later frames runs in a background thread. Nothing is kept per frame or per
 face beyond that window, however long the video: the report, if any, goes to its own spool.
 
+What detection finds in a frame (its faces and its scene-cut features) is an ``Observation``:
+everything the planner needs of the frame besides its index and pts. A resumed job replays the
+observations an earlier run logged (``Planner.plan(..., replay=...)``) instead of decoding and
+detecting those frames again; the tracker, smoother, cut detector and selection then reach the
+state of an uninterrupted run exactly, so the frames after them are planned alike.
+
 Which faces are restored is decided per track, never per frame, so a restored face neither
 flickers on and off nor jumps between two similar people:
 
@@ -25,16 +31,17 @@ flickers on and off nor jumps between two similar people:
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from gpen_video.engine import Stages
 from gpen_video.faces.detect import FaceDetector
-from gpen_video.faces.scenes import SceneCutDetector, cut_signature
+from gpen_video.faces.scenes import CutFeatures, SceneCutDetector, cut_features
 from gpen_video.faces.smooth import LookaheadSmoother
 from gpen_video.faces.track import Tracker
 from gpen_video.records import Detections, Frame, TrackedFace
@@ -42,18 +49,45 @@ from gpen_video.report import ReportWriter
 
 
 @dataclass(frozen=True)
+class Observation:
+    """What detection found in one frame: all the planner needs of it besides its index and pts.
+
+    Attributes:
+        frame: the frame. A replayed frame has no pixels: its ``rgb`` is a read-only
+            placeholder of the right shape and dtype (``placeholder_frame``).
+        detections: the detector's faces, in the frame's pixels.
+        cut: the frame's scene-cut features (``faces.scenes.cut_features``).
+    """
+
+    frame: Frame
+    detections: Detections
+    cut: CutFeatures
+
+
+def placeholder_frame(index: int, pts: int | None, time_base, height: int, width: int, dtype) -> Frame:
+    """A frame without pixels for a replayed ``Observation``: zeros through a zero-strided view,
+    so it costs no memory and cannot be written to."""
+    rgb = np.broadcast_to(np.zeros((1, 1, 3), dtype), (height, width, 3))
+    return Frame(index, pts, time_base, rgb)
+
+
+@dataclass(frozen=True)
 class PlannedFrame:
     """One frame and its faces, released once the look-ahead has seen enough later frames.
 
     Attributes:
-        frame: the frame as read (not modified).
+        observation: the frame as read (not modified) and what detection found in it.
         faces: the faces to restore, smoothed (gaps filled), by track id.
         tracked: every tracked face of the frame, restored or not, by track id.
     """
 
-    frame: Frame
+    observation: Observation
     faces: tuple[TrackedFace, ...]
     tracked: tuple[TrackedFace, ...]
+
+    @property
+    def frame(self) -> Frame:
+        return self.observation.frame
 
 
 @dataclass(frozen=True)
@@ -153,7 +187,13 @@ class Planner:
         return self._lookahead.context
 
     def plan(
-        self, frames: Iterable[Frame], *, stages: Stages | None = None, report: ReportWriter | None = None
+        self,
+        frames: Iterable[Frame],
+        *,
+        stages: Stages | None = None,
+        report: ReportWriter | None = None,
+        replay: Iterable[Observation] = (),
+        segment_of: Callable[[Frame], int] | None = None,
     ) -> Plan:
         """Plan one video: ``frames`` in order, consecutive indices (the first may be any).
 
@@ -163,19 +203,67 @@ class Planner:
                 to ``stages.timer`` as "detect" and "plan"); None: the plan runs its own and
                 stops them when exhausted or closed.
             report: fed every released frame and scene cut (not written: call its ``write``).
+            replay: observations of the frames before ``frames``, logged by an earlier run:
+                planned exactly as if their frames had been detected, without pixels. Their
+                planned frames come first (with the placeholder pixels they came with).
+            segment_of: the segment (unit of work of a resumable job) of a frame. Detection
+                batches never span two segments, so a job resumed at a segment detects every
+                frame in the same batch as an uninterrupted one (a batch's company can change
+                a detector's result in the last bits on some devices). None: one segment.
 
         Returns:
             An iterator of ``PlannedFrame``, one per frame, in order; its ``stats`` are final
             once it is exhausted.
         """
-        return Plan(self, frames, stages, report)
+        return Plan(self, frames, stages, report, replay, segment_of)
+
+    def observe(
+        self, frames: Iterable[Frame], *, segment_of: Callable[[Frame], int] | None = None,
+        stages: Stages | None = None,
+    ) -> Iterator[Observation]:
+        """What detection finds in each frame (faces, scene-cut features), in the caller's
+        thread: the first half of ``plan``, which a job spread over workers runs where the
+        frames are decoded, and whose results ``plan(replay=...)`` then takes.
+
+        Args:
+            frames: the frames, in order.
+            segment_of: as for ``plan``: batches never span two segments.
+            stages: where the detector's time goes ("detect"); None: not timed.
+        """
+        batch: list[tuple[Frame, CutFeatures]] = []
+        segment = None
+
+        def detect() -> Iterator[Observation]:
+            start = time.perf_counter()
+            found = self.detector.detect([frame.rgb for frame, _ in batch])
+            if stages is not None:
+                stages.time("detect", time.perf_counter() - start)
+            if len(found) != len(batch):
+                raise ValueError(f"the detector returned {len(found)} results for {len(batch)} images")
+            for (frame, cut), detections in zip(batch, found):
+                yield Observation(frame, detections, cut)
+
+        for frame in frames:
+            if segment_of is not None:
+                segment, previous = segment_of(frame), segment
+                if batch and segment != previous:
+                    yield from detect()
+                    batch = []
+            batch.append((frame, cut_features(frame.rgb)))
+            if len(batch) == self.detect_batch:
+                yield from detect()
+                batch = []
+        if batch:
+            yield from detect()
 
 
 class Plan(Iterator[PlannedFrame]):
     """The frames of one video with their faces; made by ``Planner.plan``."""
 
-    def __init__(self, planner: Planner, frames: Iterable[Frame], stages: Stages | None, report: ReportWriter | None):
+    def __init__(self, planner: Planner, frames: Iterable[Frame], stages: Stages | None, report: ReportWriter | None,
+                 replay: Iterable[Observation] = (), segment_of: Callable[[Frame], int] | None = None):
         self._planner = planner
+        self._segment_of = segment_of
         self._own_stages = stages is None
         self._stages = Stages() if stages is None else stages
         self._report = report
@@ -185,7 +273,7 @@ class Plan(Iterator[PlannedFrame]):
         self._live: dict[int, _TrackState] = {}
         self._chosen: int | None = None
         self._frames = self._cuts = self._tracks = self._restored = 0
-        self._run = self._planned(frames)
+        self._run = self._planned(replay, frames)
 
     @property
     def stats(self) -> PlanStats:
@@ -200,44 +288,27 @@ class Plan(Iterator[PlannedFrame]):
 
     # ------------------------------------------------------------------ detection thread
 
-    def _detected(self, frames: Iterable[Frame]) -> Iterator[tuple[Frame, Detections, bool]]:
-        """(frame, detections, starts a new shot) for every frame, detected in batches."""
-        cuts = SceneCutDetector()
-        batch: list[tuple[Frame, bool]] = []
-        for n, frame in enumerate(frames):
-            batch.append((frame, cuts.update(cut_signature(frame.rgb)) and n > 0))
-            if len(batch) == self._planner.detect_batch:
-                yield from self._detect(batch)
-                batch = []
-        if batch:
-            yield from self._detect(batch)
-
-    def _detect(self, batch: list[tuple[Frame, bool]]) -> Iterator[tuple[Frame, Detections, bool]]:
-        start = time.perf_counter()
-        found = self._planner.detector.detect([frame.rgb for frame, _ in batch])
-        self._stages.time("detect", time.perf_counter() - start)
-        if len(found) != len(batch):
-            raise ValueError(f"the detector returned {len(found)} results for {len(batch)} images")
-        for (frame, cut), detections in zip(batch, found):
-            yield frame, detections, cut
-
     # ------------------------------------------------------------------ caller's thread
 
-    def _planned(self, frames: Iterable[Frame]) -> Iterator[PlannedFrame]:
+    def _planned(self, replay: Iterable[Observation], frames: Iterable[Frame]) -> Iterator[PlannedFrame]:
         detect_batch = self._planner.detect_batch
-        held: deque[Frame] = deque()
+        held: deque[Observation] = deque()
+        cuts = SceneCutDetector()
         try:
-            for frame, detections, cut in self._stages.prefetch(self._detected(frames), 2 * detect_batch, name="detect"):
+            observed = self._planner.observe(frames, segment_of=self._segment_of, stages=self._stages)
+            detected = self._stages.prefetch(observed, 2 * detect_batch, name="detect")
+            for n, seen in enumerate(itertools.chain(replay, detected)):
                 start = time.perf_counter()
-                if cut:
+                frame = seen.frame
+                if cuts.update_features(seen.cut) and n > 0:
                     self._tracker.reset()
                     self._cuts += 1
                     if self._report is not None:
                         self._report.add_scene_cut(frame.index)
-                faces = self._tracker.update(frame.index, detections)
+                faces = self._tracker.update(frame.index, seen.detections)
                 for face in faces:
                     self._sizes.setdefault(face.track_id, deque()).append((face.frame_index, face.size))
-                held.append(frame)
+                held.append(seen)
                 ready = [self._release(held.popleft(), i, fs) for i, fs in self._smoother.push(frame.index, faces)]
                 self._stages.time("plan", time.perf_counter() - start)
                 yield from ready
@@ -263,7 +334,8 @@ class Plan(Iterator[PlannedFrame]):
             if not sizes:
                 del self._sizes[track_id]
 
-    def _release(self, frame: Frame, index: int, faces: list[TrackedFace]) -> PlannedFrame:
+    def _release(self, seen: Observation, index: int, faces: list[TrackedFace]) -> PlannedFrame:
+        frame = seen.frame
         if frame.index != index:
             raise AssertionError(f"released frame {index} but held frame {frame.index}")
         planner = self._planner
@@ -293,4 +365,4 @@ class Plan(Iterator[PlannedFrame]):
         self._frames += 1
         if self._report is not None:
             self._report.add_frame(frame, tracked, {f.track_id for f in chosen})
-        return PlannedFrame(frame, tuple(chosen), tracked)
+        return PlannedFrame(seen, tuple(chosen), tracked)

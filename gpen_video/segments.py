@@ -1,11 +1,12 @@
 """Render a video as segments that join by stream copy, exactly.
 
-A long video is restored as consecutive segments of about ``segment_seconds`` (frame-index
-ranges cut by time, see ``plan_segments``). Each segment's frames are encoded by a fresh
-encoder into its own video-only file (``SegmentWriter``); ``assemble`` then writes the output:
-the video packets of all segments in order, copied, plus every audio, subtitle and data stream
-copied once from the source. No picture is encoded twice, and a segment finished by an earlier
-(interrupted) run, or by another machine, is used as it is.
+A long video is restored as consecutive segments of about ``segment_seconds`` (frame ranges cut
+by time, see ``plan_segments``; ``SegmentPlan`` maps the frames a reader yields to them). Each
+segment's frames are encoded by a fresh ``io.encode.VideoWriter`` (``copy_streams=False``)
+into its own video-only file; ``assemble`` then writes the output: the video packets of all
+segments in order, copied, plus every audio, subtitle and data stream copied once from the
+source. No picture is encoded twice, and a segment finished by an earlier (interrupted) run is
+used as it is.
 
 What makes the joins exact:
 
@@ -15,11 +16,9 @@ What makes the joins exact:
 - Identical encoder parameters in every segment, so the sequence headers (SPS/PPS, VPS,
   extradata) are the same and one header serves the whole output. x264 gets ``stitchable``
   (headers never tuned to the content of a part). ``assemble`` checks the headers match.
-- Deterministic segments: a pinned encoder thread count (x264 and x265 pick a thread count from
-  the CPU count, and the bitstream depends on it; x264 also writes its options, threads
-  included, into the stream), x264's ``cpu-independent`` mode ("exact reproducibility across
-  different cpus"), no x265 info SEI (it names the CPU's features, in the stream headers) and
-  a bit-exact muxer. The same frames and settings give byte-identical files.
+- Deterministic segments (``VideoWriter``: a pinned encoder thread count, x264's
+  ``cpu-independent`` mode, no x265 info SEI, a bit-exact muxer): the same frames and settings
+  give byte-identical files.
 - Exact timestamps: each frame is encoded with its source pts, and segment files are MP4 (MOV
   for ProRes), which keeps every pts and dts exactly in a multiple of the source time base.
 - Valid DTS across joins. With B-frames, x264 and x265 give the packet at decode position
@@ -31,41 +30,33 @@ What makes the joins exact:
   the dts one uninterrupted encode of all frames has. The result is checked as written: dts
   strictly increasing, never after the pts.
 
-The decode side: a segment needs context frames before and after it (tracking, smoothing);
-``Segment.window`` gives the range to decode and the range to keep, and ``VideoIndex`` (the
-source's frame pts and keyframes, read by demuxing only) says where to seek: decoding starts at
-the keyframe at or before the first frame wanted (``decode_range``).
+A job resumed at segment ``k`` decodes from the keyframe before it (``VideoReader.frames``
+with ``start_pts``); the planner's state at the join comes from replaying what earlier runs
+logged (``plan.Planner.plan(..., replay=...)``), not from decoding earlier frames.
 
->>> index = VideoIndex.scan("tape.mp4")                               # doctest: +SKIP
->>> segments = plan_segments(index.pts, index.time_base, 30)           # doctest: +SKIP
+>>> with VideoReader("tape.mp4") as reader:                           # doctest: +SKIP
+...     layout = SegmentPlan.of(reader, 30)
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import closing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
 
 import av
 import numpy as np
-from av.video.reformatter import VideoReformatter
 
 from gpen_video.errors import EncodeError, InputError, OutputError
 from gpen_video.io import files
-from gpen_video.io.colour import output_tags, to_frame
-from gpen_video.io.decode import VideoInfo, probe
-from gpen_video.io.encode import ENCODERS, choose_pix_fmt
+from gpen_video.io.decode import VideoInfo, VideoReader, probe
 from gpen_video.io.streams import StreamCopier, packet_time
-from gpen_video.records import Frame, check_shape
+from gpen_video.records import Frame
 
 log = logging.getLogger(__name__)
-
-Codec = Literal["h264", "h265", "prores", "ffv1"]
 
 SEGMENT_SECONDS = 30.0
 """Default segment length. Longer: fewer IDR pictures and files; shorter: less work lost when
@@ -74,10 +65,6 @@ a job is interrupted, and finer spreading over workers."""
 MIN_SEGMENT_FRAMES = 16
 """No segment is shorter than this (unless the whole video is): a join needs a few frames
 before it (the B-frame delay), and a tiny segment costs an IDR picture for nothing."""
-
-ENCODER_THREADS = 4
-"""Encoder threads of every segment, whatever the machine: x264 and x265 output depends on the
-thread count, so it is fixed to keep segments byte-identical across runs and machines."""
 
 SEGMENT_SUFFIX: dict[str, str] = {"h264": ".mp4", "h265": ".mp4", "prores": ".mov", "ffv1": ".mp4"}
 """Container of segment files per codec: ISO BMFF keeps every pts and dts exactly (Matroska
@@ -92,20 +79,6 @@ def encoder_identity() -> str:
 
 
 # --- planning ---
-
-
-@dataclass(frozen=True)
-class DecodeWindow:
-    """Frames to decode for one segment, and the ones it keeps (inclusive frame indices).
-
-    ``decode_first <= emit_first <= emit_last <= decode_last``: the frames outside the emit
-    range are context (tracking and smoothing see them), and are not written.
-    """
-
-    decode_first: int
-    decode_last: int
-    emit_first: int
-    emit_last: int
 
 
 @dataclass(frozen=True)
@@ -131,22 +104,6 @@ class Segment:
     @property
     def frame_count(self) -> int:
         return self.last_frame - self.first_frame + 1
-
-    def window(self, before: int, after: int, frame_count: int) -> DecodeWindow:
-        """The frames to decode so that ``before`` frames of context precede this segment and
-        ``after`` follow it (fewer at the ends of the video), and the frames to emit.
-
-        >>> Segment(1, 750, 1499, 750).window(25, 25, 1600)
-        DecodeWindow(decode_first=725, decode_last=1524, emit_first=750, emit_last=1499)
-        """
-        if before < 0 or after < 0:
-            raise ValueError(f"context must be >= 0 frames, got before={before}, after={after}")
-        return DecodeWindow(
-            decode_first=max(0, self.first_frame - before),
-            decode_last=min(frame_count - 1, self.last_frame + after),
-            emit_first=self.first_frame,
-            emit_last=self.last_frame,
-        )
 
 
 def plan_segments(
@@ -201,281 +158,61 @@ def plan_segments(
 
 
 @dataclass(frozen=True)
-class VideoIndex:
-    """Every frame's pts and the keyframes of a video stream, read by demuxing only.
+class SegmentPlan:
+    """The segments of one video, in the frames a ``VideoReader`` yields.
 
     Attributes:
-        pts: (n,) int64 frame pts in presentation order (the order decoded frames come out).
-        keyframes: (k,) int64 indices into ``pts`` of the frames a decoder can start at.
-        time_base: unit of ``pts``.
-        stream_index: the video stream the index describes.
-
-    Packets that would not decode still count here; a damaged file can therefore yield fewer
-    frames than ``pts`` holds. Frames are best matched by pts, not by position.
+        first_frames: each segment's first frame index, as planned from the source's packets.
+        frame_counts: each segment's planned number of frames (a damaged input can yield
+            fewer; deinterlacing to fields yields two per source frame, counted here).
+        starts: each segment's start pts in the reader's ``info.time_base``; a frame belongs
+            to the last segment starting at or before its pts.
+        seekable: a job can start decoding at any segment (the source has an index); False
+            only for streams without timestamps, which are one segment.
     """
 
-    pts: np.ndarray
-    keyframes: np.ndarray
-    time_base: Fraction
-    stream_index: int
-
-    def __post_init__(self) -> None:
-        check_shape("VideoIndex.pts", self.pts, (None,))
-        check_shape("VideoIndex.keyframes", self.keyframes, (None,))
+    first_frames: tuple[int, ...]
+    frame_counts: tuple[int, ...]
+    starts: tuple[int, ...]
+    seekable: bool = True
 
     @classmethod
-    def scan(cls, path: str | Path, stream_index: int | None = None) -> VideoIndex:
-        """Demux the video stream of ``path`` (no decoding) and index its frames.
+    def of(cls, reader: VideoReader, segment_seconds: float = SEGMENT_SECONDS) -> SegmentPlan:
+        """Plan the segments of ``reader``'s video (``plan_segments`` on its ``index``).
 
-        Raises:
-            InputError: the file cannot be read, or its video packets lack timestamps.
+        A stream without timestamps (a raw elementary stream) cannot be seeked: it is one
+        segment, so an interrupted job on it starts over.
         """
-        path = Path(path)
-        if stream_index is None:
-            stream_index = probe(path).stream_index
-        times: list[int] = []
-        keys: list[int] = []
+        info = reader.info
+        scale = 2 if info.time_base != reader.source_info.time_base else 1  # fields: two frames each
         try:
-            with av.open(str(path)) as container:
-                stream = container.streams[stream_index]
-                time_base = stream.time_base
-                for packet in container.demux(stream):
-                    if packet.size == 0:
-                        continue
-                    if packet.pts is None:
-                        raise InputError(f"{path} has video packets without timestamps; segments "
-                                         "need them (remux the file, e.g. to .mkv, first)")
-                    if packet.is_keyframe:
-                        keys.append(packet.pts)
-                    times.append(packet.pts)
-        except av.FFmpegError as exc:
-            raise InputError(f"cannot read {path} to index it ({exc.strerror})") from None
-        pts = np.unique(np.asarray(times, dtype=np.int64))
-        keyframes = np.searchsorted(pts, np.unique(np.asarray(keys, dtype=np.int64)))
-        return cls(pts=pts, keyframes=keyframes.astype(np.int64), time_base=time_base,
-                   stream_index=stream_index)
+            index = reader.index()
+        except InputError as exc:
+            log.info("%s is rendered as one segment: %s", reader.path, exc)
+            return cls((0,), (info.frame_count or 0,), (0,), seekable=False)
+        segments = plan_segments(index.pts, index.time_base, segment_seconds)
+        starts = tuple(int(Fraction(s.start_pts) * index.time_base / info.time_base) for s in segments)
+        return cls(tuple(scale * s.first_frame for s in segments), tuple(scale * s.frame_count for s in segments),
+                   starts)
 
-    def frame_at(self, pts: int) -> int | None:
-        """Index of the frame with this pts (None if there is none)."""
-        i = int(np.searchsorted(self.pts, pts))
-        return i if i < self.pts.size and self.pts[i] == pts else None
+    def __len__(self) -> int:
+        return len(self.frame_counts)
 
-    def keyframe_at_or_before(self, frame: int) -> int:
-        """The last keyframe at or before ``frame`` (0 if none is): where decoding starts."""
-        i = int(np.searchsorted(self.keyframes, frame, side="right")) - 1
-        return int(self.keyframes[i]) if i >= 0 else 0
+    @property
+    def total_frames(self) -> int:
+        return sum(self.frame_counts)
 
-    def seek_points(self, frame: int) -> list[int]:
-        """Frames to start decoding at to reach ``frame``, best first: the keyframe at or
-        before it, then ever earlier keyframes (1, 3, 7, ... back), then frame 0.
-
-        >>> VideoIndex(np.arange(100), np.arange(0, 100, 10), Fraction(1, 25), 0).seek_points(75)
-        [70, 60, 40, 0]
-        """
-        keys = self.keyframes[self.keyframes <= frame]
-        points, i, step = [], len(keys) - 1, 1
-        while i >= 0 and keys[i] > 0:
-            points.append(int(keys[i]))
-            i, step = i - step, step * 2
-        return [*points, 0]
-
-
-def _decode_from(path: Path, index: VideoIndex, start: int) -> Iterator[tuple[int, av.VideoFrame]]:
-    """``(frame index, picture)`` for every picture decoded after seeking to frame ``start``."""
-    with av.open(str(path)) as container:
-        stream = container.streams[index.stream_index]
-        stream.thread_type = "AUTO"
-        if start > 0:
-            container.seek(int(index.pts[start]), stream=stream, backward=True, any_frame=False)
-        for picture in container.decode(stream):
-            at = index.frame_at(picture.pts) if picture.pts is not None else None
-            if at is not None:
-                yield at, picture
-
-
-def decode_range(path: str | Path, index: VideoIndex, first: int, last: int) -> Iterator[tuple[int, av.VideoFrame]]:
-    """Decode frames ``first..last`` (inclusive) as ``(frame index, picture)``, starting at
-    the keyframe at or before ``first`` instead of at the start of the file.
-
-    The frames from that keyframe up to ``first`` are decoded and dropped: that is the whole
-    cost of starting mid-file. Where a container's seek lands after ``first`` (MPEG-TS seeks
-    by timestamps, not by an index), earlier keyframes are tried, then the start of the file.
-    """
-    if not 0 <= first <= last < index.pts.size:
-        raise ValueError(f"frames {first}..{last} are outside 0..{index.pts.size - 1}")
-    for seek_to in index.seek_points(first):
-        with closing(_decode_from(Path(path), index, seek_to)) as pictures:
-            emitted = False
-            for at, picture in pictures:
-                if at < first:
-                    continue
-                if at > first and not emitted and seek_to > 0:
-                    log.debug("%s: seeking to frame %d for frame %d landed after it", path, seek_to, first)
-                    break
-                if at > last:
-                    return
-                emitted = True
-                yield at, picture
-            else:
-                return
-
-
-# --- encoding ---
-
-
-class SegmentWriter:
-    """Encode one segment's upright RGB frames into a video-only file, deterministically.
-
-    Args:
-        path: the segment file (``SEGMENT_SUFFIX[codec]`` extension); written to a temporary
-            name beside it and renamed when complete, so a file under this name is finished.
-        info: the source stream the frames come from (size, pixel format, time base, colour,
-            rotation, aspect ratio).
-        codec, crf, preset: as for ``io.encode.VideoWriter``.
-        threads: encoder threads; fixed so that every run and machine makes the same bytes.
-
-    Every frame is encoded with its own pts; the first becomes an IDR picture.
-
-    Raises:
-        OutputError: the folder cannot be written (or is full).
-        EncodeError: the encoder failed.
-    """
-
-    def __init__(self, path: str | Path, info: VideoInfo, *, codec: Codec = "h264", crf: int = 18,
-                 preset: str = "medium", threads: int = ENCODER_THREADS):
-        if codec not in ENCODERS:
-            raise ValueError(f"codec must be one of {', '.join(ENCODERS)}, got {codec!r}")
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        self.path = Path(path)
-        self.info = info
-        self.codec, self.crf, self.preset, self.threads = codec, crf, preset, threads
-        self.encoder = ENCODERS[codec]
-        self.pix_fmt = choose_pix_fmt(info.pix_fmt, self.encoder)
-        self.frames_written = 0
-        self._out: av.container.OutputContainer | None = None
-        self._tmp: Path | None = None
-        self._reformatter = VideoReformatter()
-
-    def encoder_options(self) -> dict[str, str]:
-        """The encoder's private options: the crf/preset of ``VideoWriter`` plus what makes
-        segments deterministic and joinable."""
-        info = self.info
-        options: dict[str, str] = {}
-        interlaced = info.interlaced and info.field_order in ("tt", "bb", "tb", "bt")
-        if self.codec == "h264":
-            params = [f"threads={self.threads}", "deterministic=1", "cpu-independent=1", "stitchable=1"]
-            if interlaced:
-                params += ["interlaced=1", "tff=1" if info.field_order in ("tt", "tb") else "bff=1"]
-            options.update(crf=str(self.crf), preset=self.preset, **{"x264-params": ":".join(params)})
-        elif self.codec == "h265":
-            params = ["log-level=error", f"frame-threads={max(1, self.threads // 2)}", f"pools={self.threads}",
-                      "open-gop=0", "info=0"]
-            options.update(crf=str(self.crf), preset=self.preset, **{"x265-params": ":".join(params)})
-        elif self.codec == "prores":
-            full_chroma = av.video.format.VideoFormat(self.pix_fmt).chroma_width(1024) == 1024
-            options["profile"] = "4444" if full_chroma else "hq"
-        return options
-
-    def __enter__(self) -> SegmentWriter:
-        self._tmp = files.create_temp(self.path)
-        try:
-            self._out = av.open(str(self._tmp), mode="w", container_options={"fflags": "+bitexact"})
-            self._video = self._add_video()
-        except BaseException:
-            self._abort()
-            raise
-        return self
-
-    def _add_video(self) -> av.video.stream.VideoStream:
-        info = self.info
-        try:
-            stream = self._out.add_stream(self.encoder, rate=info.average_rate or Fraction(25))
-        except ValueError:
-            raise OutputError(f"segment file {self.path.name} cannot hold {self.codec} video") from None
-        stream.width, stream.height = info.coded_width, info.coded_height
-        stream.pix_fmt = self.pix_fmt
-        stream.time_base = info.time_base
-        ctx = stream.codec_context
-        ctx.time_base = info.time_base
-        ctx.thread_count = self.threads
-        if info.average_rate:
-            ctx.framerate = info.average_rate
-        if info.sample_aspect_ratio:
-            ctx.sample_aspect_ratio = info.sample_aspect_ratio
-        tags = output_tags(info, self.pix_fmt)
-        ctx.color_range, ctx.colorspace = tags if tags is not None else (info.color_range, info.colorspace)
-        ctx.color_primaries, ctx.color_trc = info.color_primaries, info.color_trc
-        if info.interlaced and info.field_order in ("tt", "bb", "tb", "bt"):
-            ctx.field_order = {"tt": 2, "bb": 3, "tb": 4, "bt": 5}[info.field_order]
-        if self.codec == "h265":
-            stream.codec_tag = "hvc1"
-        stream.options = self.encoder_options()
-        if info.rotation:
-            stream.set_display_rotation(info.rotation)
-        return stream
-
-    def write(self, frame: Frame) -> None:
-        """Encode one upright RGB frame (the source's size and dtype) with its pts."""
-        if self._out is None:
-            raise RuntimeError("use SegmentWriter as a context manager: with SegmentWriter(...) as w")
-        info = self.info
-        check_shape("Frame.rgb", frame.rgb, (info.height, info.width, 3))
-        if frame.rgb.dtype != info.dtype:
-            raise ValueError(f"Frame.rgb must be {np.dtype(info.dtype).name} for this source, got {frame.rgb.dtype}")
+    def segment_of(self, frame: Frame) -> int:
+        """The segment ``frame`` belongs to (by its pts; 0 without one)."""
         if frame.pts is None:
-            raise ValueError(f"frame {frame.index} has no pts; segments keep every frame's own pts")
-        pts = frame.pts
-        if frame.time_base != info.time_base:
-            exact = Fraction(pts) * frame.time_base / info.time_base
-            if exact.denominator != 1:
-                raise ValueError(f"frame {frame.index}: pts {frame.pts} in {frame.time_base} is not a "
-                                 f"whole number of {info.time_base}")
-            pts = int(exact)
-        picture = to_frame(frame.rgb, info, self.pix_fmt, self._reformatter)
-        picture.pts = pts
-        picture.time_base = info.time_base
-        try:
-            self._out.mux(self._video.encode(picture))
-        except av.FFmpegError as exc:
-            raise self._error(f"encoding frame {frame.index}", exc) from None
-        self.frames_written += 1
+            return 0
+        return max(0, bisect.bisect_right(self.starts, frame.pts) - 1)
 
-    def _error(self, what: str, exc: av.FFmpegError) -> OutputError | EncodeError:
-        if files.disk_full(exc):
-            return files.write_error(self.path, exc)
-        return EncodeError(f"{what} into segment {self.path} failed ({exc.strerror}); the "
-                           f"{self.codec} encoder rejected the frames or settings")
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self._abort()
-            return
-        try:
-            if self.frames_written == 0:
-                raise ValueError(f"segment {self.path.name} got no frames; a segment has at least one")
-            try:
-                self._out.mux(self._video.encode(None))
-                self._out.close()
-            except av.FFmpegError as exc:
-                raise self._error("finishing", exc) from None
-            self._out = None
-            files.install(self._tmp, self.path, overwrite=True)
-            self._tmp = None
-        except BaseException:
-            self._abort()
-            raise
-
-    def _abort(self) -> None:
-        if self._out is not None:
-            try:
-                self._out.close()
-            except Exception:  # noqa: BLE001 - already failing, keep the original error
-                pass
-            self._out = None
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
+    def describe(self, k: int) -> str:
+        """``segment 3 of 9 (frames 1500-2249)``: how messages name segment ``k``."""
+        first, count = self.first_frames[k], self.frame_counts[k]
+        frames = f"frames {first}-{first + count - 1}" if count else f"from frame {first}"
+        return f"segment {k + 1} of {len(self)} ({frames})"
 
 
 # --- assembly ---

@@ -15,16 +15,24 @@ from pathlib import Path
 
 import pytest
 
+import numpy as np
+
 from gpen_video.errors import OutputError
+from gpen_video.faces.scenes import cut_features
 from gpen_video.manifest import (
     HEAD_BYTES,
+    FinishedOutputs,
     InputIdentity,
     Manifest,
     WorkFolder,
     file_sha256,
+    read_log,
     settings_hash,
     work_dir_for,
+    write_log,
 )
+from gpen_video.plan import Observation
+from gpen_video.records import Detections, Frame
 
 PLAN = ((0, 750), (750, 750), (1500, 320))
 SETTINGS = {"model": "GPEN-BFR-512", "strength": 1.0, "codec": "h264", "crf": 18, "rate": Fraction(30000, 1001)}
@@ -169,9 +177,12 @@ def test_record_checks_the_plan(tmp_path, job):
     manifest, _ = work.resume(expected)
     path = work.segment_path(0, ".mp4")
     path.write_bytes(b"x")
-    with pytest.raises(ValueError, match="has 751 frames from frame 0; the plan says 750 from frame 0"):
-        work.record(manifest, 0, path, 751)
+    with pytest.raises(ValueError, match="has -1 frames from frame 0; the plan says 750 from frame 0"):
+        work.record(manifest, 0, path, -1)
     assert work.record(manifest, 0, path, 700).frames_done == 700  # damaged input: frames lost
+    assert work.record(manifest, 0, path, 752).frames_done == 752  # a decoder may find more than the index
+    empty = work.record(manifest, 1, None, 0)  # nothing of it could be decoded
+    assert empty.finished[1].file == "" and empty.finished[1].files() == []
     outside = tmp_path / "elsewhere.mp4"
     outside.write_bytes(b"x")
     with pytest.raises(ValueError, match="not in the work folder"):
@@ -232,3 +243,68 @@ def test_manifest_survives_kill_9_while_being_replaced(tmp_path, job):
         assert reason is None and manifest is not None
         assert len(manifest.segments) > 0
         assert [s.index for s in manifest.segments] == list(range(len(manifest.segments)))
+
+
+def _observations(n: int) -> list[Observation]:
+    rng = np.random.default_rng(1)
+    seen = []
+    for i in range(n):
+        rgb = rng.integers(0, 256, (36, 64, 3), dtype=np.uint8)
+        faces = i % 3
+        detections = Detections(rng.random((faces, 4), dtype=np.float32) * 60,
+                                rng.random((faces, 5, 2), dtype=np.float32) * 60,
+                                rng.random(faces, dtype=np.float32))
+        seen.append(Observation(Frame(100 + i, 7 * i if i != 3 else None, Fraction(1, 25), rgb), detections,
+                                cut_features(rgb)))
+    return seen
+
+
+def test_detection_log_round_trips_exactly_without_pixels(tmp_path):
+    seen = _observations(12)
+    write_log(tmp_path / "log.npz", seen)
+    back = list(read_log(tmp_path / "log.npz", time_base=Fraction(1, 25), height=36, width=64, dtype=np.uint8))
+    assert len(back) == 12
+    for a, b in zip(seen, back):
+        assert (b.frame.index, b.frame.pts, b.frame.time_base) == (a.frame.index, a.frame.pts, a.frame.time_base)
+        assert b.frame.rgb.shape == (36, 64, 3) and b.frame.rgb.dtype == np.uint8
+        assert b.frame.rgb.strides[:2] == (0, 0) and not b.frame.rgb.flags.writeable  # no pixels held
+        for name in ("boxes", "landmarks", "scores"):
+            assert np.array_equal(getattr(a.detections, name), getattr(b.detections, name))
+            assert getattr(b.detections, name).dtype == np.float32
+        assert np.array_equal(a.cut.chroma, b.cut.chroma) and np.array_equal(a.cut.luma, b.cut.luma)
+        assert a.cut.mean_luma == b.cut.mean_luma
+    write_log(tmp_path / "empty.npz", [])
+    assert list(read_log(tmp_path / "empty.npz", time_base=Fraction(1), height=2, width=2, dtype=np.uint8)) == []
+
+
+def test_a_damaged_log_starts_afresh(tmp_path, job):
+    _, expected = job
+    work = WorkFolder(tmp_path / "work")
+    manifest, _ = work.resume(expected)
+    path = work.segment_path(0, ".mp4")
+    path.write_bytes(b"segment")
+    write_log(work.log_path(0), _observations(3))
+    manifest = work.record(manifest, 0, path, 3, work.log_path(0))
+    assert manifest.finished[0].log == work.log_path(0).name and manifest.finished[0].log_size > 0
+    assert work.resume(expected)[1] is None
+    with open(work.log_path(0), "ab") as handle:
+        handle.write(b"x")
+    _, why = work.resume(expected)
+    assert why == (f"starting afresh: segment file {work.log_path(0).name} has "
+                   f"{manifest.finished[0].log_size + 1} bytes, {manifest.finished[0].log_size} were written")
+    assert not work.log_path(0).exists()
+
+
+def test_finished_outputs_match_only_the_same_job_and_file(tmp_path, job):
+    src, expected = job
+    out = tmp_path / "tape.restored.mp4"
+    out.write_bytes(b"restored")
+    finished = FinishedOutputs(tmp_path / "cache" / "finished")
+    assert not finished.matches(expected, out)
+    finished.add(expected, out)
+    assert finished.matches(expected, out)
+    assert finished.matches(Manifest.for_job(src, SETTINGS, "ab" * 32, "PyAV 18.1.0"), out)  # plan left out
+    assert not finished.matches(Manifest.for_job(src, {**SETTINGS, "crf": 17}, "ab" * 32, "PyAV 18.1.0"), out)
+    assert not finished.matches(expected, tmp_path / "other.mp4")
+    out.write_bytes(b"replaced by someone")
+    assert not finished.matches(expected, out)

@@ -19,18 +19,10 @@ import pytest
 
 from gpen_video.errors import EncodeError, OutputError
 from gpen_video.io.colour import plane_view
-from gpen_video.io.decode import VideoReader
+from gpen_video.io.decode import VideoIndex, VideoReader
+from gpen_video.io.encode import VideoWriter
 from gpen_video.records import Frame
-from gpen_video.segments import (
-    SEGMENT_SUFFIX,
-    DecodeWindow,
-    Segment,
-    SegmentWriter,
-    VideoIndex,
-    assemble,
-    decode_range,
-    plan_segments,
-)
+from gpen_video.segments import SEGMENT_SUFFIX, Segment, SegmentPlan, assemble, plan_segments
 from tests.clips import ffprobe_streams, make_clip, read_packets
 
 OUTPUT_SUFFIX = {"h264": ".mp4", "h265": ".mp4", "prores": ".mov", "ffv1": ".mkv"}
@@ -50,7 +42,7 @@ def _encode(folder: Path, info, frames: list[Frame], segments: list[Segment], co
     paths = []
     for segment in segments:
         path = folder / f"segment-{segment.index}{SEGMENT_SUFFIX[codec]}"
-        with SegmentWriter(path, info, codec=codec, **kw) as writer:
+        with VideoWriter(path, info, codec=codec, copy_streams=False, overwrite=True, **kw) as writer:
             for frame in frames[segment.first_frame: segment.last_frame + 1]:
                 writer.write(frame)
         paths.append(path)
@@ -144,36 +136,72 @@ def test_plan_segments_rejects(pts, seconds, error):
         plan_segments(pts, Fraction(1, 25), seconds)
 
 
-def test_window_adds_context_inside_the_video():
-    assert Segment(0, 0, 99, 0).window(8, 8, 300) == DecodeWindow(0, 107, 0, 99)
-    assert Segment(2, 200, 299, 200).window(8, 8, 300) == DecodeWindow(192, 299, 200, 299)
-    with pytest.raises(ValueError, match="context"):
-        Segment(0, 0, 9, 0).window(-1, 0, 10)
+def test_segment_plan_maps_frames_by_time(tmp_path):
+    src = make_clip(tmp_path / "in.mp4", frames=60, vfr_pts=_vfr_pts(60), audio_tracks=0)
+    info, frames = _read(src)
+    with VideoReader(src) as reader:
+        layout = SegmentPlan.of(reader, 0.8)
+    expected = plan_segments([f.pts for f in frames], info.time_base, 0.8)
+    assert layout.first_frames == tuple(s.first_frame for s in expected)
+    assert layout.frame_counts == tuple(s.frame_count for s in expected) and layout.total_frames == 60
+    assert [layout.segment_of(f) for f in frames] == [s.index for s in expected for _ in range(s.frame_count)]
+    last = expected[-1]
+    assert layout.describe(len(expected) - 1) == (f"segment {len(expected)} of {len(expected)} "
+                                                  f"(frames {last.first_frame}-{last.last_frame})")
+    with VideoReader(src) as reader:
+        assert len(SegmentPlan.of(reader, 30)) == 1
     with pytest.raises(ValueError, match="first <= last"):
         Segment(0, 5, 4, 0)
+
+
+def test_segment_plan_of_fields_counts_two_frames_each(tmp_path):
+    src = make_clip(tmp_path / "in.mkv", frames=40, interlaced=True, audio_tracks=0)
+    with VideoReader(src, deinterlace="field") as reader:
+        layout = SegmentPlan.of(reader, 0.8)
+        frames = list(reader.frames())
+    assert len(frames) == 80 and layout.total_frames == 80 and len(layout) > 1
+    counts = np.bincount([layout.segment_of(f) for f in frames])
+    assert tuple(counts) == layout.frame_counts
 
 
 # --- the decode side ---
 
 
+def _rgb_tail(reader: VideoReader, start: Frame, index: int) -> list[tuple[int, int, bytes]]:
+    return [(f.index, f.pts, f.rgb.tobytes()) for f in reader.frames(start.pts, start_index=index)]
+
+
 @pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".ts"])
-def test_decode_range_starts_at_the_keyframe_before(tmp_path, suffix):
+def test_frames_from_a_pts_start_at_the_keyframe_before(tmp_path, suffix):
     """Seeking to the keyframe at or before a frame and decoding forward gives exactly the
-    pictures (and pts) a decode from the start gives, B-frames and VFR included."""
+    frames (pixels and pts) a decode from the start gives, B-frames and VFR included."""
     src = make_clip(tmp_path / f"in{suffix}", frames=60, vfr_pts=_vfr_pts(60), audio_tracks=0,
                     options={"preset": "medium", "x264-params": "keyint=10:min-keyint=10:scenecut=0"})
     index = VideoIndex.scan(src)
-    with av.open(str(src)) as container:
-        full = [(f.pts, b"".join(plane_view(f, i).tobytes() for i in range(3)))
-                for f in container.decode(video=0)]
-    assert index.pts.tolist() == [p for p, _ in full]
-    assert index.keyframes.tolist() == list(range(0, 60, 10))
-    assert index.keyframe_at_or_before(25) == 20 and index.keyframe_at_or_before(9) == 0
-    for first, last in [(25, 34), (0, 3), (40, 59), (10, 10)]:
-        got = [(at, picture.pts, b"".join(plane_view(picture, i).tobytes() for i in range(3)))
-               for at, picture in decode_range(src, index, first, last)]
-        assert [g[0] for g in got] == list(range(first, last + 1))
-        assert [(p, b) for _, p, b in got] == full[first: last + 1]
+    with VideoReader(src) as reader:
+        full = [(f.index, f.pts, f.rgb.tobytes()) for f in reader.frames()]
+        assert index.pts.tolist() == [p for _, p, _ in full]
+        assert index.keyframes.tolist() == list(range(0, 60, 10))
+        assert index.keyframe_at_or_before(25) == 20 and index.keyframe_at_or_before(9) == 0
+        frames = list(reader.frames())
+        for first in (25, 0, 40, 10, 59):
+            assert _rgb_tail(reader, frames[first], first) == full[first:]
+        stop = [f.index for f in reader.frames(frames[25].pts, start_index=25, stop_pts=frames[35].pts)]
+        assert stop == list(range(25, 35))
+        assert reader.damaged_frames == 0
+
+
+def test_frames_from_a_pts_are_the_same_when_deinterlacing(tmp_path):
+    """bwdif looks one frame back: starting one frame earlier gives the same pixels."""
+    src = make_clip(tmp_path / "in.mkv", frames=40, interlaced=True, audio_tracks=0,
+                    options={"x264-params": "keyint=8:min-keyint=8:scenecut=0"})
+    for mode in ("auto", "field"):
+        with VideoReader(src, deinterlace=mode) as reader:
+            assert reader.info.interlaced is False
+            frames = list(reader.frames())
+            full = [(f.index, f.pts, f.rgb.tobytes()) for f in frames]
+            for first in (16, 17, 33) if mode == "auto" else (32, 33, 50):
+                assert _rgb_tail(reader, frames[first], first) == full[first:], (mode, first)
 
 
 def test_seek_points_step_back_through_keyframes():
@@ -330,13 +358,12 @@ _ENCODE_ON_CPUS = textwrap.dedent("""
     import os, sys
     import av
     from gpen_video.io.decode import VideoReader
-    from gpen_video.io.encode import ENCODERS
-    from gpen_video.segments import SegmentWriter
+    from gpen_video.io.encode import ENCODERS, VideoWriter
     cpus, src, dst, control, codec = sys.argv[1:]
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: int(cpus)])
     with VideoReader(src) as reader:
         frames = list(reader.frames())
-        with SegmentWriter(dst, reader.info, codec=codec) as writer:
+        with VideoWriter(dst, reader.info, codec=codec, copy_streams=False) as writer:
             for frame in frames:
                 writer.write(frame)
     with av.open(control, "w") as out:  # the encoder left to choose its threads
@@ -394,20 +421,25 @@ def test_assemble_output_checks(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "segment-0.mov", "taken.mov"]
 
 
-def test_segment_writer_leaves_nothing_when_interrupted(tmp_path):
+def test_a_segment_writer_leaves_nothing_when_interrupted(tmp_path):
     src = make_clip(tmp_path / "in.mp4", frames=10, audio_tracks=0)
     info, frames = _read(src)
     path = tmp_path / "work" / "segment-0.mp4"
     path.parent.mkdir()
     with pytest.raises(KeyboardInterrupt):
-        with SegmentWriter(path, info) as writer:
+        with VideoWriter(path, info, copy_streams=False) as writer:
             writer.write(frames[0])
             raise KeyboardInterrupt
     assert list(path.parent.iterdir()) == []
-    with pytest.raises(ValueError, match="has no pts"):
-        with SegmentWriter(path, info) as writer:
-            writer.write(Frame(index=0, pts=None, time_base=info.time_base, rgb=frames[0].rgb))
-    with pytest.raises(ValueError, match="got no frames"):
-        with SegmentWriter(path, info):
-            pass
-    assert list(path.parent.iterdir()) == []
+
+
+def test_a_segment_file_is_video_only_and_bit_exact(tmp_path):
+    src = make_clip(tmp_path / "in.mp4", frames=10, subtitle=True)
+    info, frames = _read(src)
+    path = tmp_path / "segment.mp4"
+    with VideoWriter(path, info, copy_streams=False) as writer:
+        for frame in frames:
+            writer.write(frame)
+    streams = ffprobe_streams(path)
+    assert [s["codec_type"] for s in streams] == ["video"]
+    assert b"Lavf" not in path.read_bytes()  # a bit-exact muxer names no version

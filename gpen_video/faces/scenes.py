@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -57,6 +58,32 @@ def _features(small: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     luma = np.histogram(rel, bins=_LUMA_BINS, range=(0.0, 3.0))[0].astype(np.float64)
     luma[-1] += np.count_nonzero(rel >= 3.0)
     return chroma / chroma.sum(), luma / max(luma.sum(), 1.0), mean_v / 255.0
+
+
+@dataclass(frozen=True)
+class CutFeatures:
+    """What ``SceneCutDetector`` compares of one frame, small enough to log per frame (a resumed
+    job replays them instead of decoding the frame again).
+
+    Attributes:
+        chroma: (37,) float64 hue x saturation histogram plus a grey bin, summing to 1.
+        luma: (16,) float64 histogram of luma divided by its mean, summing to 1 (or all 0).
+        mean_luma: mean luma in [0, 1].
+    """
+
+    chroma: np.ndarray
+    luma: np.ndarray
+    mean_luma: float
+
+    def __post_init__(self) -> None:
+        check_shape("CutFeatures.chroma", self.chroma, (_HUE_BINS * _SAT_BINS + 1,))
+        check_shape("CutFeatures.luma", self.luma, (_LUMA_BINS,))
+
+
+def cut_features(rgb: np.ndarray) -> CutFeatures:
+    """The features ``SceneCutDetector.update_features`` takes, of an (H, W, 3) uint8 or uint16
+    RGB frame (reduced with ``cut_signature`` first, so any size is cheap)."""
+    return CutFeatures(*_features(cut_signature(rgb)))
 
 
 def _hellinger(p: np.ndarray, q: np.ndarray) -> float:
@@ -136,7 +163,11 @@ class SceneCutDetector:
         check_shape("rgb_small", rgb_small, (None, None, 3))
         if rgb_small.dtype != np.uint8 or max(rgb_small.shape[:2]) > 2 * SIGNATURE_SIZE:
             rgb_small = cut_signature(rgb_small)
-        chroma, luma, mean_luma = _features(rgb_small)
+        return self.update_features(CutFeatures(*_features(rgb_small)))
+
+    def update_features(self, features: CutFeatures) -> bool:
+        """``update`` for a frame's ``cut_features``: the same answer, without its pixels."""
+        chroma, luma, mean_luma = features.chroma, features.luma, features.mean_luma
         self._since_cut += 1
         self.last_distance = None
         if mean_luma < self.dark_level:

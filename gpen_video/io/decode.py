@@ -4,7 +4,9 @@ The decoder converts YUV to RGB with the stream's own colour matrix and range (a
 settings chosen so that ``encode.VideoWriter`` converting back with the same matrix returns
 the decoded YUV samples unchanged), turns each picture upright according to the display
 rotation, optionally deinterlaces with FFmpeg's bwdif, and keeps going over damaged data,
-counting what it had to drop.
+counting what it had to drop. It can also start mid-file: ``VideoReader.frames(start_pts)``
+seeks to the keyframe before that frame (``VideoIndex``, read by demuxing only) and decodes
+forward, so a resumed job does not decode what it already did.
 
 >>> with VideoReader("tape.mp4") as reader:          # doctest: +SKIP
 ...     for frame in reader.frames():
@@ -30,7 +32,7 @@ from av.video.reformatter import VideoReformatter
 from gpen_video.errors import DecodeError, InputError
 from gpen_video.io.colour import AVCOL_RANGE_JPEG, matrix_for, to_rgb
 from gpen_video.io.files import check_input_file
-from gpen_video.records import Frame
+from gpen_video.records import Frame, check_shape
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +219,91 @@ def probe(path: str | Path) -> VideoInfo:
         )
 
 
+@dataclass(frozen=True)
+class VideoIndex:
+    """Every frame's pts and the keyframes of a video stream, read by demuxing only.
+
+    Attributes:
+        pts: (n,) int64 frame pts in presentation order (the order decoded frames come out).
+        keyframes: (k,) int64 indices into ``pts`` of the frames a decoder can start at.
+        time_base: unit of ``pts``.
+        stream_index: the video stream the index describes.
+
+    Packets that would not decode still count here; a damaged file can therefore yield fewer
+    frames than ``pts`` holds. Frames are best matched by pts, not by position.
+    """
+
+    pts: np.ndarray
+    keyframes: np.ndarray
+    time_base: Fraction
+    stream_index: int
+
+    def __post_init__(self) -> None:
+        check_shape("VideoIndex.pts", self.pts, (None,))
+        check_shape("VideoIndex.keyframes", self.keyframes, (None,))
+
+    @classmethod
+    def scan(cls, path: str | Path, stream_index: int | None = None) -> VideoIndex:
+        """Demux the video stream of ``path`` (no decoding) and index its frames.
+
+        Raises:
+            InputError: the file cannot be read, has no video packet, or its video packets
+                lack timestamps.
+        """
+        path = Path(path)
+        if stream_index is None:
+            stream_index = probe(path).stream_index
+        times: list[int] = []
+        keys: list[int] = []
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams[stream_index]
+                time_base = stream.time_base
+                for packet in container.demux(stream):
+                    if packet.size == 0:
+                        continue
+                    if packet.pts is None:
+                        raise InputError(f"{path} has video packets without timestamps; a seek "
+                                         "needs them (remux the file, e.g. to .mkv, first)")
+                    if packet.is_keyframe:
+                        keys.append(packet.pts)
+                    times.append(packet.pts)
+        except av.FFmpegError as exc:
+            if not times:
+                raise InputError(f"cannot read {path} to index it ({exc.strerror})") from None
+            log.debug("%s: indexing stopped early: %s", path, exc)
+        if not times:
+            raise InputError(f"{path} has no video packets to index")
+        pts = np.unique(np.asarray(times, dtype=np.int64))
+        keyframes = np.searchsorted(pts, np.unique(np.asarray(keys, dtype=np.int64)))
+        return cls(pts=pts, keyframes=keyframes.astype(np.int64), time_base=time_base,
+                   stream_index=stream_index)
+
+    def frame_at(self, pts: int) -> int | None:
+        """Index of the frame with this pts (None if there is none)."""
+        i = int(np.searchsorted(self.pts, pts))
+        return i if i < self.pts.size and self.pts[i] == pts else None
+
+    def keyframe_at_or_before(self, frame: int) -> int:
+        """The last keyframe at or before ``frame`` (0 if none is): where decoding starts."""
+        i = int(np.searchsorted(self.keyframes, frame, side="right")) - 1
+        return int(self.keyframes[i]) if i >= 0 else 0
+
+    def seek_points(self, frame: int) -> list[int]:
+        """Frames to start decoding at to reach ``frame``, best first: the keyframe at or
+        before it, then ever earlier keyframes (1, 3, 7, ... back), then frame 0.
+
+        >>> VideoIndex(np.arange(100), np.arange(0, 100, 10), Fraction(1, 25), 0).seek_points(75)
+        [70, 60, 40, 0]
+        """
+        keys = self.keyframes[self.keyframes <= frame]
+        points, i, step = [], len(keys) - 1, 1
+        while i >= 0 and keys[i] > 0:
+            points.append(int(keys[i]))
+            i, step = i - step, step * 2
+        return [*points, 0]
+
+
 class _Deinterlacer:
     """bwdif through a filter graph; returns frames with pts in ``time_base``."""
 
@@ -300,6 +387,10 @@ class SourceStash:
             self._bytes = 0
 
 
+class _LandedLate(Exception):
+    """A seek landed after the frame it was for (raised before any frame is yielded)."""
+
+
 class VideoReader:
     """Stream the main video of a file as upright RGB ``Frame`` records.
 
@@ -312,8 +403,8 @@ class VideoReader:
     ``info`` describes the frames ``frames()`` yields (after deinterlacing); ``source_info``
     the stream as stored. After ``frames()`` is exhausted, ``damaged_frames`` counts frames
     that could not be decoded (dropped) and ``concealed_frames`` those decoded with errors
-    that the decoder concealed (kept). Each ``frames()`` call decodes the file afresh from
-    its start, so a two-pass pipeline may call it twice or open two readers.
+    that the decoder concealed (kept). Each ``frames()`` call decodes the file afresh, from
+    its start or from the keyframe before ``start_pts``.
 
     >>> with VideoReader("tape.mp4") as r:             # doctest: +SKIP
     ...     n = sum(1 for _ in r.frames())
@@ -346,7 +437,24 @@ class VideoReader:
         self.damaged_frames = 0
         self.concealed_frames = 0
         self._warned = False
+        self._index: VideoIndex | None = None
         self.stash: SourceStash | None = None
+
+    def index(self) -> VideoIndex:
+        """The source stream's frame pts and keyframes (demuxed once, on first use).
+
+        Raises:
+            InputError: the stream has packets without timestamps (it cannot be seeked).
+        """
+        if self._index is None:
+            self._index = VideoIndex.scan(self.path, self.source_info.stream_index)
+        return self._index
+
+    def source_pts(self, pts: int) -> int:
+        """The source stream's pts at or before the yielded frames' ``pts`` (which differ in
+        time base when deinterlacing to fields)."""
+        exact = Fraction(pts) * self.info.time_base / self.source_info.time_base
+        return exact.numerator // exact.denominator
 
     def keep_source_pictures(self, max_bytes: int = 1 << 30) -> SourceStash:
         """From now on keep each yielded frame's decoded picture (for ``VideoWriter``)."""
@@ -382,12 +490,14 @@ class VideoReader:
             return lost
         missing = duration - (last_pts * tb + shown)  # lenient: absolute end against length
         typical = step or shown
-        if missing > 2 * typical:
+        if missing > typical / 2:
             lost = max(lost, int(missing / typical + Fraction(1, 2)))
         return lost
 
-    def _decoded(self, container, stream) -> Iterator[av.VideoFrame]:
-        """Decoder output in order; counts undecodable packets instead of stopping."""
+    def _decoded(self, container, stream, *, partial: bool = False, seeked: bool = False) -> Iterator[av.VideoFrame]:
+        """Decoder output in order; counts undecodable packets instead of stopping. ``partial``:
+        decoding does not cover the whole stream, so only packets that failed count as lost;
+        ``seeked``: it started after a seek (which nothing came after: _LandedLate)."""
         error_packets = 0
         decoded = 0
         first_pts: int | None = None
@@ -418,8 +528,11 @@ class VideoReader:
                 yield frame
             if packet is None:
                 break
-        lost = self._lost_frames(stream, decoded, error_packets, first_pts, last_pts, last_duration)
+        lost = error_packets if partial else self._lost_frames(
+            stream, decoded, error_packets, first_pts, last_pts, last_duration)
         self.damaged_frames = lost
+        if decoded == 0 and seeked:
+            raise _LandedLate
         if decoded == 0:
             raise DecodeError(
                 f"no frame of {self.path} could be decoded; the file is damaged beyond repair "
@@ -437,23 +550,54 @@ class VideoReader:
                              "decoder concealed the errors")
             log.warning("%s is damaged: %s", self.path, "; ".join(parts))
 
-    def frames(self) -> Iterator[Frame]:
-        """Yield every frame as an upright RGB ``Frame``; memory stays bounded.
+    def frames(self, start_pts: int | None = None, *, start_index: int = 0,
+               stop_pts: int | None = None) -> Iterator[Frame]:
+        """Yield the frames as upright RGB ``Frame`` records; memory stays bounded.
+
+        Args:
+            start_pts: yield only the frames from this pts on (in ``info.time_base``).
+                Decoding starts at the keyframe before it (``index``), one frame earlier when
+                deinterlacing (the filter looks one frame back), so the frames are the very
+                ones a decode from the start gives. Where a container's seek lands late
+                (MPEG-TS seeks by time), earlier keyframes are tried, then the start.
+            start_index: ``Frame.index`` of the first frame yielded.
+            stop_pts: stop before the first frame at or after this pts.
 
         Raises:
             DecodeError: not a single frame could be decoded.
+            InputError: ``start_pts`` is given and the stream cannot be seeked (``index``).
         """
-        with _open(self.path) as container:
-            yield from self._frames(container)
+        if start_pts is None:
+            with _open(self.path) as container:
+                yield from self._frames(container, None, start_index, stop_pts, 0)
+            return
+        index = self.index()
+        first = int(np.searchsorted(index.pts, self.source_pts(start_pts)))
+        warm_up = max(0, min(first - (self._deinterlace_mode is not None), index.pts.size - 1))
+        for seek_to in index.seek_points(warm_up):
+            with _open(self.path) as container:
+                frames = self._frames(container, start_pts, start_index, stop_pts, int(index.pts[seek_to]) if seek_to else 0,
+                                      reach=int(index.pts[warm_up]))
+                try:
+                    yield from frames
+                    return
+                except _LandedLate:
+                    log.debug("%s: seeking to frame %d for frame %d landed after it", self.path, seek_to, warm_up)
 
-    def _frames(self, container: av.container.InputContainer) -> Iterator[Frame]:
+    def _frames(self, container: av.container.InputContainer, start_pts: int | None, start_index: int,
+                stop_pts: int | None, seek_pts: int, *, reach: int | None = None) -> Iterator[Frame]:
+        """Decode (after seeking to ``seek_pts`` when > 0) and yield the frames from
+        ``start_pts`` to before ``stop_pts``; raise _LandedLate if the first picture decoded
+        comes after ``reach`` (source pts), before anything was yielded."""
         stream = container.streams[self.source_info.stream_index]
         stream.thread_type = "AUTO"
+        if seek_pts > 0:
+            container.seek(seek_pts, stream=stream, backward=True, any_frame=False)
         self.damaged_frames = self.concealed_frames = 0
         info, src_tb = self.info, self.source_info.time_base
         reformatter = VideoReformatter()
         deinterlacer: _Deinterlacer | None = None
-        index = 0
+        index = start_index
 
         stash = self.stash
         if stash is not None:
@@ -463,11 +607,14 @@ class VideoReader:
         step = max(1, round(1 / (info.average_rate * info.time_base))) if info.average_rate else 1
         previous: int | None = None
 
-        def emit(av_frame: av.VideoFrame, pts: int | None) -> Frame:
+        def emit(av_frame: av.VideoFrame, pts: int | None) -> Frame | None:
+            """The frame to yield, or None for one before ``start_pts``."""
             nonlocal index, previous
             if pts is None:
                 pts = 0 if previous is None else previous + step
             previous = pts
+            if start_pts is not None and pts < start_pts:
+                return None
             frame = Frame(index=index, pts=pts, time_base=info.time_base,
                           rgb=to_rgb(av_frame, info, reformatter))
             if stash is not None:
@@ -475,7 +622,7 @@ class VideoReader:
             index += 1
             return frame
 
-        def filtered(av_frames: list[av.VideoFrame]) -> Iterator[Frame]:
+        def filtered(av_frames: list[av.VideoFrame]) -> Iterator[Frame | None]:
             for out in av_frames:
                 if self._deinterlace_mode == "send_field" or out.pts is None:
                     pts = out.pts
@@ -484,13 +631,29 @@ class VideoReader:
                     pts = int(exact) if exact.denominator == 1 else round(exact)
                 yield emit(out, pts)
 
-        for av_frame in self._decoded(container, stream):
-            if self._deinterlace_mode is None:
-                yield emit(av_frame, av_frame.pts)
+        def pictures() -> Iterator[Frame | None]:
+            nonlocal deinterlacer
+            decoded = self._decoded(container, stream, partial=start_pts is not None or stop_pts is not None,
+                                    seeked=seek_pts > 0)
+            for n, av_frame in enumerate(decoded):
+                if n == 0 and reach is not None and seek_pts > 0 and av_frame.pts is not None and av_frame.pts > reach:
+                    decoded.close()
+                    raise _LandedLate
+                if self._deinterlace_mode is None:
+                    yield emit(av_frame, av_frame.pts)
+                    continue
+                if deinterlacer is None:
+                    deinterlacer = _Deinterlacer(av_frame, src_tb, self._deinterlace_mode,
+                                                 self._only_interlaced)
+                yield from filtered(deinterlacer.push(av_frame))
+            if deinterlacer is not None:
+                yield from filtered(deinterlacer.push(None))
+
+        for frame in pictures():
+            if frame is None:
                 continue
-            if deinterlacer is None:
-                deinterlacer = _Deinterlacer(av_frame, src_tb, self._deinterlace_mode,
-                                             self._only_interlaced)
-            yield from filtered(deinterlacer.push(av_frame))
-        if deinterlacer is not None:
-            yield from filtered(deinterlacer.push(None))
+            if stop_pts is not None and frame.pts >= stop_pts:
+                if stash is not None:
+                    stash.pop(frame.index)
+                return
+            yield frame

@@ -8,6 +8,12 @@ field order, pixel aspect), takes the upright RGB frames ``decode.VideoReader`` 
 for packet alongside (``streams``). The file is written to a temporary file beside the
 target and appears under its name only when complete (``files``).
 
+The encoder is set up to be deterministic: the same frames and settings give the same bytes on
+every run and machine (a fixed encoder thread count, x264's ``cpu-independent`` mode, no x265
+info SEI naming the CPU). With ``copy_streams=False`` the writer makes one video-only part of a
+longer output (``segments``): a bit-exact muxer, and x264's ``stitchable`` headers so the parts
+join by stream copy.
+
 >>> with VideoReader("tape.mp4") as reader, VideoWriter("out.mp4", reader) as writer:  # doctest: +SKIP
 ...     for frame in reader.frames():
 ...         writer.write(frame)
@@ -24,7 +30,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from gpen_video.errors import EncodeError, GpenVideoError, InputError, OutputError
+from gpen_video.errors import EncodeError, GpenVideoError, InputError, OutputError, StreamCopyError
 from gpen_video.io import colour
 from gpen_video.io.decode import SourceStash, VideoInfo, VideoReader, probe
 from gpen_video.io.files import check_output, create_temp, disk_full, install, write_error
@@ -36,6 +42,11 @@ log = logging.getLogger(__name__)
 Codec = Literal["h264", "h265", "prores", "ffv1"]
 
 ENCODERS: dict[str, str] = {"h264": "libx264", "h265": "libx265", "prores": "prores_ks", "ffv1": "ffv1"}
+
+ENCODER_THREADS = 4
+"""Encoder threads, whatever the machine: x264 and x265 output depends on the thread count
+(x264 also writes it into the stream), so it is fixed to make the same bytes everywhere. Four
+keep x264 ahead of GPEN on CPUs; a job spread over workers encodes several parts at once."""
 
 WHOLE_CHROMA_ENCODERS = frozenset({"libx264", "libx265", "prores_ks"})
 """Encoders whose picture size must be a whole number of chroma samples. H.264 and HEVC
@@ -126,6 +137,9 @@ class VideoWriter:
         preset: x264/x265 speed preset; slower presets give smaller files at the same crf.
         strict: raise StreamCopyError instead of warning when a stream cannot be copied.
         overwrite: replace an existing output file.
+        copy_streams: copy the source's other streams (audio, subtitles, data) and video tags
+            into the output; False writes the video alone, as one part of an output that
+            ``segments.assemble`` puts together (no tags, a bit-exact muxer).
         splice: with a VideoReader source, keep the decoder's own samples wherever a frame's
             RGB is unchanged (exact path); False converts every pixel from RGB (reference
             path). Converting is exact too except where codec ringing put 4:2:0 samples
@@ -158,6 +172,7 @@ class VideoWriter:
         strict: bool = False,
         overwrite: bool = False,
         splice: bool = True,
+        copy_streams: bool = True,
     ):
         if codec not in ENCODERS:
             raise ValueError(f"codec must be one of {', '.join(ENCODERS)}, got {codec!r}")
@@ -175,13 +190,14 @@ class VideoWriter:
         self.codec = codec
         self.encoder = ENCODERS[codec]
         self.crf, self.preset, self.strict, self.overwrite = crf, preset, strict, overwrite
+        self.copy_streams = copy_streams
         check_output(info.path, self.output_path, overwrite=overwrite)
         if not self.output_path.suffix:
             raise OutputError(f"output {self.output_path} has no extension; add one such as .mp4 or .mkv")
         size = (info.coded_width, info.coded_height)
         self.pix_fmt = choose_pix_fmt(info.pix_fmt, self.encoder, size)
         usual = choose_pix_fmt(info.pix_fmt, self.encoder)
-        if usual != self.pix_fmt:
+        if usual != self.pix_fmt and copy_streams:  # said once per output, not per part
             log.warning("%s: %s cannot store a %dx%d picture as %s, so it is written as %s (same "
                         "size and pixels; some hardware players do not play that layout)",
                         self.output_path, codec, *size, usual, self.pix_fmt)
@@ -200,11 +216,27 @@ class VideoWriter:
             raise
         return self
 
+    def check(self) -> None:
+        """Open the output as writing would, then remove it: a problem with the output (its
+        folder, container, codec, and with ``strict`` a stream that cannot be copied) shows
+        before any work is done. Streams that would be left out are not reported here."""
+        strict = self.strict
+        self.strict = True
+        try:
+            self._open()
+        except StreamCopyError:
+            if strict:
+                raise
+        finally:
+            self.strict = strict
+            self._abort()
+
     def _open(self) -> None:
         out_path = self.output_path
         self._tmp = create_temp(out_path)
+        options = {} if self.copy_streams else {"fflags": "+bitexact"}
         try:
-            self._out = av.open(str(self._tmp), mode="w")
+            self._out = av.open(str(self._tmp), mode="w", container_options=options)
         except ValueError:
             raise OutputError(
                 f"output {out_path} has an extension FFmpeg cannot write ({out_path.suffix}); "
@@ -212,6 +244,10 @@ class VideoWriter:
             ) from None
         except av.FFmpegError as exc:
             raise write_error(out_path, exc) from None
+        self._reformatter = VideoReformatter()
+        if not self.copy_streams:
+            self._add_video(None)
+            return
         try:
             self._copier = StreamCopier(self.info.path, self._out, out_path, self.info.stream_index,
                                         strict=self.strict)
@@ -219,9 +255,28 @@ class VideoWriter:
             raise InputError(f"cannot open {self.info.path} again to copy its other streams "
                              f"({exc.strerror}); was it moved or changed?") from None
         self._copier.add_streams(self._add_video)
-        self._reformatter = VideoReformatter()
 
-    def _add_video(self, template: av.video.stream.VideoStream) -> None:
+    def encoder_options(self) -> dict[str, str]:
+        """The encoder's private options: quality, and what makes the bytes deterministic and
+        the parts of a segmented output joinable."""
+        info = self.info
+        options: dict[str, str] = {}
+        interlaced = info.interlaced and info.field_order in ("tt", "bb", "tb", "bt")
+        if self.codec == "h264":
+            params = [f"threads={ENCODER_THREADS}", "deterministic=1", "cpu-independent=1", "stitchable=1"]
+            if interlaced:
+                params += ["interlaced=1", "tff=1" if info.field_order in ("tt", "tb") else "bff=1"]
+            options.update(crf=str(self.crf), preset=self.preset, **{"x264-params": ":".join(params)})
+        elif self.codec == "h265":
+            params = ["log-level=error", f"frame-threads={max(1, ENCODER_THREADS // 2)}",
+                      f"pools={ENCODER_THREADS}", "open-gop=0", "info=0"]
+            options.update(crf=str(self.crf), preset=self.preset, **{"x265-params": ":".join(params)})
+        elif self.codec == "prores":
+            full_chroma = av.video.format.VideoFormat(self.pix_fmt).chroma_width(1024) == 1024
+            options["profile"] = "4444" if full_chroma else "hq"
+        return options
+
+    def _add_video(self, template: av.video.stream.VideoStream | None) -> None:
         info = self.info
         try:
             stream = self._out.add_stream(self.encoder, rate=info.average_rate or Fraction(25))
@@ -235,6 +290,7 @@ class VideoWriter:
         stream.time_base = info.time_base
         ctx = stream.codec_context
         ctx.time_base = info.time_base
+        ctx.thread_count = ENCODER_THREADS
         if info.average_rate:
             ctx.framerate = info.average_rate
         if info.sample_aspect_ratio:
@@ -242,26 +298,16 @@ class VideoWriter:
         ctx.color_range, ctx.colorspace = colour.output_tags(info, self.pix_fmt) or (
             info.color_range, info.colorspace)
         ctx.color_primaries, ctx.color_trc = info.color_primaries, info.color_trc
-        out_fmt = av.video.format.VideoFormat(self.pix_fmt)
-        options: dict[str, str] = {}
-        if self.codec in ("h264", "h265"):
-            options.update(crf=str(self.crf), preset=self.preset)
-        if self.codec == "h265":
-            options["x265-params"] = "log-level=error"
-            if self.output_path.suffix.lower() in (".mp4", ".mov", ".m4v"):
-                stream.codec_tag = "hvc1"
-        if self.codec == "prores":
-            options["profile"] = "4444" if out_fmt.chroma_width(1024) == 1024 else "hq"
+        if self.codec == "h265" and self.output_path.suffix.lower() in (".mp4", ".mov", ".m4v"):
+            stream.codec_tag = "hvc1"
         if info.interlaced and info.field_order in ("tt", "bb", "tb", "bt"):
             ctx.field_order = {"tt": 2, "bb": 3, "tb": 4, "bt": 5}[info.field_order]
-            if self.codec == "h264":
-                tff = info.field_order in ("tt", "tb")
-                options["x264-params"] = f"interlaced=1:{'tff' if tff else 'bff'}=1"
-        stream.options = options
+        stream.options = self.encoder_options()
         if info.rotation:
             stream.set_display_rotation(info.rotation)
-        stream.metadata.update(self._copier.video_metadata())
-        stream.disposition = template.disposition
+        if template is not None:
+            stream.metadata.update(self._copier.video_metadata())
+            stream.disposition = template.disposition
         self._video = stream
 
     # --- writing ---
@@ -290,7 +336,7 @@ class VideoWriter:
                                 + self._first_frame_hint()) from None
         try:
             self._out.mux(packets)
-            if pts is not None:
+            if pts is not None and self._copier is not None:
                 self._copier.pump(float(pts * info.time_base))
         except av.FFmpegError as exc:
             raise self._failure(exc, f"the {self._out.format.name} muxer failed at frame {frame.index}") from None
@@ -355,7 +401,8 @@ class VideoWriter:
         name = self._out.format.name
         try:
             self._out.mux(packets)
-            self._copier.finish()
+            if self._copier is not None:
+                self._copier.finish()
         except av.FFmpegError as exc:
             raise self._failure(exc, f"the {name} muxer failed after the last frame") from None
         try:
@@ -363,8 +410,9 @@ class VideoWriter:
         except av.FFmpegError as exc:
             raise self._failure(exc, f"the {name} muxer could not finish the file") from None
         self._out = None
-        self._copier.close()
-        self._copier = None
+        if self._copier is not None:
+            self._copier.close()
+            self._copier = None
         try:
             install(self._tmp, self.output_path, overwrite=self.overwrite)
         except OSError as exc:

@@ -224,7 +224,7 @@ def check_input_file(path: Path) -> None:
 
 def check_output(input_path: Path, output_path: Path, *, overwrite: bool) -> None:
     """Refuse to write over the input, over an existing file without ``overwrite``, over a
-    folder, or into a folder that does not exist."""
+    folder, a pipe or a device (even with ``overwrite``), or into a folder that does not exist."""
     same = output_path.resolve() == input_path.resolve()
     if not same and output_path.exists() and input_path.exists():
         same = os.path.samefile(input_path, output_path)
@@ -232,6 +232,8 @@ def check_output(input_path: Path, output_path: Path, *, overwrite: bool) -> Non
         raise OutputError(f"output {output_path} is the input; choose another name with -o")
     if output_path.is_dir():
         raise OutputError(f"output {output_path} is a directory; give a file name with an extension")
+    if output_path.exists() and not output_path.is_file():
+        raise OutputError(f"output {output_path} is not a regular file (a pipe or a device); give a file name")
     if output_path.exists() and not overwrite:
         raise OutputError(f"output {output_path} already exists; remove it or pass -y to replace it")
     if not output_path.parent.is_dir():

@@ -266,8 +266,10 @@ class WebApp:
             status = "cancelled; nothing was written"
         else:
             status = "failed (see the message above)"
-        if job.runs > 1 and job.state in ACTIVE:
-            status += " · continued after a server restart"
+        if job.resumed_at and job.state in ACTIVE:
+            status += f" · continued after a server restart from frame {job.resumed_at}"
+        elif job.runs > 1 and job.state in ACTIVE:
+            status += " · started again after a server restart"
         bar_max = total if total else max(job.done_frames, 1)
         bar_value = bar_max if job.state == "done" else job.done_frames
         queue = f"Server: {running} job running, {waiting} waiting." if job.state in ACTIVE else ""

@@ -5,16 +5,17 @@
     JOBS_DIR/
       <id>/job.json          the job's record, replaced atomically at every change of state
       <id>/input/NAME        an uploaded input, linked here so the job outlives the upload cache
-      <id>/NAME.restored.EXT the output (written by ``restore_video``; its work folder beside it)
+      <id>/NAME.restored.EXT the output (written by ``restore_video``, its work files beside it)
     SERVED_DIR/<id>/NAME.restored.EXT   a hard link to a finished output: the only job file served
 
 A job runs in the server's worker thread, not in the page's request, so closing or reloading
 the page does not stop it; the page polls the job's state. One job runs at a time (the worker
 owns the device); the others wait in order. When the server stops, or is killed, jobs that had
 not finished keep the state ``queued`` or ``running`` in their ``job.json``; the next server on
-the same folder queues them again and calls ``restore_video`` on the same input and output,
-which continues from the last finished segment (see ``gpen_video.segments``) instead of
-starting over.
+the same folder queues them again and calls ``restore_video`` on the same input and output, so
+the job continues wherever ``restore_video`` can resume it (its work folder beside the output),
+and otherwise restarts. A job that ended (done, cancelled, failed) keeps only its record and
+its output.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Job:
         seconds: how long the finished run took.
         served: the path the page may download, once done.
         runs: how many times the worker started it (more than one after a server restart).
+        resumed_at: frames an interrupted earlier run had finished, where this run went on.
     """
 
     id: str
@@ -90,6 +92,7 @@ class Job:
     seconds: float = 0.0
     served: Path | None = None
     runs: int = 0
+    resumed_at: int = 0
 
     @property
     def image(self) -> bool:
@@ -180,8 +183,16 @@ class JobStore:
         with self._lock:
             return sorted((j for j in self._jobs.values() if j.state in ACTIVE), key=lambda j: j.created)
 
-    def remove_input_copy(self, job: Job) -> None:
-        shutil.rmtree(self.root / job.id / "input", ignore_errors=True)
+    def tidy(self, job: Job) -> None:
+        """Remove what an ended job no longer needs from its folder: the input copy and any work
+        files (a cancelled or failed job is not continued), keeping the record and the output."""
+        for entry in (self.root / job.id).iterdir():
+            if entry.name in ("job.json", job.output.name):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 CONTAINERS = {
@@ -271,8 +282,7 @@ class JobRunner:
         with self._wake:
             if job_id in self._queue:
                 self._queue.remove(job_id)
-                job = self.store.get(job_id)
-                self.store.remove_input_copy(job)
+                self.store.tidy(self.store.get(job_id))
                 self.store.set(job_id, persist=True, state="cancelled", seconds_left=None)
             elif job_id == self._running:
                 self._cancels[job_id].set()
@@ -313,6 +323,8 @@ class JobRunner:
             now = time.monotonic()
             if not started:
                 started.append((now, done - 1))
+                if done > 1:
+                    self.store.set(job.id, persist=True, resumed_at=done - 1)
             t0, d0 = started[0]
             fps = (done - d0) / (now - t0) if now > t0 else 0.0
             left = (total - done) / fps if total and fps > 0 else None
@@ -321,10 +333,10 @@ class JobRunner:
         return update
 
     def _run(self, job: Job) -> None:
-        job = self.store.set(job.id, persist=True, state="running", runs=job.runs + 1, error=None)
+        job = self.store.set(job.id, persist=True, state="running", runs=job.runs + 1, error=None, resumed_at=0)
         ended = self._outcome(job)
         if ended["state"] != "queued":
-            self.store.remove_input_copy(job)
+            self.store.tidy(job)
         self.store.set(job.id, persist=True, seconds_left=None, **ended)
 
     def _outcome(self, job: Job) -> dict:
