@@ -11,9 +11,12 @@
    half-way and run again: once killed right after the segment that completes half of the
    frames was recorded, once at half of the whole run's wall time (inside a segment, whose
    part done is lost). The resumed run's wall time is compared with the whole run's.
+3. Ray: the command line on a folder of two clips, one after the other in this process, and
+   with ``--ray`` (a local Ray runtime: one worker per CPU, the files at once).
 
     python benchmarks/bench_segments.py [--seconds 90] [--size 640x360] [--segment-seconds 30]
-        [--resume-seconds 40] [--resume-segment-seconds 5] [--repeat 2] [--model GPEN-BFR-256|none]
+        [--resume-seconds 40] [--resume-segment-seconds 5] [--ray-seconds 10] [--repeat 2]
+        [--model GPEN-BFR-256|none] [--only segmenting|resuming|ray]
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,6 +189,37 @@ def resuming(args, tmp: Path) -> None:
               f"(median {statistics.median(ratios):.2f}; target <= 0.60)")
 
 
+def with_ray(args, tmp: Path) -> None:
+    import shutil
+
+    import torch
+
+    from gpen_video.restore.model import preset_config
+    from samples.make_demo import render_clip
+    from tests.conftest import random_state_dict
+
+    weights = tmp / "GPEN-BFR-256.pth"
+    if not weights.exists():
+        torch.save(random_state_dict(preset_config("GPEN-BFR-256"), seed=1), weights)
+    folder = tmp / "ray-in"
+    folder.mkdir()
+    render_clip(folder / "a.mp4", seconds=args.ray_seconds, size=(320, 180), faces=1, seed=5)
+    shutil.copy(folder / "a.mp4", folder / "b.mp4")
+    print(f"3. Ray: gpen-video restore on a folder of two {args.ray_seconds:g} s clips at 320x180, one face, "
+          "GPEN-BFR-256: one after the other, and with --ray (2 local workers, one per CPU)")
+    times: dict[str, list[float]] = {"one after the other": [], "--ray": []}
+    for run in range(args.repeat):
+        for name in list(times)[:: -1 if run % 2 else 1]:
+            out = tmp / f"ray-out-{run}-{name.strip('-').replace(' ', '-')}"
+            cmd = [*_CLI, str(folder), "-o", str(out), "--model", "GPEN-BFR-256", "--weights", str(weights),
+                   "--device", "cpu", "-q", "--cache-dir", str(tmp / "cache"), "--restart"]
+            times[name].append(_run(cmd + (["--ray"] if name == "--ray" else [])))
+            print(f"   run {run + 1} {name:20} {times[name][-1]:7.1f} s")
+    ratios = [r / s for r, s in zip(times["--ray"], times["one after the other"])]
+    print(f"   --ray / one after the other: {', '.join(f'{r:.2f}' for r in ratios)} "
+          f"(median {statistics.median(ratios):.2f}; this machine has {os.cpu_count()} cores for both)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=90.0)
@@ -194,9 +227,10 @@ def main() -> None:
     parser.add_argument("--segment-seconds", type=float, default=30.0)
     parser.add_argument("--resume-seconds", type=float, default=40.0)
     parser.add_argument("--resume-segment-seconds", type=float, default=5.0)
+    parser.add_argument("--ray-seconds", type=float, default=10.0)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--model", default="GPEN-BFR-256", help="GPEN preset, or none (identity network)")
-    parser.add_argument("--only", choices=["segmenting", "resuming"])
+    parser.add_argument("--only", choices=["segmenting", "resuming", "ray"])
     args = parser.parse_args()
     print(f"bench_segments, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,6 +238,8 @@ def main() -> None:
             segmenting(args, Path(tmp))
         if args.only in (None, "resuming"):
             resuming(args, Path(tmp))
+        if args.only in (None, "ray"):
+            with_ray(args, Path(tmp))
 
 
 if __name__ == "__main__":

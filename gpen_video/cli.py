@@ -14,10 +14,12 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gpen_video import __version__
 from gpen_video.config import Config, load_config
@@ -271,24 +273,23 @@ def run_restore(args: argparse.Namespace, config: Config) -> int:
         workers = RayWorkers(config, address=args.ray or None)
     folder = Path(args.input).is_dir()
     finished = FinishedOutputs(Path(config.cache_dir or default_cache_dir()) / "finished")
-    failed: list[tuple[Path, str]] = []
-    done = skipped = 0
-    for input_path, output_path in jobs:
+    together = workers is not None and len(jobs) > 1  # files at once, their segments spread over the workers
+    cancel = threading.Event()
+
+    def restore(input_path: Path, output_path: Path) -> tuple[str, str]:
+        """One file: ("done" | "skipped" | "failed", the line to print)."""
         try:
             if is_image(input_path):
                 result = pipeline.restore_image(input_path, output_path, overwrite=overwrite)
             else:
                 job = (workers or pipeline).job_identity(input_path) if folder else None
                 if job is not None and not args.restart and finished.matches(job, output_path):
-                    skipped += 1
-                    if not args.quiet:
-                        print(f"{input_path.name} -> {output_path}: restored before with the same settings; "
-                              "skipped (--restart does it again)", file=sys.stderr)
-                    continue
-                with _Bar(input_path.name, args.quiet) as bar:
+                    return "skipped", (f"{input_path.name} -> {output_path}: restored before with the same settings; "
+                                       "skipped (--restart does it again)")
+                with _Bar(input_path.name, args.quiet or together) as bar:
                     result = pipeline.restore_video(
                         input_path, output_path, overwrite=overwrite, report=args.report, progress=bar,
-                        restart=args.restart, workers=workers,
+                        cancel=cancel, restart=args.restart, workers=workers,
                     )
                 if job is not None:
                     finished.add(job, output_path)
@@ -301,15 +302,35 @@ def run_restore(args: argparse.Namespace, config: Config) -> int:
             if args.debug:
                 log.exception("failed: %s", input_path)
             print(f"error: {input_path}: {reason}", file=sys.stderr)
-            failed.append((input_path, reason))
-            continue
-        done += 1
-        if not args.quiet:
-            print(_summary(result), file=sys.stderr)
+            return "failed", f"  failed: {input_path.name}: {reason}"
+        return "done", _summary(result)
+
+    def shown(outcome: tuple[str, str]) -> tuple[str, str]:
+        if outcome[0] != "failed" and not args.quiet:
+            print(outcome[1], file=sys.stderr)
+        return outcome
+
+    try:
+        if together:  # videos at once on the workers; images here, one at a time, meanwhile
+            with ThreadPoolExecutor(max_workers=workers.count) as pool:
+                futures = {job: pool.submit(lambda job: shown(restore(*job)), job)
+                           for job in jobs if not is_image(job[0])}
+                try:
+                    outcomes = [futures[job].result() if job in futures else shown(restore(*job)) for job in jobs]
+                except BaseException:
+                    cancel.set()  # the other files stop too
+                    raise
+        else:
+            outcomes = [shown(restore(*job)) for job in jobs]
+    finally:
+        if workers is not None:
+            workers.close()
+    failed = [line for kind, line in outcomes if kind == "failed"]
+    done, skipped = (sum(kind == wanted for kind, _ in outcomes) for wanted in ("done", "skipped"))
     if len(jobs) > 1 and not args.quiet:
         print(f"{done} restored, {f'{skipped} skipped, ' if skipped else ''}{len(failed)} failed", file=sys.stderr)
-        for path, reason in failed:
-            print(f"  failed: {path.name}: {reason}", file=sys.stderr)
+        for line in failed:
+            print(line, file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -385,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         if args.command == "restore":
-            return run_restore(args, config)
+            with logging_redirect_tqdm():  # a warning while a bar is drawn gets a line of its own
+                return run_restore(args, config)
         if args.command == "web":
             return run_web(args, config)
         return run_models(args, config)

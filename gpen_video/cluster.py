@@ -37,6 +37,7 @@ from gpen_video.io.decode import VideoReader
 from gpen_video.manifest import Manifest, read_log, read_plan, write_log, write_plan
 from gpen_video.pipeline import FacePipeline, Rendered, VideoJob
 from gpen_video.plan import Observation, PlannedFrame
+from gpen_video.records import Frame
 from gpen_video.report import ReportWriter
 from gpen_video.segments import SEGMENT_SUFFIX
 
@@ -80,7 +81,8 @@ class SegmentTask:
     plan: Path
     segment: Path
 
-    def frames(self, reader: VideoReader):
+    def frames(self, reader: VideoReader) -> Iterator[Frame]:
+        """The segment's frames, decoded from the keyframe before it."""
         return reader.frames(self.start_pts, start_index=self.first_frame, stop_pts=self.stop_pts)
 
 
@@ -142,6 +144,18 @@ class RayWorkers:
         log.info("Ray: %d worker%s (%s)", self.count, "s" if self.count > 1 else "",
                  "one per GPU" if gpus else "one per CPU")
 
+    def close(self) -> None:
+        """Stop the actors (their models' memory is freed); the Ray runtime stays up."""
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> RayWorkers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def job_identity(self, src: str | Path, plan: tuple[tuple[int, int], ...] = ()) -> Manifest:
         """The job's identity as the workers' pipelines (their device and precision) see it."""
         return self.ray.get(self.actors[0].job_identity.remote(Path(src), tuple(plan)))
@@ -161,22 +175,20 @@ class RayWorkers:
         report = ReportWriter(job.src, fps=float(info.average_rate or 0)) if job.report else None
         try:
             faces, stats = self._plan(pipeline, job, manifest, tasks, report)
-            state = {"manifest": manifest, "done": manifest.frames_done}
+            done = manifest.frames_done
 
             def finished(k: int, frames: int) -> None:
-                task = tasks[k]
-                state["manifest"] = work.record(state["manifest"], k, task.segment if frames else None, frames,
-                                                task.log)
-                state["done"] += frames
+                nonlocal manifest, done
+                manifest = work.record(manifest, k, tasks[k].segment if frames else None, frames, tasks[k].log)
+                done += frames
                 if job.progress is not None:
-                    job.progress(state["done"], layout.total_frames or None)
+                    job.progress(done, layout.total_frames or None)
 
             self._run(job, "render", tasks, finished)
         except BaseException:
             if report is not None:
                 report.close()
             raise
-        manifest = state["manifest"]
         paths = [work.path / manifest.finished[k].file for k in range(len(layout)) if manifest.finished[k].file]
         return Rendered(paths, manifest.frames_done, faces, stats, report)
 
@@ -256,6 +268,7 @@ class RayWorkers:
             raise exc
         failures[k] = failures.get(k, 0) + 1
         cause = str(exc) if isinstance(exc, GpenVideoError) else f"{type(exc).__name__}: {exc}"
+        cause = cause.strip().splitlines()[0] if cause.strip() else type(exc).__name__  # Ray's are pages long
         if failures[k] > self.config.retries:
             times = "once" if failures[k] == 1 else f"{failures[k]} times"
             raise GpenVideoError(f"{job.src.name}: {job.layout.describe(k)} failed {times} on the Ray workers: "

@@ -5,6 +5,8 @@
 - ``random_state_dict(config, seed)``: official-layout state_dict with random values.
 - ``tiny_gpen_checkpoint(...)``: factory writing such a state_dict to ``tmp_path``.
 - ``gpen256_file``: one GPEN-BFR-256 checkpoint per test session (76 MB, made once).
+- ``ray_runtime``: one local Ray runtime with 2 CPUs for the session, started by the first test
+  that asks for it (Ray advises against starting one per test).
 - ``http_server``: serves a directory on 127.0.0.1 with Range support; can truncate or fail.
 """
 
@@ -28,6 +30,15 @@ DATA = Path(__file__).parent / "data"
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def ray_runtime() -> Iterator[None]:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

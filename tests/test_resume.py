@@ -28,7 +28,7 @@ from gpen_video.io import encode
 from gpen_video.manifest import work_dir_for
 from gpen_video.pipeline import FacePipeline
 from gpen_video.plan import Planner
-from gpen_video.records import Detections, Frame
+from gpen_video.records import Frame
 from gpen_video.report import ReportWriter
 from gpen_video.restore.restorer import Restorer
 from samples.make_demo import render_clip

@@ -391,6 +391,10 @@ class _LandedLate(Exception):
     """A seek landed after the frame it was for (raised before any frame is yielded)."""
 
 
+class _Stopped(Exception):
+    """The decode reached ``stop_pts``."""
+
+
 class VideoReader:
     """Stream the main video of a file as upright RGB ``Frame`` records.
 
@@ -608,13 +612,15 @@ class VideoReader:
         previous: int | None = None
 
         def emit(av_frame: av.VideoFrame, pts: int | None) -> Frame | None:
-            """The frame to yield, or None for one before ``start_pts``."""
+            """The frame to yield, None for one before ``start_pts``; _Stopped at ``stop_pts``."""
             nonlocal index, previous
             if pts is None:
                 pts = 0 if previous is None else previous + step
             previous = pts
             if start_pts is not None and pts < start_pts:
                 return None
+            if stop_pts is not None and pts >= stop_pts:
+                raise _Stopped
             frame = Frame(index=index, pts=pts, time_base=info.time_base,
                           rgb=to_rgb(av_frame, info, reformatter))
             if stash is not None:
@@ -649,11 +655,10 @@ class VideoReader:
             if deinterlacer is not None:
                 yield from filtered(deinterlacer.push(None))
 
-        for frame in pictures():
-            if frame is None:
-                continue
-            if stop_pts is not None and frame.pts >= stop_pts:
-                if stash is not None:
-                    stash.pop(frame.index)
-                return
-            yield frame
+        frames = pictures()
+        try:
+            for frame in frames:
+                if frame is not None:
+                    yield frame
+        except _Stopped:
+            frames.close()

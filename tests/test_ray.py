@@ -1,0 +1,146 @@
+"""``--ray``: segments rendered by Ray workers give the bytes of a local run, for a file and a
+folder; a worker that dies is replaced and its segment retried; a job resumes across local and
+Ray runs either way. One local Ray runtime (2 CPUs, ``ray_runtime``) serves the session."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+
+from gpen_video.cli import main
+from gpen_video.cluster import RayWorkers
+from gpen_video.config import load_config
+from gpen_video.errors import GpenVideoError
+from gpen_video.io import encode
+from gpen_video.manifest import work_dir_for
+from gpen_video.pipeline import FacePipeline
+from samples.make_demo import render_clip
+from tests.clips import read_packets
+
+SEGMENT = 0.64
+"""Three segments of the test clip (16, 16 and 28 frames)."""
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ray") / "tape.mp4"
+    render_clip(path, seconds=2.4, size=(320, 180), faces=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpen_args(gpen256_file) -> list[str]:
+    return ["--model", "GPEN-BFR-256", "--weights", str(gpen256_file), "--device", "cpu",
+            "--segment-seconds", str(SEGMENT), "-q"]
+
+
+@pytest.fixture(scope="module")
+def local(clip, gpen_args, tmp_path_factory) -> tuple[Path, str]:
+    folder = tmp_path_factory.mktemp("local")
+    out, report = folder / "out.mp4", folder / "r.json"
+    assert main(["restore", str(clip), "-o", str(out), "--report", str(report), *gpen_args]) == 0
+    return out, report.read_text()
+
+
+def test_ray_gives_the_bytes_of_a_local_run(ray_runtime, clip, gpen_args, local, tmp_path, capsys):
+    out, report = tmp_path / "out.mp4", tmp_path / "r.json"
+    assert main(["restore", str(clip), "-o", str(out), "--report", str(report), *gpen_args, "--ray"]) == 0, \
+        capsys.readouterr().err
+    assert out.read_bytes() == local[0].read_bytes()
+    assert read_packets(out) == read_packets(local[0])
+    assert report.read_text() == local[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4", "r.json"]
+
+
+def test_ray_on_a_folder(ray_runtime, clip, gpen_args, local, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        (folder / name).write_bytes(clip.read_bytes())
+    out = tmp_path / "out"
+    assert main(["restore", str(folder), "-o", str(out), *gpen_args, "--cache-dir", str(tmp_path / "cache"),
+                 "--ray"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["a.restored.mp4", "b.restored.mp4"]
+    for name in ("a.restored.mp4", "b.restored.mp4"):
+        assert (out / name).read_bytes() == local[0].read_bytes()
+
+
+def test_ray_resumes_what_a_local_run_left(ray_runtime, clip, gpen_args, local, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out.mp4"
+    original = encode.VideoWriter.write
+
+    def interrupted(writer, frame):
+        if frame.index == 40:
+            raise KeyboardInterrupt
+        return original(writer, frame)
+
+    monkeypatch.setattr(encode.VideoWriter, "write", interrupted)
+    assert main(["restore", str(clip), "-o", str(out), *gpen_args]) == 130
+    monkeypatch.setattr(encode.VideoWriter, "write", original)
+    capsys.readouterr()
+    assert main(["restore", str(clip), "-o", str(out), *gpen_args[:-1], "--ray"]) == 0
+    assert "resuming tape.mp4 at segment 3 of 3 (32 of 60 frames done)" in capsys.readouterr().err
+    assert out.read_bytes() == local[0].read_bytes()
+
+
+def _kill_workers_after_first_segment(workers: RayWorkers):
+    """A progress callback that kills every worker when the first segment is recorded: the one
+    still rendering dies mid-segment, the idle one dies before its next."""
+    killed = []
+
+    def progress(done: int, total: int | None) -> None:
+        if not killed:
+            killed.extend(workers.actors)
+            for actor in killed:
+                ray.kill(actor)
+
+    return progress, killed
+
+
+def test_a_worker_that_dies_is_replaced_and_its_segment_retried(ray_runtime, clip, gpen256_file, local, tmp_path,
+                                                                 caplog):
+    config = load_config(None, model="GPEN-BFR-256", weights=str(gpen256_file), device="cpu",
+                         segment_seconds=SEGMENT)
+    out = tmp_path / "out.mp4"
+    with RayWorkers(config) as workers:
+        progress, killed = _kill_workers_after_first_segment(workers)
+        with caplog.at_level("WARNING", logger="gpen_video.cluster"):
+            FacePipeline(config).restore_video(clip, out, progress=progress, workers=workers)
+        assert len(killed) == 2 and not set(workers.actors) & set(killed)
+    retried = [r.getMessage() for r in caplog.records if "trying it again" in r.getMessage()]
+    assert retried and all("failed on a Ray worker" in line for line in retried), retried
+    assert out.read_bytes() == local[0].read_bytes()
+
+
+def test_a_persistent_failure_names_the_segment_and_a_local_run_resumes_it(ray_runtime, clip, gpen256_file, gpen_args,
+                                                                           local, tmp_path, capsys):
+    config = load_config(None, model="GPEN-BFR-256", weights=str(gpen256_file), device="cpu",
+                         segment_seconds=SEGMENT, retries=0)
+    out = tmp_path / "out.mp4"
+    with RayWorkers(config) as workers:
+        progress, _ = _kill_workers_after_first_segment(workers)
+        with pytest.raises(GpenVideoError) as failure:
+            FacePipeline(config).restore_video(clip, out, progress=progress, workers=workers)
+    message = str(failure.value)
+    assert re.match(r"tape\.mp4: segment [123] of 3 \(frames \d+-\d+\) failed once on the Ray workers: \w*Error",
+                    message) and "\n" not in message, message
+    assert "of 3 segments are kept in" in message and "run the same command again to resume" in message, message
+    assert not out.exists() and work_dir_for(out).is_dir()
+    capsys.readouterr()
+    assert main(["restore", str(clip), "-o", str(out), *gpen_args[:-1]]) == 0
+    assert "resuming tape.mp4 at segment" in capsys.readouterr().err
+    assert out.read_bytes() == local[0].read_bytes()
+    assert not work_dir_for(out).exists()
+
+
+def test_without_ray_the_option_says_what_to_install(clip, gpen_args, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    code = main(["restore", str(clip), "-o", str(tmp_path / "o.mp4"), *gpen_args, "--ray"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == 'error: the --ray option needs Ray: pip install "gpen-video[ray]"'
+    assert list(tmp_path.iterdir()) == []
