@@ -19,6 +19,7 @@ import av
 import numpy as np
 import pytest
 
+from gpen_video.io import colour
 from gpen_video.io.decode import VideoReader, probe
 from gpen_video.io.encode import VideoWriter, choose_pix_fmt, default_output_path
 from gpen_video.errors import EncodeError, InputError, OutputError, StreamCopyError
@@ -325,6 +326,70 @@ def test_odd_size_keeps_the_exact_size_and_pixels(tmp_path, odd_sources, source,
 
         assert min(psnr(rgb8(x.rgb), rgb8(y.rgb)) for x, y in pairs) > 40
     assert [p[2] for p in read_packets(dst)[1]] == [p[2] for p in read_packets(src)[1]]  # audio bytes
+
+
+# --------------------------------------------------------------------------- colour tags
+
+COLOUR_FIELDS = ("color_range", "color_space", "color_transfer", "color_primaries", "chroma_location")
+BT709 = {"range": 1, "primaries": 1, "trc": 1, "space": 1}
+
+
+def _colour_tags(path) -> dict[str, str | None]:
+    (video,) = [s for s in ffprobe_streams(path) if s["codec_type"] == "video"]
+    return {field: video.get(field) for field in COLOUR_FIELDS}
+
+
+@pytest.mark.parametrize(
+    "source,ext,codec,location",
+    [("libx264", "mp4", "h264", "topleft"),  # in the H.264 VUI
+     ("libx264", "mp4", "h264", "left"),
+     ("libx264", "mkv", "h265", "center"),  # in the HEVC VUI
+     ("ffv1", "mkv", "ffv1", "left"),  # in the Matroska track only: no decoder default to hide a loss
+     ("ffv1", "mkv", "prores", "topleft")],
+)
+def test_every_colour_tag_is_kept_chroma_location_included(tmp_path, source, ext, codec, location):
+    src = make_clip(tmp_path / f"in.{ext}", frames=4, codec=source, audio_tracks=0, color=BT709,
+                    options={"chroma_sample_location": location})
+    dst = tmp_path / f"out.{ext}"
+    _pass_through(src, dst, codec=codec, **(FAST if codec in ("h264", "h265") else {}))
+    want = _colour_tags(src)
+    assert want == {"color_range": "tv", "color_space": "bt709", "color_transfer": "bt709",
+                    "color_primaries": "bt709", "chroma_location": location}
+    assert _colour_tags(dst) == want
+
+
+@pytest.mark.parametrize("codec", ["ffv1", "prores"])
+def test_untagged_chroma_location_stays_untagged(tmp_path, codec):
+    src = make_clip(tmp_path / "in.mkv", frames=4, codec="ffv1", audio_tracks=0)
+    dst = tmp_path / "out.mkv"
+    _pass_through(src, dst, codec=codec)
+    assert _colour_tags(src)["chroma_location"] is None
+    assert _colour_tags(dst)["chroma_location"] is None
+
+
+def test_chroma_location_reader_restores_the_log_levels(tmp_path):
+    tagged = make_clip(tmp_path / "tagged.mkv", frames=2, codec="ffv1", audio_tracks=1,
+                       options={"chroma_sample_location": "top"})
+    plain = make_clip(tmp_path / "plain.mkv", frames=2, codec="ffv1", audio_tracks=1)
+    before = av.logging.get_level()
+    assert colour.chroma_location(tagged, 0) == "top"
+    assert colour.chroma_location(plain, 0) is None
+    assert colour.chroma_location(tagged, 1) is None  # the audio stream
+    assert av.logging.get_level() == before
+    with pytest.raises(av.FFmpegError):
+        colour.chroma_location(tmp_path / "absent.mkv", 0)
+
+
+def test_prores_in_mov_says_that_centred_chroma_is_lost(tmp_path, caplog):
+    src = make_clip(tmp_path / "in.mp4", frames=4, audio_tracks=0, color=BT709,
+                    options={"chroma_sample_location": "center"})
+    dst = tmp_path / "out.mov"
+    with caplog.at_level(logging.WARNING, logger="gpen_video"):
+        _pass_through(src, dst, codec="prores")
+    assert _colour_tags(dst) == {**_colour_tags(src), "chroma_location": None}
+    assert [r.getMessage() for r in caplog.records] == [
+        (f"{dst}: ProRes in .mov has no place for the source's chroma location (center), so players "
+         "will take chroma as co-sited with the left pixel; use .mkv to keep it")]
 
 
 # --------------------------------------------------------------------------- timecode

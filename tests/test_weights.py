@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import socket
@@ -126,9 +127,68 @@ def test_corrupt_download_is_deleted(tiny_spec, http_server, tmp_path) -> None:
 def test_truncated_local_file_is_reported(tiny_spec, served_tiny, tmp_path) -> None:
     bad = tmp_path / "cut.pth"
     bad.write_bytes(served_tiny.read_bytes()[:200_000])
-    with pytest.raises(WeightsError, match=r"cut\.pth is truncated or corrupt \(200,000 bytes, expected about "
+    with pytest.raises(WeightsError, match=r"cut\.pth is truncated \(200,000 bytes, expected about "
                                            r"1,300,000\); delete it"):
         resolve_weights(tiny_spec, path=bad)
+
+
+def test_file_missing_only_its_end_is_truncated_whatever_its_size(tiny_spec, served_tiny, tmp_path) -> None:
+    data = served_tiny.read_bytes()
+    spec = replace(tiny_spec, size_bytes=len(data))
+    bad = tmp_path / "tail.pth"
+    bad.write_bytes(data[:-100])
+    with pytest.raises(WeightsError) as info:
+        resolve_weights(spec, path=bad)
+    assert str(info.value) == (f"{bad} is truncated ({len(data) - 100:,} bytes, expected about {len(data):,}); "
+                               "delete it and download GPEN-tiny again, or pass a complete file with --weights")
+
+
+class TrainingOptions:
+    """Stands for the classes training scripts pickle beside the weights."""
+
+
+@pytest.mark.parametrize(
+    ("extra", "global_name"),
+    [(TrainingOptions(), f"{TrainingOptions.__module__}.TrainingOptions"),
+     (argparse.Namespace(lr=0.002, batch=8), "argparse.Namespace")],
+)
+@pytest.mark.parametrize("with_weights", [True, False], ids=["full-size", "small"])
+def test_checkpoint_holding_python_objects_is_not_called_truncated(
+    tiny_spec, tiny_gpen_checkpoint, tmp_path, extra, global_name, with_weights
+) -> None:
+    plain = tiny_gpen_checkpoint("plain.pth")
+    spec = replace(tiny_spec, size_bytes=plain.stat().st_size)
+    path = tmp_path / "train.pth"
+    torch.save({"g_ema": torch.load(plain, weights_only=True), "args": extra} if with_weights
+               else {"g_ema": extra}, path)
+    assert (path.stat().st_size > 0.9 * spec.size_bytes) == with_weights
+    with pytest.raises(WeightsError) as info:
+        resolve_weights(spec, path=path)
+    assert str(info.value) == (
+        f"{path} holds Python objects that cannot be loaded safely ({global_name}), not only tensors; "
+        "if you trust it, save its weights again as a plain state_dict (torch.save(model.state_dict(), path)), "
+        "or pass the official GPEN-tiny file")
+
+
+def test_small_file_that_is_not_a_checkpoint_is_not_called_truncated(tiny_spec, tmp_path) -> None:
+    page = tmp_path / "GPEN-tiny.pth"
+    page.write_text("<html><body>404 Not Found</body></html>")
+    with pytest.raises(WeightsError) as info:
+        resolve_weights(tiny_spec, path=page)
+    assert str(info.value) == (f"{page} is not a PyTorch weights file that loads safely (UnpicklingError: "
+                               "Unsupported operand 60); pass a file of GPEN-tiny")
+
+
+def test_folder_given_as_weights_file_is_named_a_folder(tiny_spec, tiny_gpen_checkpoint, tmp_path) -> None:
+    folder = tiny_gpen_checkpoint("GPEN-tiny.pth").parent
+    with pytest.raises(WeightsError) as info:
+        resolve_weights(tiny_spec, path=folder)
+    assert str(info.value) == (f"weights path {folder} is a folder; --weights takes a .pth file, e.g. "
+                               f"{folder / 'GPEN-tiny.pth'}")
+    missing = tmp_path / "no such folder"
+    with pytest.raises(WeightsError) as info:
+        resolve_weights(tiny_spec, path=missing)
+    assert str(info.value) == f"weights file {missing} does not exist; check the path given to --weights"
 
 
 def test_incomplete_state_dict_is_reported(tiny_spec, tiny_gpen_checkpoint, tmp_path) -> None:

@@ -6,14 +6,19 @@ RGB back to the encoder's pixel format with the same matrix (``to_frame``). With
 of a frame was restored the writer keeps the decoder's own samples around it
 (``splice_planes``), so untouched pixels reach the encoder exactly as they were decoded.
 
-Colour enums are FFmpeg's: AVColorSpace for matrices, AVColorRange for ranges.
+Colour enums are FFmpeg's: AVColorSpace for matrices, AVColorRange for ranges. The chroma
+location, which PyAV does not expose as a number, is carried by name (``chroma_location``).
 """
 
 from __future__ import annotations
 
+import re
+import threading
+from pathlib import Path
 from typing import Protocol
 
 import av
+import av.logging
 import numpy as np
 from av.video.reformatter import Interpolation, VideoReformatter
 
@@ -32,6 +37,12 @@ EXACT_SWS_FLAGS = (
 )
 """Nearest-sample chroma with accurate rounding: YUV -> RGB -> YUV with the same matrix gives
 back the original samples exactly (bilinear chroma would blur chroma a little on each pass)."""
+
+CHROMA_LOCATIONS = frozenset({"left", "center", "topleft", "top", "bottomleft", "bottom"})
+"""FFmpeg's names of the chroma locations (AVChromaLocation 1-6): where each subsampled chroma
+sample sits among the luma samples it covers, which players need to upsample chroma in place."""
+
+_DUMP_LOCK = threading.Lock()
 
 _KR_KB = {1: (0.2126, 0.0722), 9: (0.2627, 0.0593), 10: (0.2627, 0.0593), 7: (0.212, 0.087),
           4: (0.30, 0.11)}
@@ -67,6 +78,41 @@ def matrix_for(colorspace: int, coded_height: int) -> int:
     if colorspace in SWS_MATRIX:
         return colorspace
     return AVCOL_SPC_BT709 if coded_height >= 720 else AVCOL_SPC_SMPTE170M
+
+
+def chroma_location(path: str | Path, stream_index: int) -> str | None:
+    """FFmpeg's name of the chroma location stream ``stream_index`` of ``path`` is tagged with
+    (``left``, ``topleft``, ...; see CHROMA_LOCATIONS), None if it has none.
+
+    PyAV 18 reads and sets no chroma location, on codec contexts or frames. FFmpeg names it in
+    its summary of a stream (``av_dump_format``) after the pixel format, ``yuv420p(progressive,
+    topleft)``, when its log level is verbose; that line is read here, the log levels being
+    raised for the call and put back (libav's to INFO, FFmpeg's default). The value is the
+    stream's parameters, as ``ffprobe -show_streams`` reports them: the container's tag, or the
+    bitstream's, where the H.264 and HEVC decoders report ``left``, those standards' default,
+    for a stream that does not say.
+
+    Raises:
+        av.FFmpegError: ``path`` cannot be opened.
+    """
+    with av.open(str(path)) as container:
+        stream = container.streams[stream_index]
+        pix_fmt = stream.codec_context.pix_fmt if stream.type == "video" else None
+        if pix_fmt is None:
+            return None
+        with _DUMP_LOCK:
+            level = av.logging.get_level()
+            av.logging.set_level(av.logging.INFO)
+            av.logging.set_libav_level(av.logging.VERBOSE)
+            try:
+                summary = container.dumps_format()
+            finally:
+                av.logging.set_libav_level(av.logging.INFO)
+                av.logging.set_level(level)
+    line = re.search(rf"^\s*Stream #\d+:{stream_index}\b.*$", summary, re.MULTILINE)
+    details = re.search(rf"\b{re.escape(pix_fmt)}\(([^)]*)\)", line.group(0)) if line else None
+    names = details.group(1).split(", ") if details else ()
+    return next((name for name in names if name in CHROMA_LOCATIONS), None)
 
 
 def to_rgb(frame: av.VideoFrame, layout: PictureLayout,

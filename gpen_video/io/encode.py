@@ -55,6 +55,11 @@ cannot code, nor crop down to, an odd width in 4:2:0 or 4:2:2, nor an odd height
 of an odd-width 4:2:2 picture. Such sizes get a finer chroma layout (4:4:4, or 4:2:2 when
 only the height is odd). FFV1 codes any size in any layout."""
 
+HORIZONTALLY_CENTRED = frozenset({"center", "top", "bottom"})
+"""Chroma locations between two luma columns. ProRes (4:2:2 or 4:4:4) has no chroma location
+and players take its chroma as co-sited with the left column, so only these are lost when
+ProRes goes into MP4/MOV, which have no field for it either."""
+
 
 def default_output_path(input_path: str | Path) -> Path:
     """``dir/NAME.restored.EXT`` beside ``dir/NAME.EXT``.
@@ -194,6 +199,16 @@ class VideoWriter:
         check_output(info.path, self.output_path, overwrite=overwrite)
         if not self.output_path.suffix:
             raise OutputError(f"output {self.output_path} has no extension; add one such as .mp4 or .mkv")
+        try:
+            self.chroma_location = colour.chroma_location(info.path, info.stream_index)
+        except av.FFmpegError as exc:
+            raise InputError(f"cannot open {info.path} again to read its chroma location "
+                             f"({exc.strerror}); was it moved or changed?") from None
+        if (codec == "prores" and self.chroma_location in HORIZONTALLY_CENTRED and copy_streams
+                and self.output_path.suffix.lower() not in (".mkv", ".webm")):
+            log.warning("%s: ProRes in %s has no place for the source's chroma location (%s), so "
+                        "players will take chroma as co-sited with the left pixel; use .mkv to "
+                        "keep it", self.output_path, self.output_path.suffix, self.chroma_location)
         size = (info.coded_width, info.coded_height)
         self.pix_fmt = choose_pix_fmt(info.pix_fmt, self.encoder, size)
         usual = choose_pix_fmt(info.pix_fmt, self.encoder)
@@ -257,10 +272,18 @@ class VideoWriter:
         self._copier.add_streams(self._add_video)
 
     def encoder_options(self) -> dict[str, str]:
-        """The encoder's private options: quality, and what makes the bytes deterministic and
-        the parts of a segmented output joinable."""
+        """The encoder's options: quality, what makes the bytes deterministic and the parts of
+        a segmented output joinable, and the source's chroma location.
+
+        The chroma location is FFmpeg's generic ``chroma_sample_location`` codec option (PyAV
+        has no attribute for it): libx264 and libx265 write it into the stream's VUI (H.264
+        only for 4:2:0), and Matroska into the track for any codec. MP4/MOV have no field for
+        it and ProRes and FFV1 pictures do not hold it, so ProRes in .mov loses it.
+        """
         info = self.info
         options: dict[str, str] = {}
+        if self.chroma_location:
+            options["chroma_sample_location"] = self.chroma_location
         interlaced = info.interlaced and info.field_order in ("tt", "bb", "tb", "bt")
         if self.codec == "h264":
             params = [f"threads={ENCODER_THREADS}", "deterministic=1", "cpu-independent=1", "stitchable=1"]
@@ -295,9 +318,9 @@ class VideoWriter:
             ctx.framerate = info.average_rate
         if info.sample_aspect_ratio:
             ctx.sample_aspect_ratio = info.sample_aspect_ratio
-        ctx.color_range, ctx.colorspace = colour.output_tags(info, self.pix_fmt) or (
-            info.color_range, info.colorspace)
-        ctx.color_primaries, ctx.color_trc = info.color_primaries, info.color_trc
+        color_range, colorspace = colour.output_tags(info, self.pix_fmt) or (info.color_range, info.colorspace)
+        self._colour_tags = (color_range, colorspace, info.color_primaries, info.color_trc)
+        ctx.color_range, ctx.colorspace, ctx.color_primaries, ctx.color_trc = self._colour_tags
         if self.codec == "h265" and self.output_path.suffix.lower() in (".mp4", ".mov", ".m4v"):
             stream.codec_tag = "hvc1"
         if info.interlaced and info.field_order in ("tt", "bb", "tb", "bt"):
@@ -324,6 +347,9 @@ class VideoWriter:
         av_frame = self._spliced(frame) if self._stash is not None else None
         if av_frame is None:
             av_frame = self.to_av_frame(frame.rgb)
+        # prores_ks writes each frame's own tags into its picture header, not the encoder's
+        av_frame.color_range, av_frame.colorspace, av_frame.color_primaries, av_frame.color_trc = (
+            self._colour_tags)
         pts = frame.pts
         if frame.time_base != info.time_base and pts is not None:
             pts = round(pts * frame.time_base / info.time_base)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -221,6 +222,41 @@ def extract_state_dict(obj: Any) -> Any:
     return obj
 
 
+TRUNCATION_SIGNS = ("failed finding central directory", "unexpected eof", "ran out of input", "truncated")
+"""How torch's readers say a file ends too early: the zip reader (central directory missing),
+the legacy reader (unexpected EOF) and pickle (ran out of input, data truncated)."""
+
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+_UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error:\s*(.+?)\s*$", re.MULTILINE)
+
+
+def _load_error(exc: Exception, what: str, size: int, spec: WeightSpec, retry: str) -> WeightsError:
+    """Why ``torch.load(weights_only=True)`` refused a file, as one sentence with the remedy.
+
+    A file that names a Python class (a pickled model, an argparse.Namespace of training
+    options) is complete but unsafe to load; only an early end of data means truncation.
+    """
+    text = str(exc)
+    unsafe = _UNSAFE_GLOBAL.search(text)
+    if unsafe:
+        return WeightsError(
+            f"{what} holds Python objects that cannot be loaded safely ({unsafe.group(1)}), "
+            f"not only tensors; if you trust it, save its weights again as a plain state_dict "
+            f"(torch.save(model.state_dict(), path)), or pass the official {spec.name} file"
+        )
+    if isinstance(exc, EOFError) or any(sign in text.lower() for sign in TRUNCATION_SIGNS):
+        expected = f", expected about {spec.size_bytes:,}" if spec.size_bytes else ""
+        return WeightsError(
+            f"{what} is truncated ({size:,} bytes{expected}); {retry}, or pass a complete file with --weights"
+        )
+    detail = _UNPICKLER_DETAIL.search(text)
+    reason = detail.group(1) if detail else text.splitlines()[0] if text else "no detail"
+    return WeightsError(
+        f"{what} is not a PyTorch weights file that loads safely ({type(exc).__name__}: {reason}); "
+        f"pass a file of {spec.name}"
+    )
+
+
 def load_checkpoint(path: Path, spec: WeightSpec, source: str | None = None) -> dict[str, torch.Tensor]:
     """Load ``path`` safely and check it holds ``spec``'s weights; WeightsError otherwise.
 
@@ -228,19 +264,10 @@ def load_checkpoint(path: Path, spec: WeightSpec, source: str | None = None) -> 
     """
     what = f"{path} (downloaded from {source})" if source else str(path)
     retry = f"delete it and download {spec.name} again" if source is None else "run again to download it afresh"
-    size = path.stat().st_size
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files
-        if spec.size_bytes and size < 0.9 * spec.size_bytes:
-            raise WeightsError(
-                f"{what} is truncated or corrupt ({size:,} bytes, expected about {spec.size_bytes:,}); "
-                f"{retry}, or pass a complete file with --weights"
-            ) from exc
-        raise WeightsError(
-            f"{what} is not a PyTorch weights file that loads safely ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); pass a file of {spec.name}"
-        ) from exc
+        raise _load_error(exc, what, path.stat().st_size, spec, retry) from exc
     state = extract_state_dict(obj)
     if not isinstance(state, Mapping) or not state:
         raise WeightsError(f"{what} holds no state_dict (found {type(state).__name__}); pass a file of {spec.name}")
@@ -370,6 +397,9 @@ def _resolve(
     spec = get_spec(name)
     if path is not None:
         given = Path(path).expanduser()
+        if given.is_dir():
+            raise WeightsError(f"weights path {given} is a folder; --weights takes a .pth file, e.g. "
+                               f"{given / spec.filename}")
         if not given.is_file():
             raise WeightsError(f"weights file {given} does not exist; check the path given to --weights")
         return given, load_checkpoint(given, spec)
