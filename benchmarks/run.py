@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                      # 720p, 10 s, 0/1/4 faces, memory 10 s vs 60 s
     python benchmarks/run.py --seconds 4 --long-seconds 12 --faces 1   # a quicker look
+    python benchmarks/run.py --part segments --segment-options "--seconds 60 --repeat 2"
 
 Rows, each measured in a fresh process (so peak memory is per row) on generated clips
 (scikit-image's astronaut moving, degraded, with AAC audio):
@@ -13,9 +14,15 @@ Rows, each measured in a fresh process (so peak memory is per row) on generated 
 4. ``e2e``      the whole pipeline with 1 and 4 faces, and on the long clip (one decode,
                 detection alongside restoration, start-up included)
 
+5. segments, resume and ``--ray`` (``benchmarks/bench_segments.py``, run as a child after the
+   table; ``--part`` picks, ``--segment-options`` passes its options): 30 s segments against one
+   segment, a job killed half-way and run again against a whole run, two files with ``--ray``
+   (2 local workers) against one after the other.
+
 Ratios: ``e2e / (model + io)`` (CPU target ≤ 1.25: every stage shares two cores, so the best
 an engine can do is hide everything but the sum) and efficiency = slowest stage alone ÷
-end-to-end (GPU target ≥ 0.85). Memory: peak RSS (and peak CUDA memory) of the 10 s and
+end-to-end (GPU target ≥ 0.85); cores = CPU seconds ÷ wall seconds of the row's process (2.00
+is every core of this machine busy all the time). Memory: peak RSS (and peak CUDA memory) of the 10 s and
 the long clip.
 """
 
@@ -24,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -36,7 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and
+    exec, so a child would report the parent's peak (the clip generator's) if that was higher."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
 def _restorer(args):
@@ -61,7 +71,7 @@ def measure(kind: str, clip: str, args) -> dict:
     """One row, in this process."""
     import torch
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     row: dict = {"kind": kind, "clip": Path(clip).name}
     if kind == "io":
         from benchmarks.bench_io import bare
@@ -75,7 +85,7 @@ def measure(kind: str, clip: str, args) -> dict:
         restorer.restore_tensor(crops[: restorer.batch_size])  # warm-up
         if restorer.device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         restorer.restore_tensor(crops)
         if restorer.device.type == "cuda":
             torch.cuda.synchronize()
@@ -93,6 +103,7 @@ def measure(kind: str, clip: str, args) -> dict:
         row.update(frames=result.frames, faces=result.faces_restored, stages=result.stage_seconds)
         row["batch"] = pipeline.restorer.batch_size
     row["seconds"] = time.perf_counter() - start
+    row["cpu_s"] = time.process_time() - cpu_start
     row["rss_mib"] = _peak_rss_mib()
     if torch.cuda.is_available():
         row["cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -136,6 +147,8 @@ def main() -> None:
     parser.add_argument("--crf", type=int, default=18)
     parser.add_argument("--preset", default="medium")
     parser.add_argument("--model-faces", type=int, default=None, help="faces timed in the model row")
+    parser.add_argument("--part", choices=["all", "pipeline", "segments"], default="all")
+    parser.add_argument("--segment-options", default="", help="options of benchmarks/bench_segments.py")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--clip", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,6 +161,18 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args.measure, args.clip, args)))
         return
+
+    if args.part in ("all", "pipeline"):
+        pipeline_table(args, cuda)
+    if args.part in ("all", "segments"):
+        sys.stdout.flush()
+        subprocess.run([sys.executable, str(Path(__file__).with_name("bench_segments.py")),
+                        *shlex.split(args.segment_options)], check=True)
+
+
+def pipeline_table(args, cuda: bool) -> None:
+    """Rows 1-4: one table of I/O, model and whole-pipeline time."""
+    import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         clips = make_clips(Path(tmp), args)
@@ -166,7 +191,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, GPU: {gpu}; {args.model} {model['precision']}, {args.size}, "
           f"{args.seconds:g} s at 25 fps")
     print(f"{'row':<10} {'what':<36} {'frames':>6} {'faces':>6} {'s':>8} {'fps':>7} {'faces/s':>8} "
-          f"{'model+io':>9} {'e2e/(m+io)':>10} {'effic.':>7} {'RSS MiB':>8} {'GPU MiB':>8}")
+          f"{'model+io':>9} {'e2e/(m+io)':>10} {'effic.':>7} {'cores':>5} {'RSS MiB':>8} {'GPU MiB':>8}")
     io_fps = io["frames"] / io["seconds"]
     for name, what, row in rows:
         frames, faces, secs = row.get("frames", 0), row.get("faces", 0), row["seconds"]
@@ -178,7 +203,7 @@ def main() -> None:
                       f"{max(alone_io, alone_model) / secs:>7.2f}"]
         else:
             cells += [f"{'':>9}", f"{'':>10}", f"{'':>7}"]
-        cells += [f"{row['rss_mib']:>8.0f}", f"{row.get('cuda_mib', 0):>8.0f}"]
+        cells += [f"{row['cpu_s'] / secs:>5.2f}", f"{row['rss_mib']:>8.0f}", f"{row.get('cuda_mib', 0):>8.0f}"]
         print(" ".join(cells))
         if row.get("stages"):
             busy = ", ".join(f"{k} {v:.1f}" for k, v in sorted(row["stages"].items(), key=lambda kv: -kv[1]))

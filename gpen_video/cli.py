@@ -75,6 +75,16 @@ def _track_ids(value: str) -> tuple[int, ...]:
     return ids
 
 
+def _keep_days(value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of days or inf, got {value!r}") from None
+    if not days >= 0:
+        raise argparse.ArgumentTypeError(f"days are a number >= 0, got {value!r}")
+    return days
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpen-video", description="Restore faces in videos and images with GPEN.")
     parser.add_argument("--version", action="version", version=f"gpen-video {__version__}")
@@ -143,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-upload", default="8GB", help="largest upload, e.g. 500MB or 8GB (default 8GB)")
     w.add_argument("--media-dir", metavar="DIR", help="let the page pick inputs from files under DIR (nothing else)")
     w.add_argument("--jobs-dir", metavar="DIR", help="where jobs and results are kept (default: CACHE/web)")
+    w.add_argument("--keep-days", type=_keep_days, default=7.0, metavar="DAYS",
+                   help="delete finished jobs and their results this many days after they were made "
+                        "(default 7; 0 deletes them at the next start; inf keeps them)")
     _flag(w, "--model", help="the page's initial GPEN preset")
     _flag(w, "--weights", help="local checkpoint file (fixes the model); nothing is downloaded")
     _flag(w, "--offline", action="store_const", const=True, help="never download weights")
@@ -374,7 +387,7 @@ def run_web(args: argparse.Namespace, config: Config) -> int:
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     options = WebOptions(
         jobs_dir=jobs_dir.expanduser().resolve(), host=args.host, port=args.port, preset=args.config,
-        overrides=overrides, accounts=accounts, max_upload=max_upload, media_dir=media,
+        overrides=overrides, accounts=accounts, max_upload=max_upload, media_dir=media, keep_days=args.keep_days,
     )
 
     def ready(url: str) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = 'the --ray option needs Ray: pip install "gpen-video[ray]"'
 POLL_SECONDS = 0.2
 """How often the driver checks for a cancel while workers run."""
+CONNECT_SECONDS = 5.0
+"""How long the head node of ``--ray ADDRESS`` has to answer."""
 
 
 def import_ray():
@@ -118,6 +121,19 @@ class SegmentWorker:
             return self.pipeline.render_segment(reader, planned(), task.segment)
 
 
+def _check_answers(address: str) -> None:
+    """ConfigError unless something listens at ``host:port`` (Ray itself waits minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or address, int(port)), timeout=CONNECT_SECONDS).close()
+    except ValueError:
+        raise ConfigError(f"--ray {address}: give the cluster's head as HOST:PORT (e.g. 10.0.0.5:6379), "
+                          "or no address for a local Ray runtime") from None
+    except OSError as exc:
+        raise ConfigError(f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one there with "
+                          "`ray start --head --port=6379`, or check the address") from None
+
+
 class RayWorkers:
     """Ray actors rendering the segments of jobs (``FacePipeline.restore_video(workers=...)``).
 
@@ -133,8 +149,18 @@ class RayWorkers:
 
     def __init__(self, config: Config, address: str | None = None) -> None:
         self.ray = ray = import_ray()
+        if address not in (None, "auto"):
+            _check_answers(address)
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            refused = (ConnectionError, getattr(ray.exceptions, "AuthenticationError", ConnectionError))
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.ERROR)  # this tool says what matters in its own words
+            except refused as exc:
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ConfigError(f"cannot join the Ray cluster at {address or 'auto'} ({detail}); check that "
+                                  "`ray status` works on this machine: the same Ray version, and the same "
+                                  "RAY_AUTH_MODE and token as the cluster") from None
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         self.count = gpus or max(1, int(resources.get("CPU", 1)))

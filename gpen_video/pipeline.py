@@ -690,7 +690,7 @@ class _SegmentSink:
             self._named(writer.__enter__)
             self.writer = writer
         self._named(self.writer.write, frame)
-        self.observations.append(planned.observation)
+        self.observations.append(planned.observation.without_pixels())  # a segment's frames would fill memory
 
     def finish(self) -> None:
         """Record the segment being written and any later one no frame reached (a damaged

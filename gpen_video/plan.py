@@ -31,6 +31,7 @@ flickers on and off nor jumps between two similar people:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections import deque
@@ -62,6 +63,13 @@ class Observation:
     frame: Frame
     detections: Detections
     cut: CutFeatures
+
+    def without_pixels(self) -> Observation:
+        """This observation with a placeholder frame: what a log of many frames may keep."""
+        f = self.frame
+        height, width = f.rgb.shape[:2]
+        return dataclasses.replace(self, frame=placeholder_frame(f.index, f.pts, f.time_base, height, width,
+                                                                 f.rgb.dtype))
 
 
 def placeholder_frame(index: int, pts: int | None, time_base, height: int, width: int, dtype) -> Frame:

@@ -5,6 +5,7 @@ Ray runs either way. One local Ray runtime (2 CPUs, ``ray_runtime``) serves the 
 from __future__ import annotations
 
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -143,4 +144,20 @@ def test_without_ray_the_option_says_what_to_install(clip, gpen_args, tmp_path, 
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip() == 'error: the --ray option needs Ray: pip install "gpen-video[ray]"'
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("address, message", [
+    ("127.0.0.1:{port}", "error: no Ray cluster answers at 127.0.0.1:{port} (Connection refused); start one there "
+                         "with `ray start --head --port=6379`, or check the address"),
+    ("headnode", "error: --ray headnode: give the cluster's head as HOST:PORT (e.g. 10.0.0.5:6379), or no address "
+                 "for a local Ray runtime"),
+])
+def test_a_cluster_that_does_not_answer_is_one_line(clip, gpen_args, tmp_path, capsys, address, message):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = main(["restore", str(clip), "-o", str(tmp_path / "o.mp4"), *gpen_args, "--ray", address.format(port=port)])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == message.format(port=port)
     assert list(tmp_path.iterdir()) == []

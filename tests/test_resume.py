@@ -88,6 +88,24 @@ def reference(detector, clip, tmp_path_factory) -> tuple[Path, str]:
     return out, report.read_text()
 
 
+def test_a_segment_keeps_its_detections_not_its_frames(detector, clip, tmp_path, monkeypatch):
+    """Until a segment is finished its detection log is kept in memory: with its frames' pixels
+    that would be a segment of decoded video (30 s of 4K is 18 GB). The log holds none."""
+    from gpen_video import pipeline as pipeline_module
+
+    logged: list[list] = []
+    original = pipeline_module.write_log
+
+    def spy(path, observations):
+        logged.append([o.frame.rgb for o in observations])
+        return original(path, observations)
+
+    monkeypatch.setattr(pipeline_module, "write_log", spy)
+    pipeline_for(detector).restore_video(clip, tmp_path / "out.mp4")
+    assert [len(pixels) for pixels in logged] == [16, 16, 28]
+    assert all(rgb.shape == (180, 320, 3) and rgb.strides[:2] == (0, 0) for pixels in logged for rgb in pixels)
+
+
 class Segments:
     """Which segment files a run opened, and how many faces its restorer saw."""
 

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -133,6 +134,51 @@ def test_job_record_round_trip(tmp_path: Path) -> None:
     again = JobStore(tmp_path / "jobs")  # a restarted server reads the same jobs
     assert again.get(job.id) == job and again.unfinished() == [job]
     assert again.get(job.id, owner_of("another browser")) is None and again.latest(owner_of("token")) == job
+
+
+def test_ended_jobs_and_stale_uploads_expire(tmp_path: Path) -> None:
+    """With keep_seconds, ended jobs older than that go with their folders and served files;
+    newer ones, waiting ones and uploads still young stay; a restarted store agrees."""
+    from gpen_video import load_config
+    from gpen_video.web.jobs import JobRunner
+
+    source, served = tmp_path / "tape.mp4", tmp_path / "served"
+    source.write_bytes(b"video")
+    store = JobStore(tmp_path / "jobs")
+    now, day = time.time(), 86400.0
+    jobs = {}
+    for name, state, age in [("old done", "done", 9), ("old failed", "failed", 8), ("old waiting", "queued", 9),
+                             ("new done", "done", 1)]:
+        job = store.create(owner_of("token"), source, f"{name}.mp4", load_config(None), link_input=True)
+        jobs[name] = store.set(job.id, persist=True, state=state, created=now - age * day)
+        (served / job.id).mkdir(parents=True)
+        (served / job.id / job.output.name).write_bytes(b"result")
+    stale, young = served / "0f3a-upload", served / "9c2e-upload"
+    for upload, age in ((stale, 8), (young, 0)):
+        upload.mkdir()
+        (upload / "clip.mp4").write_bytes(b"upload")
+        os.utime(upload, (now - age * day, now - age * day))
+
+    JobRunner(store, pipelines=None, served=served, keep_seconds=7 * day).expire()
+
+    gone, kept = ("old done", "old failed"), ("old waiting", "new done")
+    for name in gone:
+        assert store.get(jobs[name].id) is None
+        assert not (tmp_path / "jobs" / jobs[name].id).exists() and not (served / jobs[name].id).exists()
+    for name in kept:
+        assert store.get(jobs[name].id) == jobs[name] and (served / jobs[name].id).is_dir()
+    assert not stale.exists() and young.is_dir()
+    assert {j.id for j in JobStore(tmp_path / "jobs").unfinished()} == {jobs["old waiting"].id}
+    assert JobStore(tmp_path / "jobs").get(jobs["old done"].id) is None
+
+
+@pytest.mark.parametrize("days, words", [("-1", "days are a number >= 0"), ("week", "expected a number of days")])
+def test_keep_days_must_be_a_number(days, words, tmp_path, capsys) -> None:
+    from gpen_video.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["web", "--keep-days", days, "--jobs-dir", str(tmp_path / "jobs")])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
 
 
 def test_cli_without_gradio_says_what_to_install(tmp_path: Path) -> None:

@@ -70,6 +70,7 @@ class WebOptions:
         max_upload: bytes one upload may have.
         media_dir: ``--media-dir``, or None.
         jobs_dir: the app's own folder (jobs, served files, browser secret).
+        keep_days: days an ended job's result and record are kept; inf: for ever.
     """
 
     jobs_dir: Path
@@ -80,6 +81,7 @@ class WebOptions:
     accounts: list[tuple[str, str]] = field(default_factory=list)
     max_upload: int = DEFAULT_MAX_UPLOAD
     media_dir: MediaDir | None = None
+    keep_days: float = 7.0
 
 
 def _clock(seconds: float) -> str:
@@ -480,7 +482,7 @@ def serve(options: WebOptions, *, ready=None) -> None:
     config = load_config(options.preset, **options.overrides)
     pipelines = Pipelines(FacePipeline(config, download_progress=True))
     store = JobStore(jobs)
-    runner = JobRunner(store, pipelines, served)
+    runner = JobRunner(store, pipelines, served, keep_seconds=options.keep_days * 86400)
     web = WebApp(options, pipelines, store, runner, served.resolve(), analyses, _secret(home))
     demo = web.build()
     demo.queue(default_concurrency_limit=None)

@@ -15,7 +15,8 @@ not finished keep the state ``queued`` or ``running`` in their ``job.json``; the
 the same folder queues them again and calls ``restore_video`` on the same input and output, so
 the job continues wherever ``restore_video`` can resume it (its work folder beside the output),
 and otherwise restarts. A job that ended (done, cancelled, failed) keeps only its record and
-its output.
+its output, until ``--keep-days`` after it was made: expired jobs are deleted when the server
+starts and after each job, with Gradio's uploads of that age that no job uses.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -183,6 +185,20 @@ class JobStore:
         with self._lock:
             return sorted((j for j in self._jobs.values() if j.state in ACTIVE), key=lambda j: j.created)
 
+    def expire(self, keep_seconds: float, served: Path, now: float | None = None) -> list[Job]:
+        """Forget the jobs that ended more than ``keep_seconds`` after they were made, and delete
+        their folders and served files, oldest first; returns them. Running and waiting jobs stay."""
+        limit = (time.time() if now is None else now) - keep_seconds
+        with self._lock:
+            old = sorted((j for j in self._jobs.values() if j.state not in ACTIVE and j.created < limit),
+                         key=lambda j: j.created)
+            for job in old:
+                del self._jobs[job.id]
+        for job in old:
+            shutil.rmtree(self.root / job.id, ignore_errors=True)
+            shutil.rmtree(served / job.id, ignore_errors=True)
+        return old
+
     def tidy(self, job: Job) -> None:
         """Remove what an ended job no longer needs from its folder: the input copy and any work
         files (a cancelled or failed job is not continued), keeping the record and the output."""
@@ -240,10 +256,11 @@ class JobRunner:
         served: the folder finished outputs are linked into for download.
     """
 
-    def __init__(self, store: JobStore, pipelines: Pipelines, served: Path) -> None:
+    def __init__(self, store: JobStore, pipelines: Pipelines, served: Path, keep_seconds: float = math.inf) -> None:
         self.store = store
         self.pipelines = pipelines
         self.served = served
+        self.keep_seconds = keep_seconds
         self._queue: deque[str] = deque()
         self._wake = threading.Condition()
         self._running: str | None = None
@@ -251,8 +268,24 @@ class JobRunner:
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="gpen-video-jobs", daemon=True)
 
+    def expire(self) -> None:
+        """Delete the jobs (and their results) that ended longer than ``keep_seconds`` ago,
+        and uploads no job uses that are as old."""
+        if math.isinf(self.keep_seconds):
+            return
+        for job in self.store.expire(self.keep_seconds, self.served):
+            log.info("job %s (%s) is older than the results are kept; deleted", job.id, job.name)
+        limit = time.time() - self.keep_seconds
+        for entry in self.served.iterdir():  # Gradio's upload and cache folders
+            if self.store.get(entry.name) is None and entry.lstat().st_mtime < limit:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
     def start(self) -> None:
-        """Queue the jobs a previous server left unfinished, then start working."""
+        """Delete expired jobs; queue the jobs a previous server left unfinished; start working."""
+        self.expire()
         for job in self.store.unfinished():
             if not job.input.exists():
                 self.store.set(job.id, persist=True, state="failed",
@@ -338,6 +371,7 @@ class JobRunner:
         if ended["state"] != "queued":
             self.store.tidy(job)
         self.store.set(job.id, persist=True, seconds_left=None, **ended)
+        self.expire()
 
     def _outcome(self, job: Job) -> dict:
         """Run the job; the changes that record how it ended."""
