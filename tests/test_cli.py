@@ -291,6 +291,9 @@ def test_signals_stop_cleanly_and_leave_nothing(tmp_path, gpen256_file, sig, cod
          "--model", "GPEN-BFR-256", "--weights", str(gpen256_file), "--device", "cpu", "-q",
          "--report", str(out_dir / "r.json")],
         stderr=subprocess.PIPE, text=True,
+        # a shell without job control starts background commands with SIGINT ignored, and a
+        # child inherits that: give the child the default a terminal's Ctrl-C meets
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not list(out_dir.iterdir()) and time.monotonic() < deadline and proc.poll() is None:
