@@ -292,20 +292,21 @@ def run_restore(args: argparse.Namespace, config: Config) -> int:
     def restore(input_path: Path, output_path: Path) -> tuple[str, str]:
         """One file: ("done" | "skipped" | "failed", the line to print)."""
         try:
-            if is_image(input_path):
+            image = is_image(input_path)
+            job = (pipeline if image else workers or pipeline).job_identity(input_path) if folder else None
+            if job is not None and not args.restart and finished.matches(job, output_path):
+                return "skipped", (f"{input_path.name} -> {output_path}: restored before with the same settings; "
+                                   "skipped (--restart does it again)")
+            if image:
                 result = pipeline.restore_image(input_path, output_path, overwrite=overwrite)
             else:
-                job = (workers or pipeline).job_identity(input_path) if folder else None
-                if job is not None and not args.restart and finished.matches(job, output_path):
-                    return "skipped", (f"{input_path.name} -> {output_path}: restored before with the same settings; "
-                                       "skipped (--restart does it again)")
                 with _Bar(input_path.name, args.quiet or together) as bar:
                     result = pipeline.restore_video(
                         input_path, output_path, overwrite=overwrite, report=args.report, progress=bar,
                         cancel=cancel, restart=args.restart, workers=workers,
                     )
-                if job is not None:
-                    finished.add(job, output_path)
+            if job is not None:
+                finished.add(job, output_path)
         except (KeyboardInterrupt, Cancelled):
             raise
         except Exception as exc:  # noqa: BLE001 - a folder goes on with the next file
@@ -329,7 +330,9 @@ def run_restore(args: argparse.Namespace, config: Config) -> int:
                 futures = {job: pool.submit(lambda job: shown(restore(*job)), job)
                            for job in jobs if not is_image(job[0])}
                 try:
-                    outcomes = [futures[job].result() if job in futures else shown(restore(*job)) for job in jobs]
+                    ended = {job: shown(restore(*job)) for job in jobs if job not in futures}
+                    ended.update((job, future.result()) for job, future in futures.items())
+                    outcomes = [ended[job] for job in jobs]
                 except BaseException:
                     cancel.set()  # the other files stop too
                     raise

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +123,35 @@ class SegmentWorker:
             return self.pipeline.render_segment(reader, planned(), task.segment)
 
 
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _signal_handlers() -> dict:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    """Install ``handlers`` again, also where Python still lists them: Ray's C++ core replaces
+    the process's SIGINT action underneath Python's table."""
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+
+
+def _signalled(call: Callable, *args, **kwargs):
+    """``call(*args, **kwargs)``, a Ray call in Cython. A signal handler that raises while it
+    runs (Ctrl-C, SIGTERM as ``Cancelled``) surfaces as a SystemError caused by that exception:
+    raise the exception itself, so the job stops the way it stops elsewhere."""
+    try:
+        return call(*args, **kwargs)
+    except SystemError as exc:
+        if isinstance(exc.__cause__, (KeyboardInterrupt, Cancelled)):
+            raise exc.__cause__ from None
+        raise
+
+
 def _check_answers(address: str) -> None:
     """ConfigError unless something listens at ``host:port`` (Ray itself waits minutes)."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
@@ -153,6 +184,7 @@ class RayWorkers:
             _check_answers(address)
         if not ray.is_initialized():
             refused = (ConnectionError, getattr(ray.exceptions, "AuthenticationError", ConnectionError))
+            handlers = _signal_handlers()
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
                          logging_level=logging.ERROR)  # this tool says what matters in its own words
@@ -161,6 +193,8 @@ class RayWorkers:
                 raise ConfigError(f"cannot join the Ray cluster at {address or 'auto'} ({detail}); check that "
                                   "`ray status` works on this machine: the same Ray version, and the same "
                                   "RAY_AUTH_MODE and token as the cluster") from None
+            finally:
+                _restore_signal_handlers(handlers)  # ray.init takes SIGTERM over: the caller's stops cleanly
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         self.count = gpus or max(1, int(resources.get("CPU", 1)))
@@ -267,7 +301,7 @@ class RayWorkers:
                 while waiting and free:
                     k, n = waiting.pop(0), free.pop(0)
                     running[getattr(self.actors[n], phase).remote(tasks[k])] = (k, n)
-                ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
+                ready, _ = _signalled(ray.wait, list(running), num_returns=1, timeout=POLL_SECONDS)
                 if job.cancel is not None and job.cancel.is_set():
                     raise Cancelled("the job was cancelled")
                 for ref in ready:

@@ -4,9 +4,13 @@ Ray runs either way. One local Ray runtime (2 CPUs, ``ray_runtime``) serves the 
 
 from __future__ import annotations
 
+import json
 import re
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,8 @@ from gpen_video.manifest import work_dir_for
 from gpen_video.pipeline import FacePipeline
 from samples.make_demo import render_clip
 from tests.clips import read_packets
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SEGMENT = 0.64
 """Three segments of the test clip (16, 16 and 28 frames)."""
@@ -145,6 +151,39 @@ def test_without_ray_the_option_says_what_to_install(clip, gpen_args, tmp_path, 
     assert code == 2
     assert err.strip() == 'error: the --ray option needs Ray: pip install "gpen-video[ray]"'
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_stops_a_ray_job_and_the_same_command_resumes_it(gpen_args, tmp_path):
+    """A --ray job stopped by SIGTERM once a segment is recorded exits 143 with one line saying
+    how to resume; the same command then finishes it, with the bytes of an uninterrupted run."""
+    clip = tmp_path / "long.mp4"
+    render_clip(clip, seconds=6, size=(320, 180), faces=1)
+    outputs = {name: tmp_path / name / "out.mp4" for name in ("whole", "stopped")}
+    commands = {name: [sys.executable, "-m", "gpen_video", "restore", str(clip), "-o", str(out), *gpen_args, "--ray"]
+                for name, out in outputs.items()}
+    for out in outputs.values():
+        out.parent.mkdir()
+    proc = subprocess.Popen(commands["stopped"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    manifest = work_dir_for(outputs["stopped"]) / "manifest.json"
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if json.loads(manifest.read_text())["segments"]:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"interrupted: stopped by SIGTERM; nothing was written; \d of 9 segments are kept in .*: "
+                        r"run the same command again to resume", last), err
+    assert "Traceback" not in err and not outputs["stopped"].exists()
+    for name in ("stopped", "whole"):
+        run = subprocess.run(commands[name], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert run.returncode == 0, run.stderr
+    assert outputs["stopped"].read_bytes() == outputs["whole"].read_bytes()
 
 
 @pytest.mark.parametrize("address, message", [

@@ -19,6 +19,8 @@ import av
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from skimage.data import astronaut
 
 from gpen_video.cli import main
 from gpen_video.config import load_config
@@ -466,6 +468,7 @@ def test_a_folder_job_skips_finished_files_and_resumes_the_interrupted_one(clip,
     folder.mkdir()
     for name in ("a.mp4", "b.mp4"):
         (folder / name).write_bytes(clip.read_bytes())
+    Image.fromarray(astronaut()).resize((256, 256)).save(folder / "0.png")
     args = ["restore", str(folder), "-o", str(out), "--model", "GPEN-BFR-256", "--weights", str(gpen256_file),
             "--device", "cpu", "--segment-seconds", str(SEGMENT), "--cache-dir", str(tmp_path / "cache")]
     original = encode.VideoWriter.write
@@ -477,16 +480,18 @@ def test_a_folder_job_skips_finished_files_and_resumes_the_interrupted_one(clip,
 
     monkeypatch.setattr(encode.VideoWriter, "write", interrupted)
     assert main(args) == 130
-    assert sorted(p.name for p in out.iterdir()) == [".b.restored.mp4.gpen-work", "a.restored.mp4"]
+    assert sorted(p.name for p in out.iterdir()) == [".b.restored.mp4.gpen-work", "0.restored.png", "a.restored.mp4"]
     capsys.readouterr()
     monkeypatch.setattr(encode.VideoWriter, "write", original)
-    before = (out / "a.restored.mp4").stat().st_mtime_ns
+    before = {name: (out / name).stat().st_mtime_ns for name in ("0.restored.png", "a.restored.mp4")}
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "a.mp4 -> " in err and "restored before with the same settings; skipped" in err
+    for name in ("0.png", "a.mp4"):
+        assert f"{name} -> {out / name.replace('.', '.restored.')}: restored before with the same settings; skipped" \
+            in err, err
     assert "resuming b.mp4 at segment 3 of 3 (32 of 60 frames done)" in err
-    assert "1 restored, 1 skipped, 0 failed" in err
-    assert (out / "a.restored.mp4").stat().st_mtime_ns == before
+    assert "1 restored, 2 skipped, 0 failed" in err
+    assert {name: (out / name).stat().st_mtime_ns for name in before} == before
     assert (out / "a.restored.mp4").read_bytes() == (out / "b.restored.mp4").read_bytes()
     assert main([*args, "--restart", "-y"]) == 0
-    assert "2 restored, 0 failed" in capsys.readouterr().err
+    assert "3 restored, 0 failed" in capsys.readouterr().err
