@@ -230,6 +230,8 @@ class RayWorkers:
             stop_pts=layout.starts[k + 1] if k + 1 < len(layout) else None,
             log=work.log_path(k).absolute(), plan=work.plan_path(k).absolute(),
             segment=work.segment_path(k, SEGMENT_SUFFIX[self.config.codec]).absolute()) for k in todo}
+        if manifest.frames_done and job.progress is not None:  # the bar starts where earlier runs got to
+            job.progress(manifest.frames_done, layout.total_frames or None)
         self._run(job, "observe", tasks, lambda k, frames: None)
 
         report = ReportWriter(job.src, fps=float(info.average_rate or 0)) if job.report else None
