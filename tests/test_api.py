@@ -27,11 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SIZE = (320, 192)
 
 
-class Identity(torch.nn.Module):
-    def forward(self, x):
-        return x
-
-
 @pytest.fixture(scope="module")
 def detector():
     return create_detector("retinaface-mobile", detect_size=640)
@@ -45,7 +40,8 @@ def clip(tmp_path_factory) -> Path:
 
 
 def pipeline_for(detector, **overrides) -> FacePipeline:
-    return FacePipeline(load_config(None, device="cpu", **overrides), restorer=Restorer(Identity(), 256), detector=detector)
+    config = load_config(None, device="cpu", **overrides)
+    return FacePipeline(config, restorer=Restorer(torch.nn.Identity(), 256), detector=detector)
 
 
 def stage_threads() -> list[str]:

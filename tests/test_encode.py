@@ -372,12 +372,13 @@ def test_chroma_location_reader_restores_the_log_levels(tmp_path):
                        options={"chroma_sample_location": "top"})
     plain = make_clip(tmp_path / "plain.mkv", frames=2, codec="ffv1", audio_tracks=1)
     before = av.logging.get_level()
-    assert colour.chroma_location(tagged, 0) == "top"
-    assert colour.chroma_location(plain, 0) is None
-    assert colour.chroma_location(tagged, 1) is None  # the audio stream
+    with av.open(str(tagged)) as container:
+        assert colour.chroma_location(container, 0) == "top"
+        assert colour.chroma_location(container, 1) is None  # the audio stream
+    with av.open(str(plain)) as container:
+        assert colour.chroma_location(container, 0) is None
     assert av.logging.get_level() == before
-    with pytest.raises(av.FFmpegError):
-        colour.chroma_location(tmp_path / "absent.mkv", 0)
+    assert probe(tagged).chroma_location == "top" and probe(plain).chroma_location is None  # read once, here
 
 
 def test_prores_in_mov_says_that_centred_chroma_is_lost(tmp_path, caplog):

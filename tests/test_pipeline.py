@@ -26,11 +26,6 @@ from tests.geometry import apply
 SIZE = (480, 272)
 
 
-class Identity(torch.nn.Module):
-    def forward(self, x):
-        return x
-
-
 @pytest.fixture(scope="module")
 def detector():
     return create_detector("retinaface-mobile", detect_size=1024)
@@ -45,7 +40,7 @@ def astronaut_landmarks(detector) -> np.ndarray:
 
 def make_pipeline(detector, **overrides) -> FacePipeline:
     config = load_config(None, device="cpu", **overrides)
-    return FacePipeline(config, restorer=Restorer(Identity(), 256), detector=detector)
+    return FacePipeline(config, restorer=Restorer(torch.nn.Identity(), 256), detector=detector)
 
 
 def decoded_rgb(path: Path) -> list[np.ndarray]:
@@ -276,7 +271,7 @@ def test_torch_warp_path_matches_opencv_path(one_face, detector, tmp_path, dtype
     outputs = {}
     for warp in ("opencv", "torch"):
         config = load_config(None, device="cpu", codec="ffv1", warp=warp)
-        restorer = Restorer(Identity(), 256, dtype=dtype_restore)
+        restorer = Restorer(torch.nn.Identity(), 256, dtype=dtype_restore)
         pipeline = FacePipeline(config, restorer=restorer, detector=detector)
         out = tmp_path / f"{warp}.mkv"
         pipeline.restore_video(clip, out)

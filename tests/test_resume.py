@@ -42,11 +42,6 @@ SEGMENT = 0.64
 """Segment length of the test clip: 16 frames at 25 fps, the shortest a segment may be."""
 
 
-class Identity(torch.nn.Module):
-    def forward(self, x):
-        return x
-
-
 class Flaky(torch.nn.Module):
     """Identity that raises on chosen forward calls (counted from 1)."""
 
@@ -76,7 +71,7 @@ def clip(tmp_path_factory) -> Path:
 
 def pipeline_for(detector, model: torch.nn.Module | None = None, **overrides) -> FacePipeline:
     config = load_config(None, **{"device": "cpu", "segment_seconds": SEGMENT, **overrides})
-    return FacePipeline(config, restorer=Restorer(model or Identity(), 256), detector=detector)
+    return FacePipeline(config, restorer=Restorer(model or torch.nn.Identity(), 256), detector=detector)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import threading
-from pathlib import Path
 from typing import Protocol
 
 import av
@@ -80,9 +79,9 @@ def matrix_for(colorspace: int, coded_height: int) -> int:
     return AVCOL_SPC_BT709 if coded_height >= 720 else AVCOL_SPC_SMPTE170M
 
 
-def chroma_location(path: str | Path, stream_index: int) -> str | None:
-    """FFmpeg's name of the chroma location stream ``stream_index`` of ``path`` is tagged with
-    (``left``, ``topleft``, ...; see CHROMA_LOCATIONS), None if it has none.
+def chroma_location(container: av.container.InputContainer, stream_index: int) -> str | None:
+    """FFmpeg's name of the chroma location stream ``stream_index`` of the open ``container``
+    is tagged with (``left``, ``topleft``, ...; see CHROMA_LOCATIONS), None if it has none.
 
     PyAV 18 reads and sets no chroma location, on codec contexts or frames. FFmpeg names it in
     its summary of a stream (``av_dump_format``) after the pixel format, ``yuv420p(progressive,
@@ -91,24 +90,20 @@ def chroma_location(path: str | Path, stream_index: int) -> str | None:
     stream's parameters, as ``ffprobe -show_streams`` reports them: the container's tag, or the
     bitstream's, where the H.264 and HEVC decoders report ``left``, those standards' default,
     for a stream that does not say.
-
-    Raises:
-        av.FFmpegError: ``path`` cannot be opened.
     """
-    with av.open(str(path)) as container:
-        stream = container.streams[stream_index]
-        pix_fmt = stream.codec_context.pix_fmt if stream.type == "video" else None
-        if pix_fmt is None:
-            return None
-        with _DUMP_LOCK:
-            level = av.logging.get_level()
-            av.logging.set_level(av.logging.INFO)
-            av.logging.set_libav_level(av.logging.VERBOSE)
-            try:
-                summary = container.dumps_format()
-            finally:
-                av.logging.set_libav_level(av.logging.INFO)
-                av.logging.set_level(level)
+    stream = container.streams[stream_index]
+    pix_fmt = stream.codec_context.pix_fmt if stream.type == "video" else None
+    if pix_fmt is None:
+        return None
+    with _DUMP_LOCK:
+        level = av.logging.get_level()
+        av.logging.set_level(av.logging.INFO)
+        av.logging.set_libav_level(av.logging.VERBOSE)
+        try:
+            summary = container.dumps_format()
+        finally:
+            av.logging.set_libav_level(av.logging.INFO)
+            av.logging.set_level(level)
     line = re.search(rf"^\s*Stream #\d+:{stream_index}\b.*$", summary, re.MULTILINE)
     details = re.search(rf"\b{re.escape(pix_fmt)}\(([^)]*)\)", line.group(0)) if line else None
     names = details.group(1).split(", ") if details else ()

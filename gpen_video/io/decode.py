@@ -30,7 +30,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from gpen_video.errors import DecodeError, InputError
-from gpen_video.io.colour import AVCOL_RANGE_JPEG, matrix_for, to_rgb
+from gpen_video.io.colour import AVCOL_RANGE_JPEG, chroma_location, matrix_for, to_rgb
 from gpen_video.io.files import check_input_file
 from gpen_video.records import Frame, check_shape
 
@@ -66,6 +66,8 @@ class VideoInfo:
         matrix: AVColorSpace of the matrix used for YUV <-> RGB (the tag, or the usual guess
             for untagged video: BT.709 from 720 lines up, BT.601 below).
         full_range: whether YUV samples use the full range (JPEG) rather than limited (MPEG).
+        chroma_location: FFmpeg's name of the chroma sample position (``left``, ``topleft``,
+            ...), None if untagged; copied to the output.
     """
 
     path: Path
@@ -91,6 +93,7 @@ class VideoInfo:
     sample_aspect_ratio: Fraction | None
     matrix: int
     full_range: bool
+    chroma_location: str | None = None
 
     @property
     def rgb_format(self) -> str:
@@ -216,6 +219,7 @@ def probe(path: str | Path) -> VideoInfo:
             sample_aspect_ratio=stream.sample_aspect_ratio or None,
             matrix=matrix_for(colorspace, coded_h),
             full_range=full_range,
+            chroma_location=chroma_location(container, stream.index),
         )
 
 

@@ -199,16 +199,11 @@ class VideoWriter:
         check_output(info.path, self.output_path, overwrite=overwrite)
         if not self.output_path.suffix:
             raise OutputError(f"output {self.output_path} has no extension; add one such as .mp4 or .mkv")
-        try:
-            self.chroma_location = colour.chroma_location(info.path, info.stream_index)
-        except av.FFmpegError as exc:
-            raise InputError(f"cannot open {info.path} again to read its chroma location "
-                             f"({exc.strerror}); was it moved or changed?") from None
-        if (codec == "prores" and self.chroma_location in HORIZONTALLY_CENTRED and copy_streams
+        if (codec == "prores" and info.chroma_location in HORIZONTALLY_CENTRED and copy_streams
                 and self.output_path.suffix.lower() not in (".mkv", ".webm")):
             log.warning("%s: ProRes in %s has no place for the source's chroma location (%s), so "
                         "players will take chroma as co-sited with the left pixel; use .mkv to "
-                        "keep it", self.output_path, self.output_path.suffix, self.chroma_location)
+                        "keep it", self.output_path, self.output_path.suffix, info.chroma_location)
         size = (info.coded_width, info.coded_height)
         self.pix_fmt = choose_pix_fmt(info.pix_fmt, self.encoder, size)
         usual = choose_pix_fmt(info.pix_fmt, self.encoder)
@@ -282,8 +277,8 @@ class VideoWriter:
         """
         info = self.info
         options: dict[str, str] = {}
-        if self.chroma_location:
-            options["chroma_sample_location"] = self.chroma_location
+        if self.info.chroma_location:
+            options["chroma_sample_location"] = self.info.chroma_location
         interlaced = info.interlaced and info.field_order in ("tt", "bb", "tb", "bt")
         if self.codec == "h264":
             params = [f"threads={ENCODER_THREADS}", "deterministic=1", "cpu-independent=1", "stitchable=1"]
