@@ -54,7 +54,7 @@ def bare(src: Path, dst: Path, crf: int, preset: str) -> int:
 def project(src: Path, dst: Path, crf: int, preset: str) -> int:
     n = 0
     with VideoReader(src) as reader, \
-            VideoWriter(dst, reader, crf=crf, preset=preset, overwrite=True) as writer:
+            VideoWriter(dst, reader.info, crf=crf, preset=preset, overwrite=True) as writer:
         for frame in reader.frames():
             writer.write(frame)
             n += 1

@@ -50,7 +50,7 @@ class Clock:
 
 def _pipeline(model: str, segment_seconds: float, detector, restorer):
     from gpen_video.config import load_config
-    from gpen_video.pipeline import FacePipeline
+    from gpen_video.jobs.api import FacePipeline
 
     config = load_config(None, device="cpu", segment_seconds=segment_seconds)
     return FacePipeline(config, restorer=restorer, detector=detector)
@@ -95,7 +95,7 @@ def segmenting(args, tmp: Path) -> None:
                 result = pipeline.restore_video(clip, out)
             times[name].append(clock)
             from gpen_video.io.decode import VideoReader
-            from gpen_video.segments import SegmentPlan
+            from gpen_video.jobs.segments import SegmentPlan
 
             with VideoReader(clip) as reader:
                 segments[name] = len(SegmentPlan.of(reader, seconds))
@@ -155,7 +155,7 @@ def _killed(cmd: list[str], work: Path, *, at_fraction: float | None = None, aft
 def resuming(args, tmp: Path) -> None:
     import torch
 
-    from gpen_video.manifest import work_dir_for
+    from gpen_video.jobs.workfolder import work_dir_for
     from gpen_video.restore.model import preset_config
     from samples.make_demo import render_clip
     from tests.conftest import random_state_dict

@@ -94,7 +94,7 @@ def measure(kind: str, clip: str, args) -> dict:
         row["precision"] = str(restorer.dtype).removeprefix("torch.")
     else:
         from gpen_video.config import load_config
-        from gpen_video.pipeline import FacePipeline
+        from gpen_video.jobs.api import FacePipeline
 
         config = load_config(None, device=args.device, crf=args.crf, preset=args.preset)
         pipeline = FacePipeline(config, restorer=_restorer(args))

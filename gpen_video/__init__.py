@@ -16,8 +16,8 @@ from gpen_video.records import Detections, Frame, TrackedFace  # noqa: E402
 def __getattr__(name: str):
     """Heavy entry points (torch, PyAV) load on first use, so ``import gpen_video`` stays quick."""
     lazy = {
-        "FacePipeline": ("gpen_video.pipeline", "FacePipeline"),
-        "JobResult": ("gpen_video.pipeline", "JobResult"),
+        "FacePipeline": ("gpen_video.jobs.api", "FacePipeline"),
+        "JobResult": ("gpen_video.jobs.run", "JobResult"),
         "GPEN": ("gpen_video.restore.model", "GPEN"),
         "load_gpen": ("gpen_video.restore.weights", "load_gpen"),
         "resolve_weights": ("gpen_video.restore.weights", "resolve_weights"),

@@ -29,7 +29,7 @@ from gpen_video.io.files import check_output
 from gpen_video.io.images import is_image, read_image
 
 if TYPE_CHECKING:
-    from gpen_video.pipeline import JobResult
+    from gpen_video.jobs.run import JobResult
 
 log = logging.getLogger("gpen_video")
 
@@ -275,11 +275,11 @@ def run_restore(args: argparse.Namespace, config: Config) -> int:
         _check_before_loading_models(*jobs[0], overwrite=overwrite, report=report)
     workers = None
     if args.ray is not None:
-        from gpen_video.cluster import RayWorkers, import_ray
+        from gpen_video.jobs.cluster import RayWorkers, import_ray
 
         import_ray()  # without Ray: one line saying what to install, before any model is loaded
-    from gpen_video.manifest import FinishedOutputs  # after the checks: importing these takes seconds
-    from gpen_video.pipeline import FacePipeline
+    from gpen_video.jobs.api import FacePipeline  # after the checks: importing these takes seconds
+    from gpen_video.jobs.workfolder import FinishedOutputs
 
     pipeline = FacePipeline(config, download_progress=not args.quiet)
     if args.ray is not None:

@@ -12,8 +12,9 @@ Conventions shared by every stage:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
@@ -36,12 +37,17 @@ class Frame:
         pts: presentation timestamp in ``time_base`` units (None if the stream has none).
         time_base: the stream's time base.
         rgb: (H, W, 3) RGB image, uint8 or uint16.
+        source: what the writer may pass through where ``rgb`` is unchanged: the decoder's
+            own picture behind the frame (``io.decode.SourcePicture``), or None. Stages that
+            derive a frame (``dataclasses.replace``) keep it, so it travels with the frame
+            instead of being looked up in the reader.
     """
 
     index: int
     pts: int | None
     time_base: Fraction
     rgb: np.ndarray
+    source: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_shape("Frame.rgb", self.rgb, (None, None, 3))

@@ -254,7 +254,7 @@ def test_report_on_an_image_is_refused(portrait, tmp_path, capsys):
 def test_folder_counts_unexpected_errors_and_goes_on(portrait, clip, detector_pipeline_args, tmp_path, capsys, monkeypatch):
     """A per-file failure that is not a GpenVideoError (an FFmpeg error while encoding) is
     reported, skipped and counted like any other."""
-    from gpen_video.pipeline import FacePipeline
+    from gpen_video.jobs.api import FacePipeline
 
     folder = tmp_path / "in"
     folder.mkdir()

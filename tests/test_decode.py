@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
-import threading
 from dataclasses import replace
 from fractions import Fraction
 
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 
 from gpen_video.io.colour import to_rgb, to_rgb_reference
-from gpen_video.io.decode import SourceStash, VideoReader, probe
+from gpen_video.io.decode import SourcePicture, VideoReader, probe
 from gpen_video.errors import DecodeError, InputError
 from tests.clips import corrupt_middle, make_clip, pattern, read_frames, truncate
 
@@ -245,32 +243,16 @@ def test_frames_without_timestamps_get_a_steady_timeline(tmp_path, mode, count):
     assert times[0] == 0 and set(np.diff(np.array(times, dtype=object))) == {1 / info.average_rate}
 
 
-def test_source_stash_is_safe_across_threads():
-    """The decode thread puts while the writing thread pops; the byte count must stay exact."""
-    picture = av.VideoFrame(16, 16, "yuv420p")
-    rgb = np.zeros((16, 16, 3), np.uint8)
-    item = sum(p.buffer_size for p in picture.planes) + rgb.nbytes
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads as often as possible
-    try:
-        for _ in range(20):
-            stash = SourceStash(max_bytes=4 * item)
-            errors = []
-
-            def run(job):
-                try:
-                    for i in range(3000):
-                        job(i)
-                except Exception as exc:  # noqa: BLE001 - collected for the assertion
-                    errors.append(exc)
-
-            threads = [threading.Thread(target=run, args=(lambda i: stash.put(i, picture, rgb),)),
-                       threading.Thread(target=run, args=(stash.pop,))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            assert not errors
-            assert stash.nbytes == len(stash) * item
-    finally:
-        sys.setswitchinterval(interval)
+def test_frames_carry_their_decoded_picture(tmp_path):
+    """Each frame brings the decoder's own picture with it (``Frame.source``), which the writer
+    passes through where the RGB is unchanged; derived frames keep it."""
+    path = make_clip(tmp_path / "in.mp4", frames=5, size=(64, 48), audio_tracks=0)
+    with VideoReader(path) as reader:
+        frames = list(reader.frames())
+    assert len(frames) == 5
+    for frame in frames:
+        assert isinstance(frame.source, SourcePicture) and frame.source.rgb is frame.rgb
+        assert (frame.source.picture.width, frame.source.picture.height) == (64, 48)
+        assert frame.source.picture.format.name == "yuv420p"
+    derived = replace(frames[0], rgb=frames[0].rgb.copy())
+    assert derived.source is frames[0].source

@@ -56,7 +56,7 @@ def _yuv_psnr(a: av.VideoFrame, b: av.VideoFrame) -> float:
 
 def _pass_through(src, dst, *, deinterlace="auto", edit=None, **kwargs):
     with VideoReader(src, deinterlace=deinterlace) as reader, \
-            VideoWriter(dst, reader, **kwargs) as writer:
+            VideoWriter(dst, reader.info, **kwargs) as writer:
         for frame in reader.frames():
             writer.write(edit(frame) if edit else frame)
     return reader, writer
@@ -219,7 +219,7 @@ def test_stream_the_container_cannot_hold_warns_or_fails_strict(tmp_path, caplog
 
     dst2 = tmp_path / "strict.mp4"
     with pytest.raises(StreamCopyError, match="srt"):
-        VideoWriter(dst2, src, strict=True).__enter__()
+        VideoWriter(dst2, probe(src), strict=True).__enter__()
     assert not dst2.exists() and not list(tmp_path.glob(".strict.mp4.tmp-*"))
 
 
@@ -228,16 +228,16 @@ def test_existing_output_and_input_as_output_are_refused(tmp_path):
     existing = tmp_path / "out.mp4"
     existing.write_bytes(b"keep me")
     with pytest.raises(OutputError, match="already exists"):
-        VideoWriter(existing, src)
+        VideoWriter(existing, probe(src))
     assert existing.read_bytes() == b"keep me"
     with pytest.raises(OutputError, match="is the input"):
-        VideoWriter(src, src, overwrite=True)
+        VideoWriter(src, probe(src), overwrite=True)
     link = tmp_path / "link.mp4"
     os.symlink(src, link)
     with pytest.raises(OutputError, match="is the input"):
-        VideoWriter(link, src, overwrite=True)
+        VideoWriter(link, probe(src), overwrite=True)
     with pytest.raises(OutputError, match="does not exist"):
-        VideoWriter(tmp_path / "nowhere" / "out.mp4", src)
+        VideoWriter(tmp_path / "nowhere" / "out.mp4", probe(src))
     _pass_through(src, existing, overwrite=True, **FAST)
     assert len(read_frames(existing)) == 3
 
@@ -246,7 +246,7 @@ def test_failure_removes_the_temporary_file(tmp_path):
     src = make_clip(tmp_path / "in.mp4", frames=6)
     dst = tmp_path / "out.mp4"
     with pytest.raises(RuntimeError, match="boom"):
-        with VideoReader(src) as reader, VideoWriter(dst, reader, **FAST) as writer:
+        with VideoReader(src) as reader, VideoWriter(dst, reader.info, **FAST) as writer:
             for frame in reader.frames():
                 writer.write(frame)
                 assert list(tmp_path.glob(".out.mp4.tmp-*"))  # writing goes to a temp file
@@ -257,7 +257,7 @@ def test_failure_removes_the_temporary_file(tmp_path):
 
 def test_wrong_frame_is_rejected(tmp_path):
     src = make_clip(tmp_path / "in.mp4", frames=2)
-    with VideoReader(src) as reader, VideoWriter(tmp_path / "o.mp4", reader, **FAST) as writer:
+    with VideoReader(src) as reader, VideoWriter(tmp_path / "o.mp4", reader.info, **FAST) as writer:
         frame = next(reader.frames())
         with pytest.raises(ValueError, match="must have shape"):
             writer.write(replace(frame, rgb=frame.rgb[:10]))
@@ -490,7 +490,7 @@ def test_interrupt_while_writing_removes_the_temporary_file(tmp_path, how):
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         with pytest.raises(KeyboardInterrupt if how == "keyboard" else SignalAbort):
-            with VideoReader(src) as reader, VideoWriter(dst, reader, overwrite=True, **FAST) as writer:
+            with VideoReader(src) as reader, VideoWriter(dst, reader.info, overwrite=True, **FAST) as writer:
                 for frame in reader.frames():
                     writer.write(frame)
                     if frame.index == 2:
@@ -507,7 +507,7 @@ _SLOW_WRITER = textwrap.dedent("""
     import sys, time
     from gpen_video.io.decode import VideoReader
     from gpen_video.io.encode import VideoWriter
-    with VideoReader(sys.argv[1]) as reader, VideoWriter(sys.argv[2], reader, preset="ultrafast") as writer:
+    with VideoReader(sys.argv[1]) as reader, VideoWriter(sys.argv[2], reader.info, preset="ultrafast") as writer:
         for frame in reader.frames():
             writer.write(frame)
             print("wrote", frame.index, flush=True)

@@ -3,6 +3,7 @@ that shapes them changed, and says why otherwise."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import stat
@@ -19,20 +20,13 @@ import numpy as np
 
 from gpen_video.errors import OutputError
 from gpen_video.faces.scenes import cut_features
-from gpen_video.manifest import (
-    HEAD_BYTES,
-    FinishedOutputs,
-    InputIdentity,
-    Manifest,
-    WorkFolder,
-    file_sha256,
-    read_log,
-    settings_hash,
-    work_dir_for,
-    write_log,
-)
+from gpen_video.io.decode import probe
+from gpen_video.jobs.logs import read_log, write_log
+from gpen_video.jobs.manifest import HEAD_BYTES, InputIdentity, Manifest, file_sha256, settings_hash
+from gpen_video.jobs.workfolder import FinishedOutputs, WorkFolder, work_dir_for
 from gpen_video.plan import Observation
 from gpen_video.records import Detections, Frame
+from tests.clips import make_clip
 
 PLAN = ((0, 750), (750, 750), (1500, 320))
 SETTINGS = {"model": "GPEN-BFR-512", "strength": 1.0, "codec": "h264", "crf": 18, "rate": Fraction(30000, 1001)}
@@ -42,7 +36,7 @@ SETTINGS = {"model": "GPEN-BFR-512", "strength": 1.0, "codec": "h264", "crf": 18
 def job(tmp_path: Path) -> tuple[Path, Manifest]:
     src = tmp_path / "tape.mp4"
     src.write_bytes(os.urandom(HEAD_BYTES + 4096))
-    return src, Manifest.for_job(src, SETTINGS, "ab" * 32, "PyAV 18.1.0", PLAN)
+    return src, Manifest.for_job(InputIdentity.of(src), SETTINGS, "ab" * 32, "PyAV 18.1.0", PLAN)
 
 
 def _finish(work: WorkFolder, manifest: Manifest, index: int, payload: bytes) -> Manifest:
@@ -92,7 +86,7 @@ def test_resume_keeps_finished_segments(tmp_path, job):
     assert sorted(manifest.finished) == [0, 2] and manifest.frames_done == 750 + 320
     assert not manifest.complete
 
-    again, reason = WorkFolder(work.path).resume(Manifest.for_job(src, SETTINGS, "ab" * 32, "PyAV 18.1.0", PLAN))
+    again, reason = WorkFolder(work.path).resume(Manifest.for_job(InputIdentity.of(src), SETTINGS, "ab" * 32, "PyAV 18.1.0", PLAN))
     assert reason is None
     assert again == manifest
     assert again.finished[2].sha256 == file_sha256(work.segment_path(2, ".mp4"))
@@ -107,16 +101,16 @@ def _umask() -> int:
 
 
 @pytest.mark.parametrize("change, reason", [
-    (lambda src, m: m.for_job(src, {**SETTINGS, "strength": 0.5}, "ab" * 32, "PyAV 18.1.0", PLAN),
+    (lambda src, m: m.for_job(InputIdentity.of(src), {**SETTINGS, "strength": 0.5}, "ab" * 32, "PyAV 18.1.0", PLAN),
      "starting afresh: the settings changed"),
-    (lambda src, m: m.for_job(src, SETTINGS, "cd" * 32, "PyAV 18.1.0", PLAN),
+    (lambda src, m: m.for_job(InputIdentity.of(src), SETTINGS, "cd" * 32, "PyAV 18.1.0", PLAN),
      "starting afresh: the model weights changed"),
-    (lambda src, m: m.for_job(src, SETTINGS, "ab" * 32, "PyAV 19.0.0", PLAN),
+    (lambda src, m: m.for_job(InputIdentity.of(src), SETTINGS, "ab" * 32, "PyAV 19.0.0", PLAN),
      "starting afresh: the encoder software changed (PyAV 18.1.0 -> PyAV 19.0.0)"),
-    (lambda src, m: m.for_job(src, SETTINGS, "ab" * 32, "PyAV 18.1.0", ((0, 1500), (1500, 320))),
+    (lambda src, m: m.for_job(InputIdentity.of(src), SETTINGS, "ab" * 32, "PyAV 18.1.0", ((0, 1500), (1500, 320))),
      "starting afresh: the segment plan changed"),
     (lambda src, m: (src.write_bytes(src.read_bytes() + b"more"),
-                     m.for_job(src, SETTINGS, "ab" * 32, "PyAV 18.1.0", PLAN))[1],
+                     m.for_job(InputIdentity.of(src), SETTINGS, "ab" * 32, "PyAV 18.1.0", PLAN))[1],
      "starting afresh: the input changed: its size changed"),
 ])
 def test_a_changed_job_starts_afresh_and_says_why(tmp_path, job, change, reason):
@@ -221,10 +215,11 @@ def test_manifest_survives_kill_9_while_being_replaced(tmp_path, job):
     work = WorkFolder(tmp_path / "work")
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from gpen_video.manifest import Manifest, WorkFolder
+        from gpen_video.jobs.manifest import InputIdentity, Manifest
+        from gpen_video.jobs.workfolder import WorkFolder
         plan = tuple((i, 1) for i in range(2000))
         work = WorkFolder({str(work.path)!r})
-        manifest, _ = work.resume(Manifest.for_job({str(src)!r}, {{}}, "", "x", plan))
+        manifest, _ = work.resume(Manifest.for_job(InputIdentity.of({str(src)!r}), {{}}, "", "x", plan))
         for i in range(2000):
             path = work.segment_path(i, ".mp4")
             path.write_bytes(b"s")
@@ -259,10 +254,16 @@ def _observations(n: int) -> list[Observation]:
     return seen
 
 
+def _info(tmp_path: Path, width: int, height: int, time_base: Fraction):
+    """The ``VideoInfo`` of a real clip of this size, with ``time_base``."""
+    clip = make_clip(tmp_path / f"{width}x{height}.mp4", frames=2, size=(width, height), audio_tracks=0)
+    return dataclasses.replace(probe(clip), time_base=time_base)
+
+
 def test_detection_log_round_trips_exactly_without_pixels(tmp_path):
     seen = _observations(12)
     write_log(tmp_path / "log.npz", seen)
-    back = list(read_log(tmp_path / "log.npz", time_base=Fraction(1, 25), height=36, width=64, dtype=np.uint8))
+    back = list(read_log(tmp_path / "log.npz", _info(tmp_path, 64, 36, Fraction(1, 25))))
     assert len(back) == 12
     for a, b in zip(seen, back):
         assert (b.frame.index, b.frame.pts, b.frame.time_base) == (a.frame.index, a.frame.pts, a.frame.time_base)
@@ -274,7 +275,7 @@ def test_detection_log_round_trips_exactly_without_pixels(tmp_path):
         assert np.array_equal(a.cut.chroma, b.cut.chroma) and np.array_equal(a.cut.luma, b.cut.luma)
         assert a.cut.mean_luma == b.cut.mean_luma
     write_log(tmp_path / "empty.npz", [])
-    assert list(read_log(tmp_path / "empty.npz", time_base=Fraction(1), height=2, width=2, dtype=np.uint8)) == []
+    assert list(read_log(tmp_path / "empty.npz", _info(tmp_path, 2, 2, Fraction(1)))) == []
 
 
 def test_a_damaged_log_starts_afresh(tmp_path, job):
@@ -303,8 +304,8 @@ def test_finished_outputs_match_only_the_same_job_and_file(tmp_path, job):
     assert not finished.matches(expected, out)
     finished.add(expected, out)
     assert finished.matches(expected, out)
-    assert finished.matches(Manifest.for_job(src, SETTINGS, "ab" * 32, "PyAV 18.1.0"), out)  # plan left out
-    assert not finished.matches(Manifest.for_job(src, {**SETTINGS, "crf": 17}, "ab" * 32, "PyAV 18.1.0"), out)
+    assert finished.matches(Manifest.for_job(InputIdentity.of(src), SETTINGS, "ab" * 32, "PyAV 18.1.0"), out)  # plan left out
+    assert not finished.matches(Manifest.for_job(InputIdentity.of(src), {**SETTINGS, "crf": 17}, "ab" * 32, "PyAV 18.1.0"), out)
     assert not finished.matches(expected, tmp_path / "other.mp4")
     out.write_bytes(b"replaced by someone")
     assert not finished.matches(expected, out)

@@ -17,7 +17,7 @@ from skimage.data import astronaut
 
 from gpen_video.config import load_config
 from gpen_video.faces.detect import create_detector
-from gpen_video.pipeline import FacePipeline
+from gpen_video.jobs.api import FacePipeline
 from gpen_video.restore.restorer import Restorer
 from samples.make_demo import FacePath, render_clip
 from tests.clips import psnr, read_packets

@@ -17,12 +17,12 @@ import pytest
 import ray
 
 from gpen_video.cli import main
-from gpen_video.cluster import RayWorkers
+from gpen_video.jobs.cluster import RayWorkers
 from gpen_video.config import load_config
 from gpen_video.errors import GpenVideoError
 from gpen_video.io import encode
-from gpen_video.manifest import work_dir_for
-from gpen_video.pipeline import FacePipeline
+from gpen_video.jobs.workfolder import work_dir_for
+from gpen_video.jobs.api import FacePipeline
 from samples.make_demo import render_clip
 from tests.clips import read_packets
 
@@ -117,7 +117,7 @@ def test_a_worker_that_dies_is_replaced_and_its_segment_retried(ray_runtime, cli
     out = tmp_path / "out.mp4"
     with RayWorkers(config) as workers:
         progress, killed = _kill_workers_after_first_segment(workers)
-        with caplog.at_level("WARNING", logger="gpen_video.cluster"):
+        with caplog.at_level("WARNING", logger="gpen_video.jobs.run"):
             FacePipeline(config).restore_video(clip, out, progress=progress, workers=workers)
         assert len(killed) == 2 and not set(workers.actors) & set(killed)
     retried = [r.getMessage() for r in caplog.records if "trying it again" in r.getMessage()]

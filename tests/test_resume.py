@@ -27,8 +27,8 @@ from gpen_video.config import load_config
 from gpen_video.errors import Cancelled, GpenVideoError
 from gpen_video.faces.detect import create_detector
 from gpen_video.io import encode
-from gpen_video.manifest import work_dir_for
-from gpen_video.pipeline import FacePipeline
+from gpen_video.jobs.workfolder import work_dir_for
+from gpen_video.jobs.api import FacePipeline
 from gpen_video.plan import Planner
 from gpen_video.records import Frame
 from gpen_video.report import ReportWriter
@@ -88,7 +88,7 @@ def reference(detector, clip, tmp_path_factory) -> tuple[Path, str]:
 def test_a_segment_keeps_its_detections_not_its_frames(detector, clip, tmp_path, monkeypatch):
     """Until a segment is finished its detection log is kept in memory: with its frames' pixels
     that would be a segment of decoded video (30 s of 4K is 18 GB). The log holds none."""
-    from gpen_video import pipeline as pipeline_module
+    from gpen_video.jobs import local as pipeline_module
 
     logged: list[list] = []
     original = pipeline_module.write_log
@@ -324,7 +324,7 @@ _RUN = textwrap.dedent("""
     from pathlib import Path
     from gpen_video.io import encode
     from gpen_video.io.streams import StreamCopier
-    from gpen_video.manifest import WorkFolder
+    from gpen_video.jobs.workfolder import WorkFolder
     from gpen_video.restore.restorer import Restorer
 
     record, pause, *argv = sys.argv[1:]

@@ -19,10 +19,10 @@ import pytest
 
 from gpen_video.errors import EncodeError, OutputError
 from gpen_video.io.colour import plane_view
-from gpen_video.io.decode import VideoIndex, VideoReader
+from gpen_video.io.decode import VideoIndex, VideoReader, probe
 from gpen_video.io.encode import VideoWriter
 from gpen_video.records import Frame
-from gpen_video.segments import SEGMENT_SUFFIX, Segment, SegmentPlan, assemble, plan_segments
+from gpen_video.jobs.segments import SEGMENT_SUFFIX, Segment, SegmentPlan, assemble, plan_segments
 from tests.clips import ffprobe_streams, make_clip, read_packets
 
 OUTPUT_SUFFIX = {"h264": ".mp4", "h265": ".mp4", "prores": ".mov", "ffv1": ".mkv"}
@@ -140,7 +140,7 @@ def test_segment_plan_maps_frames_by_time(tmp_path):
     src = make_clip(tmp_path / "in.mp4", frames=60, vfr_pts=_vfr_pts(60), audio_tracks=0)
     info, frames = _read(src)
     with VideoReader(src) as reader:
-        layout = SegmentPlan.of(reader, 0.8)
+        layout = SegmentPlan.of(reader.index(), reader.info, reader.source_info, 0.8)
     expected = plan_segments([f.pts for f in frames], info.time_base, 0.8)
     assert layout.first_frames == tuple(s.first_frame for s in expected)
     assert layout.frame_counts == tuple(s.frame_count for s in expected) and layout.total_frames == 60
@@ -149,7 +149,7 @@ def test_segment_plan_maps_frames_by_time(tmp_path):
     assert layout.describe(len(expected) - 1) == (f"segment {len(expected)} of {len(expected)} "
                                                   f"(frames {last.first_frame}-{last.last_frame})")
     with VideoReader(src) as reader:
-        assert len(SegmentPlan.of(reader, 30)) == 1
+        assert len(SegmentPlan.of(reader.index(), reader.info, reader.source_info, 30)) == 1
     with pytest.raises(ValueError, match="first <= last"):
         Segment(0, 5, 4, 0)
 
@@ -157,7 +157,7 @@ def test_segment_plan_maps_frames_by_time(tmp_path):
 def test_segment_plan_of_fields_counts_two_frames_each(tmp_path):
     src = make_clip(tmp_path / "in.mkv", frames=40, interlaced=True, audio_tracks=0)
     with VideoReader(src, deinterlace="field") as reader:
-        layout = SegmentPlan.of(reader, 0.8)
+        layout = SegmentPlan.of(reader.index(), reader.info, reader.source_info, 0.8)
         frames = list(reader.frames())
     assert len(frames) == 80 and layout.total_frames == 80 and len(layout) > 1
     counts = np.bincount([layout.segment_of(f) for f in frames])
@@ -230,8 +230,8 @@ def test_segments_assemble_to_the_one_segment_render(tmp_path, codec):
     (tmp_path / "one").mkdir()
     (one,) = _encode(tmp_path / "one", info, frames, [Segment(0, 0, 59, frames[0].pts)], codec)
     out, whole = tmp_path / f"out{container}", tmp_path / f"whole{container}"
-    assert assemble(src, parts, out) == 60
-    assert assemble(src, [one], whole) == 60
+    assert assemble(probe(src), parts, out) == 60
+    assert assemble(probe(src), [one], whole) == 60
 
     tb, packets = _video_packets(out)
     _, reference = _video_packets(whole)
@@ -275,8 +275,8 @@ def test_vfr_join_gets_the_dts_of_one_encode(tmp_path):
 
     (tmp_path / "one").mkdir()
     (one,) = _encode(tmp_path / "one", info, frames, [Segment(0, 0, 79, frames[0].pts)], "h264")
-    assemble(src, parts, tmp_path / "out.mp4")
-    assemble(src, [one], tmp_path / "whole.mp4")
+    assemble(probe(src), parts, tmp_path / "out.mp4")
+    assemble(probe(src), [one], tmp_path / "whole.mp4")
     probed = _ffprobe_video_packets(tmp_path / "out.mp4")
     dts = [int(p["dts"]) for p in probed]
     assert all(a < b for a, b in pairwise(dts))
@@ -293,7 +293,7 @@ def test_ten_bit_422_stays_ten_bit(tmp_path, codec):
     segments = plan_segments([f.pts for f in frames], info.time_base, 0.5, min_frames=8)
     assert len(segments) == 3
     out = tmp_path / "out.mov"
-    assemble(src, _encode(tmp_path, info, frames, segments, codec), out)
+    assemble(probe(src), _encode(tmp_path, info, frames, segments, codec), out)
     (video,) = [s for s in ffprobe_streams(out) if s["codec_type"] == "video"]
     assert video["pix_fmt"] == "yuv422p10le"
     assert _ffprobe_decodes(out) == 40
@@ -308,7 +308,7 @@ def test_rotation_aspect_colour_and_tags_are_kept(tmp_path):
     info, frames = _read(src)
     segments = plan_segments([f.pts for f in frames], info.time_base, 0.5, min_frames=8)
     out = tmp_path / "out.mp4"
-    assemble(src, _encode(tmp_path, info, frames, segments, "h264"), out)
+    assemble(probe(src), _encode(tmp_path, info, frames, segments, "h264"), out)
     (before,) = [s for s in ffprobe_streams(src) if s["codec_type"] == "video"]
     (after,) = [s for s in ffprobe_streams(out) if s["codec_type"] == "video"]
     for key in ("width", "height", "sample_aspect_ratio", "color_range", "color_space",
@@ -323,7 +323,7 @@ def test_timecode_is_kept(tmp_path):
     info, frames = _read(src)
     out = tmp_path / "out.mov"
     segments = plan_segments([f.pts for f in frames], info.time_base, 0.4, min_frames=8)
-    assemble(src, _encode(tmp_path, info, frames, segments, "h264"), out)
+    assemble(probe(src), _encode(tmp_path, info, frames, segments, "h264"), out)
     timecodes = {s.get("tags", {}).get("timecode") for s in ffprobe_streams(out)}
     assert "01:02:03:04" in timecodes
 
@@ -401,9 +401,9 @@ def test_assemble_refuses_segments_encoded_differently(tmp_path):
     second = _encode(tmp_path / "b", info, frames, [Segment(1, 16, 31, frames[16].pts)], "h264",
                      preset="ultrafast")
     with pytest.raises(EncodeError, match="other settings"):
-        assemble(src, first + second, tmp_path / "out.mp4")
+        assemble(probe(src), first + second, tmp_path / "out.mp4")
     with pytest.raises(EncodeError, match="segment 1 starts at pts 0, not after the previous"):
-        assemble(src, first + first, tmp_path / "out.mp4")
+        assemble(probe(src), first + first, tmp_path / "out.mp4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "in.mp4", "segment-0.mp4"]
 
 
@@ -412,12 +412,12 @@ def test_assemble_output_checks(tmp_path):
     info, frames = _read(src)
     parts = _encode(tmp_path, info, frames, [Segment(0, 0, 19, frames[0].pts)], "prores")
     with pytest.raises(OutputError, match="cannot hold prores"):
-        assemble(src, parts, tmp_path / "out.mp4")
+        assemble(probe(src), parts, tmp_path / "out.mp4")
     (tmp_path / "taken.mov").write_bytes(b"x")
     with pytest.raises(OutputError, match="already exists"):
-        assemble(src, parts, tmp_path / "taken.mov")
+        assemble(probe(src), parts, tmp_path / "taken.mov")
     assert (tmp_path / "taken.mov").read_bytes() == b"x"
-    assert assemble(src, parts, tmp_path / "taken.mov", overwrite=True) == 20
+    assert assemble(probe(src), parts, tmp_path / "taken.mov", overwrite=True) == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "segment-0.mov", "taken.mov"]
 
 

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import av
 import numpy as np
@@ -112,14 +110,7 @@ class VideoInfo:
 
 def _open(path: Path) -> av.container.InputContainer:
     """Open ``path`` for reading or raise InputError saying why and what to do."""
-    check_input_file(path)
-    try:
-        return av.open(str(path), mode="r")
-    except av.FFmpegError as exc:
-        raise InputError(
-            f"input file {path} is not a video FFmpeg can read ({exc.strerror}); "
-            "check that it is a complete media file"
-        ) from None
+    return open_input(path, path)
 
 
 def _video_stream(container: av.container.InputContainer, path: Path) -> av.video.stream.VideoStream:
@@ -157,8 +148,11 @@ def _stream_duration(stream: av.video.stream.VideoStream) -> Fraction | None:
     return None
 
 
-def _first_frame(container: av.container.InputContainer, stream, path: Path) -> av.VideoFrame:
+def _first_frame(container: av.container.InputContainer, stream, path: Path,
+                 seen: IndexBuilder | None = None) -> av.VideoFrame:
     for packet in container.demux(stream):
+        if seen is not None:
+            seen.add(packet)
         try:
             frames = stream.decode(packet)
         except av.FFmpegError:
@@ -180,47 +174,69 @@ def probe(path: str | Path) -> VideoInfo:
     """
     path = Path(path)
     with _open(path) as container:
-        stream = _video_stream(container, path)
-        ctx = stream.codec_context
-        first = _first_frame(container, stream, path)
-        rotation = _normalise_rotation(first.rotation, path)
-        coded_w, coded_h = first.width, first.height
-        width, height = (coded_h, coded_w) if rotation in (90, 270) else (coded_w, coded_h)
-        pix_fmt = first.format.name
-        field_order = FIELD_ORDERS.get(ctx.field_order, "unknown")
-        interlaced = field_order in ("tt", "bb", "tb", "bt") or first.interlaced_frame
-        colorspace = ctx.colorspace if ctx.colorspace != 2 else first.colorspace
-        color_range = ctx.color_range or first.color_range
-        full_range = color_range == AVCOL_RANGE_JPEG or pix_fmt.startswith("yuvj")
-        duration = _stream_duration(stream)
-        if duration is None and container.duration:
-            duration = Fraction(container.duration, 1_000_000)
-        return VideoInfo(
-            path=path,
-            stream_index=stream.index,
-            codec_name=ctx.name,
-            width=width,
-            height=height,
-            coded_width=coded_w,
-            coded_height=coded_h,
-            rotation=rotation,
-            time_base=stream.time_base or Fraction(1, 90000),
-            average_rate=stream.average_rate or stream.guessed_rate,
-            frame_count=stream.frames or None,
-            duration=duration,
-            pix_fmt=pix_fmt,
-            bit_depth=_bit_depth(pix_fmt),
-            interlaced=bool(interlaced),
-            field_order=field_order,
-            color_range=color_range,
-            color_primaries=ctx.color_primaries if ctx.color_primaries != 2 else first.color_primaries,
-            color_trc=ctx.color_trc if ctx.color_trc != 2 else first.color_trc,
-            colorspace=colorspace,
-            sample_aspect_ratio=stream.sample_aspect_ratio or None,
-            matrix=matrix_for(colorspace, coded_h),
-            full_range=full_range,
-            chroma_location=chroma_location(container, stream.index),
-        )
+        return describe(container, path)
+
+
+def open_input(source: str | Path | BinaryIO, path: Path) -> av.container.InputContainer:
+    """Open ``source`` (the file at ``path``, or a handle on it) for reading, or raise
+    InputError saying why and what to do. A job that reads the input's first bytes itself
+    passes its handle, so the file is opened once for both."""
+    if isinstance(source, (str, Path)):
+        check_input_file(path)
+    try:
+        return av.open(source if not isinstance(source, Path) else str(source), mode="r")
+    except av.FFmpegError as exc:
+        raise InputError(
+            f"input file {path} is not a video FFmpeg can read ({exc.strerror}); "
+            "check that it is a complete media file"
+        ) from None
+
+
+def describe(container: av.container.InputContainer, path: Path, seen: IndexBuilder | None = None) -> VideoInfo:
+    """``probe`` on an open ``container`` of ``path``: decodes its first video frame, so the
+    container is left after it (open it again to decode from the start). ``seen`` gets every
+    video packet demuxed on the way (see ``probe_and_index``)."""
+    stream = _video_stream(container, path)
+    ctx = stream.codec_context
+    first = _first_frame(container, stream, path, seen)
+    rotation = _normalise_rotation(first.rotation, path)
+    coded_w, coded_h = first.width, first.height
+    width, height = (coded_h, coded_w) if rotation in (90, 270) else (coded_w, coded_h)
+    pix_fmt = first.format.name
+    field_order = FIELD_ORDERS.get(ctx.field_order, "unknown")
+    interlaced = field_order in ("tt", "bb", "tb", "bt") or first.interlaced_frame
+    colorspace = ctx.colorspace if ctx.colorspace != 2 else first.colorspace
+    color_range = ctx.color_range or first.color_range
+    full_range = color_range == AVCOL_RANGE_JPEG or pix_fmt.startswith("yuvj")
+    duration = _stream_duration(stream)
+    if duration is None and container.duration:
+        duration = Fraction(container.duration, 1_000_000)
+    return VideoInfo(
+        path=path,
+        stream_index=stream.index,
+        codec_name=ctx.name,
+        width=width,
+        height=height,
+        coded_width=coded_w,
+        coded_height=coded_h,
+        rotation=rotation,
+        time_base=stream.time_base or Fraction(1, 90000),
+        average_rate=stream.average_rate or stream.guessed_rate,
+        frame_count=stream.frames or None,
+        duration=duration,
+        pix_fmt=pix_fmt,
+        bit_depth=_bit_depth(pix_fmt),
+        interlaced=bool(interlaced),
+        field_order=field_order,
+        color_range=color_range,
+        color_primaries=ctx.color_primaries if ctx.color_primaries != 2 else first.color_primaries,
+        color_trc=ctx.color_trc if ctx.color_trc != 2 else first.color_trc,
+        colorspace=colorspace,
+        sample_aspect_ratio=stream.sample_aspect_ratio or None,
+        matrix=matrix_for(colorspace, coded_h),
+        full_range=full_range,
+        chroma_location=chroma_location(container, stream.index),
+    )
 
 
 @dataclass(frozen=True)
@@ -257,31 +273,14 @@ class VideoIndex:
         path = Path(path)
         if stream_index is None:
             stream_index = probe(path).stream_index
-        times: list[int] = []
-        keys: list[int] = []
         try:
-            with av.open(str(path)) as container:
-                stream = container.streams[stream_index]
-                time_base = stream.time_base
-                for packet in container.demux(stream):
-                    if packet.size == 0:
-                        continue
-                    if packet.pts is None:
-                        raise InputError(f"{path} has video packets without timestamps; a seek "
-                                         "needs them (remux the file, e.g. to .mkv, first)")
-                    if packet.is_keyframe:
-                        keys.append(packet.pts)
-                    times.append(packet.pts)
+            container = av.open(str(path))
         except av.FFmpegError as exc:
-            if not times:
-                raise InputError(f"cannot read {path} to index it ({exc.strerror})") from None
-            log.debug("%s: indexing stopped early: %s", path, exc)
-        if not times:
-            raise InputError(f"{path} has no video packets to index")
-        pts = np.unique(np.asarray(times, dtype=np.int64))
-        keyframes = np.searchsorted(pts, np.unique(np.asarray(keys, dtype=np.int64)))
-        return cls(pts=pts, keyframes=keyframes.astype(np.int64), time_base=time_base,
-                   stream_index=stream_index)
+            raise InputError(f"cannot read {path} to index it ({exc.strerror})") from None
+        with container:
+            builder = IndexBuilder(path, container.streams[stream_index])
+            builder.read(container)
+            return builder.index()
 
     def frame_at(self, pts: int) -> int | None:
         """Index of the frame with this pts (None if there is none)."""
@@ -306,6 +305,70 @@ class VideoIndex:
             points.append(int(keys[i]))
             i, step = i - step, step * 2
         return [*points, 0]
+
+
+class IndexBuilder:
+    """Collects the pts and keyframes of a video stream's packets as they are demuxed, for a
+    ``VideoIndex``: probing and indexing share one pass over the file."""
+
+    def __init__(self, path: Path, stream: av.video.stream.VideoStream):
+        self.path, self.stream = path, stream
+        self.times: list[int] = []
+        self.keys: list[int] = []
+        self.problem: str | None = None
+
+    def add(self, packet: av.Packet) -> None:
+        """Count one demuxed packet of the stream (flush packets are skipped)."""
+        if packet.size == 0 or self.problem is not None:
+            return
+        if packet.pts is None:
+            self.problem = (f"{self.path} has video packets without timestamps; a seek needs them "
+                            "(remux the file, e.g. to .mkv, first)")
+            return
+        if packet.is_keyframe:
+            self.keys.append(packet.pts)
+        self.times.append(packet.pts)
+
+    def read(self, container: av.container.InputContainer) -> None:
+        """Demux the rest of the stream from ``container`` (no decoding) into the index."""
+        try:
+            for packet in container.demux(self.stream):
+                self.add(packet)
+                if self.problem is not None:
+                    return
+        except av.FFmpegError as exc:
+            if not self.times:
+                self.problem = f"cannot read {self.path} to index it ({exc.strerror})"
+            log.debug("%s: indexing stopped early: %s", self.path, exc)
+
+    def index(self) -> VideoIndex:
+        """The index of the packets seen.
+
+        Raises:
+            InputError: the stream has packets without timestamps, or none at all.
+        """
+        if self.problem is not None:
+            raise InputError(self.problem)
+        if not self.times:
+            raise InputError(f"{self.path} has no video packets to index")
+        pts = np.unique(np.asarray(self.times, dtype=np.int64))
+        keyframes = np.searchsorted(pts, np.unique(np.asarray(self.keys, dtype=np.int64)))
+        return VideoIndex(pts=pts, keyframes=keyframes.astype(np.int64), time_base=self.stream.time_base,
+                          stream_index=self.stream.index)
+
+
+def probe_and_index(container: av.container.InputContainer, path: Path) -> tuple[VideoInfo, VideoIndex | str]:
+    """``probe`` and ``VideoIndex.scan`` in one demux of an open ``container`` of ``path``: the
+    stream's description, and its index or why it has none (a stream without timestamps
+    cannot be seeked)."""
+    video = _video_stream(container, path)
+    builder = IndexBuilder(path, video)
+    info = describe(container, path, builder)
+    builder.read(container)
+    try:
+        return info, builder.index()
+    except InputError as exc:
+        return info, str(exc)
 
 
 class _Deinterlacer:
@@ -334,61 +397,34 @@ class _Deinterlacer:
                 return out
 
 
-class SourceStash:
-    """The decoded pictures behind the frames in flight, oldest dropped past a byte budget.
+@dataclass(frozen=True)
+class SourcePicture:
+    """The decoder's own picture behind a frame, carried with it (``Frame.source``).
 
-    ``VideoWriter`` looks each written frame up here to keep the decoder's own samples
-    wherever the RGB was not changed (see ``encode.VideoWriter``). Entries are popped as
-    they are written; a frame evicted before that is simply converted from RGB.
+    ``encode.VideoWriter`` passes its samples to the encoder wherever the frame's RGB still
+    equals ``rgb`` (the RGB as decoded), so untouched pixels are never converted back.
+
+    Attributes:
+        picture: the decoded picture, in the stored orientation and pixel format.
+        rgb: (H, W, 3) the upright RGB as the reader yielded it (the same array, not a copy:
+            stages never write into a frame's pixels, they make new ones).
     """
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[int, tuple[av.VideoFrame, np.ndarray]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()  # the decode thread puts, the writing thread pops
-        self.evicted = 0
+    picture: av.VideoFrame
+    rgb: np.ndarray
 
-    @staticmethod
-    def _size(item: tuple[av.VideoFrame, np.ndarray]) -> int:
-        return sum(p.buffer_size for p in item[0].planes) + item[1].nbytes
 
-    def put(self, index: int, picture: av.VideoFrame, rgb: np.ndarray) -> None:
-        item = (picture, rgb.copy())
-        size = self._size(item)
-        with self._lock:
-            self._items[index] = item
-            self._bytes += size
-            while self._bytes > self.max_bytes and len(self._items) > 1:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= self._size(old)
-                self.evicted += 1
-
-    def pop(self, index: int) -> tuple[av.VideoFrame, np.ndarray] | None:
-        """The (decoded picture, RGB as yielded) of ``index``; older entries are dropped."""
-        with self._lock:
-            while self._items and next(iter(self._items)) < index:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= self._size(old)
-            item = self._items.pop(index, None)
-            if item is not None:
-                self._bytes -= self._size(item)
-            return item
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held now (decoded pictures and their RGB)."""
-        with self._lock:
-            return self._bytes
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0
+def deinterlaced_info(source: VideoInfo, deinterlace: Deinterlace) -> VideoInfo:
+    """What the frames of a ``VideoReader(deinterlace=...)`` on a stream ``source`` are:
+    progressive after deinterlacing, and at twice the rate (time base halved) with "field"."""
+    if deinterlace == "off" or (deinterlace == "auto" and not source.interlaced):
+        return source
+    info = replace(source, interlaced=False, field_order="progressive")
+    if deinterlace != "field":
+        return info
+    return replace(info, time_base=source.time_base / 2,
+                   average_rate=source.average_rate * 2 if source.average_rate else None,
+                   frame_count=source.frame_count * 2 if source.frame_count else None)
 
 
 class _LandedLate(Exception):
@@ -408,8 +444,14 @@ class VideoReader:
             the same pts; "frame" always does that; "field" gives one frame per field (twice
             the rate, time base halved so the new pts are exact); "off" never deinterlaces.
 
+        source_info: the stream as ``probe`` described it, when the caller has it already (a
+            job probes its input once); None probes ``path``.
+        index: the stream's ``VideoIndex``, when the caller has it already (a job keeps it in
+            its work folder); None scans the file on the first seek.
+
     ``info`` describes the frames ``frames()`` yields (after deinterlacing); ``source_info``
-    the stream as stored. After ``frames()`` is exhausted, ``damaged_frames`` counts frames
+    the stream as stored. Each frame carries its decoded picture (``Frame.source``), which
+    ``encode.VideoWriter`` uses to pass untouched pixels through. After ``frames()`` is exhausted, ``damaged_frames`` counts frames
     that could not be decoded (dropped) and ``concealed_frames`` those decoded with errors
     that the decoder concealed (kept). Each ``frames()`` call decodes the file afresh, from
     its start or from the keyframe before ``start_pts``.
@@ -418,11 +460,12 @@ class VideoReader:
     ...     n = sum(1 for _ in r.frames())
     """
 
-    def __init__(self, path: str | Path, *, deinterlace: Deinterlace = "auto"):
+    def __init__(self, path: str | Path, *, deinterlace: Deinterlace = "auto", source_info: VideoInfo | None = None,
+                 index: VideoIndex | None = None):
         if deinterlace not in ("auto", "off", "frame", "field"):
             raise ValueError(f"deinterlace must be auto, off, frame or field, got {deinterlace!r}")
         self.path = Path(path)
-        self.source_info = probe(self.path)
+        self.source_info = source_info if source_info is not None else probe(self.path)
         src = self.source_info
         self._deinterlace_mode: str | None = {
             "auto": "send_frame" if src.interlaced else None,
@@ -431,22 +474,11 @@ class VideoReader:
             "field": "send_field",
         }[deinterlace]
         self._only_interlaced = deinterlace == "auto"
-        info = src
-        if self._deinterlace_mode is not None:
-            info = replace(info, interlaced=False, field_order="progressive")
-        if self._deinterlace_mode == "send_field":
-            info = replace(
-                info,
-                time_base=src.time_base / 2,
-                average_rate=src.average_rate * 2 if src.average_rate else None,
-                frame_count=src.frame_count * 2 if src.frame_count else None,
-            )
-        self.info = info
+        self.info = deinterlaced_info(src, deinterlace)
         self.damaged_frames = 0
         self.concealed_frames = 0
         self._warned = False
-        self._index: VideoIndex | None = None
-        self.stash: SourceStash | None = None
+        self._index = index
 
     def index(self) -> VideoIndex:
         """The source stream's frame pts and keyframes (demuxed once, on first use).
@@ -463,12 +495,6 @@ class VideoReader:
         time base when deinterlacing to fields)."""
         exact = Fraction(pts) * self.info.time_base / self.source_info.time_base
         return exact.numerator // exact.denominator
-
-    def keep_source_pictures(self, max_bytes: int = 1 << 30) -> SourceStash:
-        """From now on keep each yielded frame's decoded picture (for ``VideoWriter``)."""
-        if self.stash is None:
-            self.stash = SourceStash(max_bytes)
-        return self.stash
 
     def __enter__(self) -> "VideoReader":
         return self
@@ -607,10 +633,6 @@ class VideoReader:
         deinterlacer: _Deinterlacer | None = None
         index = start_index
 
-        stash = self.stash
-        if stash is not None:
-            stash.clear()
-
         # Frames without a timestamp (raw streams) get a steady timeline at the nominal rate.
         step = max(1, round(1 / (info.average_rate * info.time_base))) if info.average_rate else 1
         previous: int | None = None
@@ -625,10 +647,9 @@ class VideoReader:
                 return None
             if stop_pts is not None and pts >= stop_pts:
                 raise _Stopped
-            frame = Frame(index=index, pts=pts, time_base=info.time_base,
-                          rgb=to_rgb(av_frame, info, reformatter))
-            if stash is not None:
-                stash.put(index, av_frame, frame.rgb)
+            rgb = to_rgb(av_frame, info, reformatter)
+            frame = Frame(index=index, pts=pts, time_base=info.time_base, rgb=rgb,
+                          source=SourcePicture(av_frame, rgb))
             index += 1
             return frame
 

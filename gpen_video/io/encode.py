@@ -14,9 +14,8 @@ info SEI naming the CPU). With ``copy_streams=False`` the writer makes one video
 longer output (``segments``): a bit-exact muxer, and x264's ``stitchable`` headers so the parts
 join by stream copy.
 
->>> with VideoReader("tape.mp4") as reader, VideoWriter("out.mp4", reader) as writer:  # doctest: +SKIP
-...     for frame in reader.frames():
-...         writer.write(frame)
+A typical copy: open a ``VideoReader`` on the input, then a ``VideoWriter(output, reader.info)``,
+and ``write`` every frame of ``reader.frames()`` inside a ``with`` block on the writer.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from av.video.reformatter import VideoReformatter
 
 from gpen_video.errors import EncodeError, GpenVideoError, InputError, OutputError, StreamCopyError
 from gpen_video.io import colour
-from gpen_video.io.decode import SourceStash, VideoInfo, VideoReader, probe
+from gpen_video.io.decode import SourcePicture, VideoInfo
 from gpen_video.io.files import check_output, create_temp, disk_full, install, write_error
 from gpen_video.io.streams import StreamCopier
 from gpen_video.records import Frame, check_shape
@@ -135,8 +134,8 @@ class VideoWriter:
 
     Args:
         output_path: the file to write; its extension picks the container.
-        source: the input as a VideoReader (its ``info`` describes the frames given, e.g.
-            after deinterlacing), a VideoInfo, or the input path.
+        info: the frames given, as their reader describes them (``VideoReader.info``, i.e.
+            after deinterlacing); ``info.path`` is the input whose other streams are copied.
         codec: h264 (libx264), h265 (libx265), prores (prores_ks) or ffv1.
         crf: quality of h264/h265; lower is closer to the input and larger.
         preset: x264/x265 speed preset; slower presets give smaller files at the same crf.
@@ -145,16 +144,16 @@ class VideoWriter:
         copy_streams: copy the source's other streams (audio, subtitles, data) and video tags
             into the output; False writes the video alone, as one part of an output that
             ``segments.assemble`` puts together (no tags, a bit-exact muxer).
-        splice: with a VideoReader source, keep the decoder's own samples wherever a frame's
-            RGB is unchanged (exact path); False converts every pixel from RGB (reference
-            path). Converting is exact too except where codec ringing put 4:2:0 samples
+        splice: keep the decoder's own samples (``Frame.source``, which ``VideoReader`` frames
+            carry) wherever a frame's RGB is unchanged (exact path); False converts every pixel
+            from RGB (reference path). Converting is exact too except where codec ringing put 4:2:0 samples
             outside the RGB gamut, which RGB clips; splicing keeps those as well.
 
     Untouched pixels: with ``splice`` the encoder receives, for every pixel whose RGB equals
     what the reader yielded, the very YUV samples the decoder produced (a chroma sample is
     replaced only if one of the pixels it covers changed). A frame whose RGB is unchanged
-    is passed on as decoded. Memory: the decoded pictures of frames between reader and
-    writer are kept, up to 1 GiB (older ones are then converted instead).
+    is passed on as decoded. A frame without a source picture (made elsewhere, or replayed)
+    is converted.
 
     Odd sizes: the output has the source's exact size. Where h264/h265 cannot code it in the
     source's chroma layout (641x361 in 4:2:0), a finer one is used (see ``choose_pix_fmt``).
@@ -169,7 +168,7 @@ class VideoWriter:
     def __init__(
         self,
         output_path: str | Path,
-        source: VideoReader | VideoInfo | str | Path,
+        info: VideoInfo,
         *,
         codec: Codec = "h264",
         crf: int = 18,
@@ -181,15 +180,7 @@ class VideoWriter:
     ):
         if codec not in ENCODERS:
             raise ValueError(f"codec must be one of {', '.join(ENCODERS)}, got {codec!r}")
-        self._stash: SourceStash | None = None
-        if isinstance(source, VideoReader):
-            info = source.info
-            if splice:
-                self._stash = source.keep_source_pictures()
-        elif isinstance(source, VideoInfo):
-            info = source
-        else:
-            info = probe(source)
+        self.splice = splice
         self.info = info
         self.output_path = Path(output_path)
         self.codec = codec
@@ -226,14 +217,19 @@ class VideoWriter:
             raise
         return self
 
-    def check(self) -> None:
+    def check(self, source: av.container.InputContainer | None = None) -> None:
         """Open the output as writing would, then remove it: a problem with the output (its
         folder, container, codec, and with ``strict`` a stream that cannot be copied) shows
-        before any work is done. Streams that would be left out are not reported here."""
+        before any work is done. Streams that would be left out are not reported here.
+
+        Args:
+            source: the input, already open (a job checks its output while it reads the
+                input's description); None opens ``info.path``.
+        """
         strict = self.strict
         self.strict = True
         try:
-            self._open()
+            self._open(source)
         except StreamCopyError:
             if strict:
                 raise
@@ -241,7 +237,7 @@ class VideoWriter:
             self.strict = strict
             self._abort()
 
-    def _open(self) -> None:
+    def _open(self, source: av.container.InputContainer | None = None) -> None:
         out_path = self.output_path
         self._tmp = create_temp(out_path)
         options = {} if self.copy_streams else {"fflags": "+bitexact"}
@@ -260,7 +256,7 @@ class VideoWriter:
             return
         try:
             self._copier = StreamCopier(self.info.path, self._out, out_path, self.info.stream_index,
-                                        strict=self.strict)
+                                        strict=self.strict, container=source)
         except av.FFmpegError as exc:
             raise InputError(f"cannot open {self.info.path} again to copy its other streams "
                              f"({exc.strerror}); was it moved or changed?") from None
@@ -339,7 +335,8 @@ class VideoWriter:
         if frame.rgb.dtype != info.dtype:
             raise ValueError(f"Frame.rgb must be {np.dtype(info.dtype).name} for this source, "
                              f"got {frame.rgb.dtype}")
-        av_frame = self._spliced(frame) if self._stash is not None else None
+        source = frame.source if self.splice else None
+        av_frame = self._spliced(frame, source) if isinstance(source, SourcePicture) else None
         if av_frame is None:
             av_frame = self.to_av_frame(frame.rgb)
         # prores_ks writes each frame's own tags into its picture header, not the encoder's
@@ -379,16 +376,14 @@ class VideoWriter:
         """Upright RGB (H, W, 3) -> stored-orientation frame in the encoder's pixel format."""
         return colour.to_frame(rgb, self.info, self.pix_fmt, self._reformatter)
 
-    def _spliced(self, frame: Frame) -> av.VideoFrame | None:
-        """The decoded picture with only the changed pixels replaced, or None if unknown.
+    def _spliced(self, frame: Frame, source: SourcePicture) -> av.VideoFrame | None:
+        """The decoded picture with only the changed pixels replaced, or None where it cannot
+        serve (another pixel format).
 
         The picture itself is reused (made writable first: the decoder may still reference
         it), so its field order, interlacing and other per-frame properties survive.
         """
-        entry = self._stash.pop(frame.index)
-        if entry is None:
-            return None
-        picture, original = entry
+        picture, original = source.picture, source.rgb
         if picture.format.name != self.pix_fmt or not picture.format.is_planar:
             return None
         picture.pict_type = 0  # encoders honour decoded I/P/B types: let ours choose
@@ -453,8 +448,6 @@ class VideoWriter:
         """
         out, copier, tmp = self._out, self._copier, self._tmp
         self._out = self._copier = self._tmp = None
-        if self._stash is not None:
-            self._stash.clear()  # the decoded pictures of frames that will never be written
         try:
             for close in (out.close if out else None, copier.close if copier else None):
                 if close is not None:

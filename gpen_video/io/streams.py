@@ -99,19 +99,24 @@ class StreamCopier:
         output_path: the file ``out`` will become (for messages; ``out`` writes a temporary file).
         video_index: the input's video stream, which the caller encodes itself.
         strict: raise StreamCopyError when a stream cannot be copied, instead of a warning.
+        container: ``source`` already open, to add the output's streams from (an output check
+            while a job reads its input's description); it is not closed here, and its packets
+            are not copied. None: ``source`` is opened here.
 
     Call ``add_streams`` once, ``pump`` after each encoded video frame, ``finish`` at the
     end and ``close`` in every case.
     """
 
     def __init__(self, source: Path, out: av.container.OutputContainer, output_path: Path,
-                 video_index: int, *, strict: bool = False):
+                 video_index: int, *, strict: bool = False,
+                 container: av.container.InputContainer | None = None):
         self.source_path = source
         self.out = out
         self.output_path = output_path
         self.video_index = video_index
         self.strict = strict
-        self.input = av.open(str(source), mode="r")
+        self._owned = container is None
+        self.input = av.open(str(source), mode="r") if container is None else container
         self._map: dict[int, av.stream.Stream] = {}
         self._packets: Iterator[av.Packet] = iter(())
         self._pending: av.Packet | None = None
@@ -143,7 +148,7 @@ class StreamCopier:
             else:
                 self._add_copy(stream)
         copied = [self.input.streams[i] for i in self._map]
-        self._packets = self.input.demux(*copied) if copied else iter(())
+        self._packets = self.input.demux(*copied) if copied and self._owned else iter(())
 
     def _add_copy(self, template: av.stream.Stream) -> None:
         reason = cannot_copy(template, self.out.format.name)
@@ -186,4 +191,5 @@ class StreamCopier:
         self.pump(math.inf)
 
     def close(self) -> None:
-        self.input.close()
+        if self._owned:
+            self.input.close()

@@ -468,7 +468,7 @@ def serve(options: WebOptions, *, ready=None) -> None:
     one-line error before anything listens. ``ready(url)`` is called once the page is up.
     Unfinished jobs of an earlier server on ``options.jobs_dir`` are queued again.
     """
-    from gpen_video.pipeline import FacePipeline
+    from gpen_video.jobs.api import FacePipeline
 
     home = options.jobs_dir.expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)

@@ -5,20 +5,23 @@ the cluster, or one per CPU on a cluster without GPUs. A job's unfinished segmen
 three phases:
 
 1. workers decode their segments (from the keyframe before each) and log what detection finds
-   in every frame into the job's work folder (``manifest.write_log``);
+   in every frame into the job's work folder (``jobs.logs.write_log``);
 2. the driver replays all the logs through one planner, so tracks, their ids and the per-track
    selection are those of one pass over the whole video, and writes each segment's faces to
-   restore (``manifest.write_plan``);
+   restore (``jobs.logs.write_plan``);
 3. workers decode their segments again, restore the planned faces and encode the segment
-   files, each recorded in the manifest as it arrives.
+   files, each handed to ``Job.finished`` as it arrives.
 
-The driver then assembles the output as a local job does (``FacePipeline.restore_video``):
-the output is byte-identical to a local run's, and a job interrupted either way resumes either
-way. Frames never travel through Ray's object store: workers read the input and write the work
-folder themselves, so both must be on storage every node sees at the same path.
+Everything else is the job engine's (``jobs.run``): the driver opens the job, resumes it,
+counts failures, keeps the progress and the report and assembles the output, as for a local
+job, so the output is byte-identical to a local run's and a job interrupted either way
+resumes either way. A worker gets the input's description in its task and the frame index
+from the work folder: it neither probes nor scans the input. Frames never travel through
+Ray's object store: workers read the input and write the work folder themselves, so both must
+be on storage every node sees at the same path.
 
->>> workers = RayWorkers(load_config("fast"))                           # doctest: +SKIP
->>> FacePipeline(config).restore_video("tape.mp4", workers=workers)      # doctest: +SKIP
+For example, ``with RayWorkers(config) as workers: FacePipeline(config).restore_video("tape.mp4",
+workers=workers)``.
 """
 
 from __future__ import annotations
@@ -29,20 +32,16 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from gpen_video.config import Config
-from gpen_video.errors import Cancelled, ConfigError, EncodeError, GpenVideoError
-from gpen_video.io.decode import VideoReader
-from gpen_video.manifest import Manifest, read_log, read_plan, write_log, write_plan
-from gpen_video.pipeline import FacePipeline, Rendered, VideoJob
-from gpen_video.plan import Observation, PlannedFrame
-from gpen_video.records import Frame
-from gpen_video.report import ReportWriter
-from gpen_video.segments import SEGMENT_SUFFIX
+from gpen_video.errors import Cancelled, ConfigError, EncodeError
+from gpen_video.jobs.local import render_segment
+from gpen_video.jobs.logs import read_log, read_plan, write_log, write_plan
+from gpen_video.jobs.manifest import InputIdentity, Manifest
+from gpen_video.jobs.run import Job, Rendered, SegmentDone, SegmentTask, job_identity, output_settings
+from gpen_video.pipeline import FramePipeline
+from gpen_video.plan import PlannedFrame
 
 log = logging.getLogger(__name__)
 
@@ -62,65 +61,34 @@ def import_ray():
     return ray
 
 
-@dataclass(frozen=True)
-class SegmentTask:
-    """One segment of one video, as a worker reads and writes it (paths on shared storage).
-
-    Attributes:
-        src: the input video.
-        deinterlace: ``Config.deinterlace`` of the job.
-        index: the segment's position in the plan.
-        first_frame: its first frame's index.
-        start_pts, stop_pts: its frames' pts range in the reader's time base (None: from the
-            start, to the end).
-        log: its detection log; plan: its faces to restore; segment: its file.
-    """
-
-    src: Path
-    deinterlace: str
-    index: int
-    first_frame: int
-    start_pts: int | None
-    stop_pts: int | None
-    log: Path
-    plan: Path
-    segment: Path
-
-    def frames(self, reader: VideoReader) -> Iterator[Frame]:
-        """The segment's frames, decoded from the keyframe before it."""
-        return reader.frames(self.start_pts, start_index=self.first_frame, stop_pts=self.stop_pts)
-
-
 class SegmentWorker:
-    """What each Ray actor runs: one ``FacePipeline``, and the two phases of a segment."""
+    """What each Ray actor runs: one ``FramePipeline``, and the two phases of a segment."""
 
     def __init__(self, config: Config) -> None:
-        self.pipeline = FacePipeline(config)
+        self.pipeline = FramePipeline(config)
 
-    def job_identity(self, src: Path, plan: tuple[tuple[int, int], ...]) -> Manifest:
-        return self.pipeline.job_identity(src, plan)
+    def output_settings(self) -> tuple[dict[str, object], str]:
+        return output_settings(self.pipeline), self.pipeline.weights_hash
 
     def observe(self, task: SegmentTask) -> int:
         """Phase 1: log what detection finds in the segment's frames; returns the frames."""
-        with VideoReader(task.src, deinterlace=task.deinterlace) as reader:
+        with task.reader() as reader:
             return write_log(task.log, self.pipeline.planner.observe(task.frames(reader)))
 
     def render(self, task: SegmentTask) -> int:
         """Phase 3: restore the planned faces and encode the segment file; returns the frames."""
         faces = read_plan(task.plan)
-        with VideoReader(task.src, deinterlace=task.deinterlace) as reader:
-            info = reader.info
-            logged = read_log(task.log, time_base=info.time_base, height=info.height, width=info.width,
-                              dtype=np.dtype(info.dtype))
+        with task.reader() as reader:
+            logged = read_log(task.log, reader.info)
 
             def planned() -> Iterator[PlannedFrame]:
                 for frame, seen in zip(task.frames(reader), logged, strict=True):
                     if frame.index != seen.frame.index:
-                        raise EncodeError(f"segment {task.index} of {task.src} decoded frame {frame.index} where "
+                        raise EncodeError(f"segment {task.segment} of {task.src} decoded frame {frame.index} where "
                                           f"its log has frame {seen.frame.index}; the input changed")
                     yield PlannedFrame(dataclasses.replace(seen, frame=frame), faces.get(frame.index, ()), ())
 
-            return self.pipeline.render_segment(reader, planned(), task.segment)
+            return render_segment(self.pipeline, planned(), reader.info, task.output)
 
 
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -216,57 +184,31 @@ class RayWorkers:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def job_identity(self, src: str | Path, plan: tuple[tuple[int, int], ...] = ()) -> Manifest:
-        """The job's identity as the workers' pipelines (their device and precision) see it."""
-        return self.ray.get(self.actors[0].job_identity.remote(Path(src), tuple(plan)))
+    def output_settings(self) -> tuple[dict[str, object], str]:
+        """The settings and weights' hash of the workers' pipelines (their device and precision)."""
+        return self.ray.get(self.actors[0].output_settings.remote())
 
-    def render(self, pipeline: FacePipeline, job: VideoJob, manifest: Manifest) -> Rendered:
-        layout, work = job.layout, job.work
-        info = job.reader.info
-        todo = [k for k in range(len(layout)) if k not in manifest.finished]
-        tasks = {k: SegmentTask(
-            src=job.src.absolute(), deinterlace=self.config.deinterlace, index=k, first_frame=layout.first_frames[k],
-            start_pts=layout.starts[k] if k > 0 else None,
-            stop_pts=layout.starts[k + 1] if k + 1 < len(layout) else None,
-            log=work.log_path(k).absolute(), plan=work.plan_path(k).absolute(),
-            segment=work.segment_path(k, SEGMENT_SUFFIX[self.config.codec]).absolute()) for k in todo}
-        if manifest.frames_done and job.progress is not None:  # the bar starts where earlier runs got to
-            job.progress(manifest.frames_done, layout.total_frames or None)
+    def job_identity(self, src: str | Path) -> Manifest:
+        """What makes a job on ``src`` give the bytes it gives, rendered on these workers."""
+        return job_identity(self, InputIdentity.of(src))
+
+    def render(self, job: Job) -> Rendered:
+        tasks = {k: job.tasks[k] for k in job.unfinished}
         self._run(job, "observe", tasks, lambda k, frames: None)
+        faces, stats = self._plan(job, tasks)
 
-        report = ReportWriter(job.src, fps=float(info.average_rate or 0)) if job.report else None
-        try:
-            faces, stats = self._plan(pipeline, job, manifest, tasks, report)
-            done = manifest.frames_done
+        def finished(k: int, frames: int) -> None:
+            job.finished(SegmentDone(k, tasks[k].output if frames else None, frames, tasks[k].log))
+            job.ticker.add(frames)
 
-            def finished(k: int, frames: int) -> None:
-                nonlocal manifest, done
-                manifest = work.record(manifest, k, tasks[k].segment if frames else None, frames, tasks[k].log)
-                done += frames
-                if job.progress is not None:
-                    job.progress(done, layout.total_frames or None)
+        self._run(job, "render", tasks, finished)
+        return Rendered(faces, stats)
 
-            self._run(job, "render", tasks, finished)
-        except BaseException:
-            if report is not None:
-                report.close()
-            raise
-        paths = [work.path / manifest.finished[k].file for k in range(len(layout)) if manifest.finished[k].file]
-        return Rendered(paths, manifest.frames_done, faces, stats, report)
-
-    def _plan(self, pipeline: FacePipeline, job: VideoJob, manifest: Manifest, tasks: dict[int, SegmentTask],
-              report: ReportWriter | None):
+    def _plan(self, job: Job, tasks: dict[int, SegmentTask]) -> tuple[int, object]:
         """Phase 2: replay every segment's log through one planner; write the plans of ``tasks``."""
-        layout, work, info = job.layout, job.work, job.reader.info
-
-        def logged() -> Iterator[Observation]:
-            for k in range(len(layout)):
-                path = tasks[k].log if k in tasks else work.path / manifest.finished[k].log
-                if k in tasks or manifest.finished[k].log:
-                    yield from read_log(path, time_base=info.time_base, height=info.height, width=info.width,
-                                        dtype=np.dtype(info.dtype))
-
-        plan = pipeline.planner.plan((), report=report, replay=logged(), segment_of=layout.segment_of)
+        layout = job.plan.layout
+        plan = job.pipeline.planner.plan((), report=job.report, replay=job.replay(range(len(layout))),
+                                          segment_of=layout.segment_of)
         faces = 0
         current: int | None = None
         chosen: list[tuple[int, tuple]] = []
@@ -290,12 +232,11 @@ class RayWorkers:
             write_plan(tasks[k].plan, [])
         return faces, plan.stats
 
-    def _run(self, job: VideoJob, phase: str, tasks: dict[int, SegmentTask], done: Callable[[int, int], None]) -> None:
-        """Run ``phase`` of every task on the workers, a failed one again up to ``Config.retries``
-        times; ``done(k, frames)`` as each finishes, in the order they finish."""
+    def _run(self, job: Job, phase: str, tasks: dict[int, SegmentTask], done: Callable[[int, int], None]) -> None:
+        """Run ``phase`` of every task on the workers, a failed one again as ``job.retries``
+        allows; ``done(k, frames)`` as each finishes, in the order they finish."""
         ray = self.ray
         waiting = sorted(tasks)
-        failures: dict[int, int] = {}
         free = list(range(len(self.actors)))
         running: dict = {}  # ref -> (segment, actor number)
         try:
@@ -304,18 +245,17 @@ class RayWorkers:
                     k, n = waiting.pop(0), free.pop(0)
                     running[getattr(self.actors[n], phase).remote(tasks[k])] = (k, n)
                 ready, _ = _signalled(ray.wait, list(running), num_returns=1, timeout=POLL_SECONDS)
-                if job.cancel is not None and job.cancel.is_set():
-                    raise Cancelled("the job was cancelled")
+                job.ticker.check()
                 for ref in ready:
                     k, n = running.pop(ref)
                     try:
                         frames = ray.get(ref)
                     except ray.exceptions.RayActorError as exc:
                         self.actors[n] = self._actor.remote(self.config)  # a new worker in its place
-                        self._failed(job, k, exc, failures)
+                        job.retries.failed(k, exc, on="Ray worker")
                         waiting.insert(0, k)
                     except ray.exceptions.RayTaskError as exc:
-                        self._failed(job, k, exc.cause if exc.cause is not None else exc, failures)
+                        job.retries.failed(k, exc.cause if exc.cause is not None else exc, on="Ray worker")
                         waiting.insert(0, k)
                     else:
                         done(k, frames)
@@ -323,17 +263,3 @@ class RayWorkers:
         finally:
             for ref in running:
                 ray.cancel(ref)
-
-    def _failed(self, job: VideoJob, k: int, exc: BaseException, failures: dict[int, int]) -> None:
-        """Count a failure of segment ``k``; raise when it may not be tried again."""
-        if isinstance(exc, GpenVideoError) and not isinstance(exc, EncodeError):
-            raise exc
-        failures[k] = failures.get(k, 0) + 1
-        cause = str(exc) if isinstance(exc, GpenVideoError) else f"{type(exc).__name__}: {exc}"
-        cause = cause.strip().splitlines()[0] if cause.strip() else type(exc).__name__  # Ray's are pages long
-        if failures[k] > self.config.retries:
-            times = "once" if failures[k] == 1 else f"{failures[k]} times"
-            raise GpenVideoError(f"{job.src.name}: {job.layout.describe(k)} failed {times} on the Ray workers: "
-                                 f"{cause}") from exc
-        log.warning("%s: %s failed on a Ray worker (%s); trying it again (%d of %d)", job.src.name,
-                    job.layout.describe(k), cause, failures[k], self.config.retries)

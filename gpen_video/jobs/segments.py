@@ -34,8 +34,8 @@ A job resumed at segment ``k`` decodes from the keyframe before it (``VideoReade
 with ``start_pts``); the planner's state at the join comes from replaying what earlier runs
 logged (``plan.Planner.plan(..., replay=...)``), not from decoding earlier frames.
 
->>> with VideoReader("tape.mp4") as reader:                           # doctest: +SKIP
-...     layout = SegmentPlan.of(reader, 30)
+``SegmentPlan.of`` lays a video's segments out from its ``VideoIndex`` (``jobs.opening`` reads
+it once per job); ``assemble`` takes the job's ``VideoInfo`` instead of probing the input again.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ from pathlib import Path
 import av
 import numpy as np
 
-from gpen_video.errors import EncodeError, InputError, OutputError
+from gpen_video.errors import EncodeError, OutputError
 from gpen_video.io import files
-from gpen_video.io.decode import VideoInfo, VideoReader, probe
+from gpen_video.io.decode import VideoIndex, VideoInfo
 from gpen_video.io.streams import StreamCopier, packet_time
 from gpen_video.records import Frame
 
@@ -177,19 +177,22 @@ class SegmentPlan:
     seekable: bool = True
 
     @classmethod
-    def of(cls, reader: VideoReader, segment_seconds: float = SEGMENT_SECONDS) -> SegmentPlan:
-        """Plan the segments of ``reader``'s video (``plan_segments`` on its ``index``).
+    def of(cls, index: VideoIndex | None, info: VideoInfo, source_info: VideoInfo,
+           segment_seconds: float = SEGMENT_SECONDS) -> SegmentPlan:
+        """Plan the segments of a video (``plan_segments`` on its ``index``).
 
-        A stream without timestamps (a raw elementary stream) cannot be seeked: it is one
-        segment, so an interrupted job on it starts over.
+        Args:
+            index: the source stream's index; None for a stream without timestamps (a raw
+                elementary stream), which cannot be seeked: it is one segment, so an
+                interrupted job on it starts over.
+            info: the frames as the reader yields them (``VideoReader.info``).
+            source_info: the stream as stored (``VideoReader.source_info``); deinterlacing
+                to fields gives two frames per source frame.
+            segment_seconds: the target length.
         """
-        info = reader.info
-        scale = 2 if info.time_base != reader.source_info.time_base else 1  # fields: two frames each
-        try:
-            index = reader.index()
-        except InputError as exc:
-            log.info("%s is rendered as one segment: %s", reader.path, exc)
+        if index is None:
             return cls((0,), (info.frame_count or 0,), (0,), seekable=False)
+        scale = 2 if info.time_base != source_info.time_base else 1  # fields: two frames each
         segments = plan_segments(index.pts, index.time_base, segment_seconds)
         starts = tuple(int(Fraction(s.start_pts) * index.time_base / info.time_base) for s in segments)
         return cls(tuple(scale * s.first_frame for s in segments), tuple(scale * s.frame_count for s in segments),
@@ -284,10 +287,11 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.vide
     return container.streams.video[0]
 
 
-def assemble(source_path: str | Path, segment_files: Sequence[str | Path], output_path: str | Path, *,
+def assemble(info: VideoInfo, segment_files: Sequence[str | Path], output_path: str | Path, *,
              overwrite: bool = False, strict: bool = False) -> int:
     """Write ``output_path``: the video packets of ``segment_files`` in order, copied, and every
-    other stream of ``source_path`` copied as ``io.encode.VideoWriter`` copies them.
+    other stream of the input ``info.path`` (``info`` as the job's opening described it)
+    copied as ``io.encode.VideoWriter`` copies them.
 
     The output appears only when complete. The video stream gets the source's tags (language,
     handler, timecode), disposition and rotation; codec parameters (colour, aspect ratio,
@@ -301,12 +305,11 @@ def assemble(source_path: str | Path, segment_files: Sequence[str | Path], outpu
             written; StreamCopyError with ``strict`` when a stream does not fit the container.
         EncodeError: the segments do not join (different encoder settings, bad timestamps).
     """
-    source_path, output_path = Path(source_path), Path(output_path)
+    source_path, output_path = info.path, Path(output_path)
     segment_files = [Path(p) for p in segment_files]
     if not segment_files:
         raise ValueError("assemble needs at least one segment file")
     files.check_output(source_path, output_path, overwrite=overwrite)
-    info = probe(source_path)
     tmp = files.create_temp(output_path)
     out = copier = None
     try:
