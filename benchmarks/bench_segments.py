@@ -94,11 +94,9 @@ def segmenting(args, tmp: Path) -> None:
             with Clock() as clock:
                 result = pipeline.restore_video(clip, out)
             times[name].append(clock)
-            from gpen_video.io.decode import VideoReader
-            from gpen_video.jobs.segments import SegmentPlan
+            from gpen_video.jobs.opening import open_job
 
-            with VideoReader(clip) as reader:
-                segments[name] = len(SegmentPlan.of(reader, seconds))
+            segments[name] = len(open_job(clip, deinterlace="auto", segment_seconds=seconds).layout)
             print(f"   run {run + 1} {name:18} {clock.wall:7.2f} s wall {clock.cpu:7.2f} s CPU "
                   f"({result.frames} frames, {result.faces_restored} faces, {segments[name]} segments)")
             out.unlink()

@@ -41,7 +41,6 @@ it once per job); ``assemble`` takes the job's ``VideoInfo`` instead of probing 
 from __future__ import annotations
 
 import bisect
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -55,8 +54,6 @@ from gpen_video.io import files
 from gpen_video.io.decode import VideoIndex, VideoInfo
 from gpen_video.io.streams import StreamCopier, packet_time
 from gpen_video.records import Frame
-
-log = logging.getLogger(__name__)
 
 SEGMENT_SECONDS = 30.0
 """Default segment length. Longer: fewer IDR pictures and files; shorter: less work lost when
