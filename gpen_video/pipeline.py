@@ -38,7 +38,7 @@ import torch
 
 from gpen_video import __version__
 from gpen_video.config import Config
-from gpen_video.device import resolve_device, resolve_dtype
+from gpen_video.device import resolve_device
 from gpen_video.engine import Stages, StageTimer
 from gpen_video.errors import Cancelled, EncodeError, GpenVideoError, InputError, OutputError
 from gpen_video.faces.detect import FaceDetector, create_detector
@@ -50,7 +50,7 @@ from gpen_video.manifest import Manifest, WorkFolder, read_log, work_dir_for, wr
 from gpen_video.plan import Observation, PlannedFrame, Planner, PlanStats
 from gpen_video.records import Frame, TrackedFace
 from gpen_video.report import ReportWriter
-from gpen_video.restore.restorer import Restorer, default_batch_size, fit_batch_size, measure_face_bytes
+from gpen_video.restore.restorer import Restorer, build_restorer, fit_batch_size, measure_face_bytes
 from gpen_video.segments import SEGMENT_SUFFIX, SegmentPlan, assemble, encoder_identity
 from gpen_video.warp import FaceCrops, Warp, create_warp
 
@@ -88,6 +88,8 @@ class JobResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     resumed_frames: int = 0
     """Frames of segments an earlier, interrupted run had finished (not done again)."""
+    fp32_reruns: int = 0
+    """Faces whose half-precision output was not finite, restored again in fp32."""
 
     @property
     def fps(self) -> float:
@@ -172,11 +174,8 @@ class FacePipeline:
             progress=download_progress,
         )
         size = get_spec(c.model).config.size
-        restorer = Restorer(
-            model, size, device=self.device, dtype=resolve_dtype(c.precision, self.device),
-            batch_size=c.batch_size or default_batch_size(self.device),
-        )
-        return restorer
+        return build_restorer(model, size, name=c.model, device=self.device, precision=c.precision,
+                              batch_size=c.batch_size, cache_dir=c.cache_dir)
 
     def fit_batch(self, height: int, width: int, dtype: np.dtype, *, free_bytes: int, face_bytes: int) -> int:
         """The batch size that fits ``free_bytes`` of device memory for frames of this size,
@@ -356,6 +355,7 @@ class FacePipeline:
         dst = Path(dst) if dst is not None else default_output_path(src)
         check_output(src, dst, overwrite=overwrite)
         started = time.perf_counter()
+        reruns = self.restorer.stats.fp32_reruns
         c = self.config
         with VideoReader(src, deinterlace=c.deinterlace) as reader:
             info = reader.info
@@ -379,6 +379,8 @@ class FacePipeline:
                     try:
                         assemble(src, outcome.files, dst, overwrite=overwrite, strict=c.strict)
                         if outcome.report is not None:
+                            outcome.report.precision = self.restorer.precision.as_report() | {
+                                "fp32_reruns": self.restorer.stats.fp32_reruns - reruns}
                             outcome.report.write(report)
                     finally:
                         if outcome.report is not None:
@@ -406,6 +408,7 @@ class FacePipeline:
             damaged_frames=reader.damaged_frames,
             stage_seconds=dict(job_run.timer.busy),
             resumed_frames=resumed,
+            fp32_reruns=self.restorer.stats.fp32_reruns - reruns,
         )
 
     def _render_segments(self, job: VideoJob, manifest: Manifest) -> Rendered:
@@ -575,7 +578,7 @@ class FacePipeline:
         check_output(src, dst, overwrite=overwrite)
         image = read_image(src)
         frame = Frame(0, 0, Fraction(1), image.rgb)
-        before = self.restorer.stats.faces
+        before, reruns = self.restorer.stats.faces, self.restorer.stats.fp32_reruns
         with Stages() as stages:
             plan = self.planner.plan([frame], stages=stages)
             ((_, out),) = list(self._rendered(plan, stages))
@@ -587,6 +590,7 @@ class FacePipeline:
         return JobResult(
             input=src, output=dst, frames=1, faces_restored=faces, tracks=plan.stats.restored_tracks,
             seconds=time.perf_counter() - started, unchanged=not faces,
+            fp32_reruns=self.restorer.stats.fp32_reruns - reruns,
         )
 
 
