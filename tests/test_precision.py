@@ -374,3 +374,21 @@ def test_cli_fp16_on_overflowing_weights_gives_the_fp32_bytes(overflowing_256, p
         assert len(lines) == 1 and lines[0].startswith("warning: GPEN-BFR-256: fp16 failed"), err
     assert WARNING not in runs["fp32"][1]
     assert cv2.imread(str(tmp_path / "fp32.png")).astype(int).std() > 10
+
+
+# ---------------------------------------------------------------------------- the GPU script
+
+
+def test_gpu_check_script_is_valid_and_exits_cleanly_without_cuda(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run the script itself (minutes)")
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
+                          env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PYTHON": sys.executable,
+                               "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert "auto -> torch." in done.stdout and "no CUDA device" in done.stdout
