@@ -392,3 +392,54 @@ def test_gpu_check_script_is_valid_and_exits_cleanly_without_cuda(tmp_path):
                                "HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert "auto -> torch." in done.stdout and "no CUDA device" in done.stdout
+
+
+# ---------------------------------------------------------------------------- the face parser
+
+
+class NaNParser(torch.nn.Module):
+    """A parser whose half-precision logits are NaN for the first face of every call once armed
+    (after the load-time check, which would otherwise refuse the half precision)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.armed = False
+
+    def forward(self, x):
+        logits, image = self.net(x)
+        if self.armed and x.dtype != torch.float32:
+            logits = logits.clone()
+            logits[0] = math.nan
+        return logits, image
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_parser_in_half_precision_is_checked_and_guarded(tmp_path, no_native_bf16, dtype):
+    from gpen_video.restore.parsing import ParsingMasker, parse_net
+
+    torch.manual_seed(0)
+    state = parse_net().eval().state_dict()
+    net = parse_net()
+    net.load_state_dict(state)
+    masker = ParsingMasker.from_network(net, input_size=64, batch_size=2, dtype=dtype, cache_dir=tmp_path)
+    check = masker.precision.checks[0]
+    assert check.dtype == {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype] and check.finite
+    assert masker.precision.used == (check.dtype if check.passed() else "fp32")
+    assert len(list((tmp_path / "precision").glob("*.json"))) == 1
+
+    guarded_net = NaNParser(parse_net())
+    guarded_net.net.load_state_dict(state)
+    guarded = ParsingMasker.from_network(guarded_net, input_size=64, batch_size=2, cache_dir=tmp_path, dtype=dtype)
+    assert guarded.precision.used == masker.precision.used
+    if guarded.precision.used == "fp32":
+        pytest.skip("this half precision failed its check on random parser weights; nothing to guard")
+    guarded.net.armed = True
+    plain_net = parse_net()
+    plain_net.load_state_dict(state)
+    plain = ParsingMasker.from_network(plain_net.float(), input_size=64, batch_size=2)
+    crops = check_faces(64).repeat(2, 1, 1, 1)  # 4 crops, 2 calls: faces 0 and 2 get NaN logits
+    labels = guarded.labels(crops)
+    assert guarded.stats.fp32_reruns == 2
+    reference = plain.labels(crops)
+    assert np.array_equal(labels[[0, 2]], reference[[0, 2]])  # parsed again in fp32
