@@ -22,7 +22,7 @@ Example (any module; ``forward`` and ``unit`` say how to run it and read its out
     >>> net = torch.nn.Conv2d(3, 3, 1)
     >>> faces = check_faces(64) * 2 - 1                       # [2,3,64,64] in [-1, 1]
     >>> choice = choose_precision(net, faces, torch.bfloat16, device=torch.device("cpu"),
-    ...                           name="conv", cache_dir=None, unit=lambda y: y.sigmoid())
+    ...                           name="conv", cache_dir=None, cache=False, unit=lambda y: y.sigmoid())
     >>> choice.used in ("bf16", "fp32")
     True
 """
