@@ -189,8 +189,11 @@ def _summary(result: JobResult) -> str:
     if is_image(result.input):
         if result.unchanged:
             return head + "no face to restore; copied unchanged"
-        return head + f"{_plural(result.faces_restored, 'face')} restored in {result.seconds:.1f} s"
+        reruns = f" ({result.fp32_reruns} rerun in fp32)" if result.fp32_reruns else ""
+        return head + f"{_plural(result.faces_restored, 'face')} restored{reruns} in {result.seconds:.1f} s"
     extra = f", {result.damaged_frames} damaged frames dropped" if result.damaged_frames else ""
+    if result.fp32_reruns:
+        extra += f", {_plural(result.fp32_reruns, 'face')} rerun in fp32 (non-finite half-precision output)"
     if result.resumed_frames:
         extra += f"; {result.resumed_frames} of the frames were done by an earlier run"
     return head + (

@@ -63,7 +63,8 @@ class Config:
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     precision: Precision = "auto"
-    """auto = fp16 on CUDA; on CPU bf16 where the CPU computes it natively, else fp32."""
+    """auto = bf16 on GPUs and CPUs that compute it natively, fp16 on older GPUs, else fp32. Half
+    precision is checked against fp32 at load and falls back to bf16/fp32 (README, Precision)."""
     batch_size: int | None = None
     """Faces per restorer call; None picks by device. Higher: more throughput, more memory."""
     warp: Warp = "auto"

@@ -48,13 +48,32 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset()
 
 
+def has_native_bf16(device: torch.device, *, flags: Iterable[str] | None = None) -> bool:
+    """Whether ``device`` computes bf16 in hardware.
+
+    CUDA: ``torch.cuda.is_bf16_supported(including_emulation=False)`` on that device (compute
+    capability 8.0 and newer: Ampere, Ada, Hopper, Blackwell); the emulated bf16 of older GPUs
+    is slower than fp16 and does not count. CPU: AVX512-BF16 or AMX in ``flags`` (default:
+    read with ``cpu_flags()``).
+    """
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        with torch.cuda.device(device):
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    return bool(NATIVE_BF16_FLAGS & frozenset(cpu_flags() if flags is None else flags))
+
+
 def resolve_dtype(precision: str, device: torch.device, *, flags: Iterable[str] | None = None) -> torch.dtype:
     """The compute dtype for ``--precision``.
 
-    ``auto``: fp16 on CUDA; on the CPU bf16 where it has native bf16 arithmetic (AVX512-BF16
-    or AMX: 1.8× faster than fp32 in issue 8's measurement, 52 dB PSNR against fp32 on
-    GPEN-BFR-256 in ``benchmarks/bench_model.py``), else fp32 (CPU fp16 convolutions, and
-    bf16 without hardware support, are slow).
+    ``auto``: on CUDA bf16 where the GPU computes it natively (``has_native_bf16``): it has
+    fp32's exponent range, so trained StyleGAN2 weights cannot overflow it as they can fp16;
+    fp16 on older GPUs (Turing, Pascal). On the CPU bf16 where it has native bf16 arithmetic
+    (AVX512-BF16 or AMX: 1.8× faster than fp32 in issue 8's measurement, 52 dB PSNR against
+    fp32 on GPEN-BFR-256 in ``benchmarks/bench_model.py``), else fp32 (CPU fp16 convolutions,
+    and bf16 without hardware support, are slow). Whatever is chosen, half precision is then
+    checked against fp32 (``restore.precision``).
 
     Args:
         precision: auto, fp32, fp16 or bf16.
@@ -64,9 +83,40 @@ def resolve_dtype(precision: str, device: torch.device, *, flags: Iterable[str] 
     if precision != "auto":
         return _DTYPES[precision]
     if device.type == "cuda":
-        return torch.float16
-    native = NATIVE_BF16_FLAGS & frozenset(cpu_flags() if flags is None else flags)
-    return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if has_native_bf16(device) else torch.float16
+    return torch.bfloat16 if has_native_bf16(device, flags=flags) else torch.float32
+
+
+def safe_dtype(device: torch.device, *, flags: Iterable[str] | None = None) -> torch.dtype:
+    """The precision a network falls back to when half precision fails its check: bf16
+    where the device computes it natively (fp32's range, so no overflow), else fp32."""
+    return torch.bfloat16 if has_native_bf16(device, flags=flags) else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``--precision``'s name of a dtype: fp32, fp16 or bf16."""
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"no precision name for {dtype}; use float32, float16 or bfloat16")
+
+
+def device_name(device: torch.device, *, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """What the device is, for caching what was measured on it: the GPU's name and compute
+    capability, or the CPU's model name (its architecture where /proc/cpuinfo is missing)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def free_memory(device: torch.device) -> int:

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 
 from gpen_video.config import Config
-from gpen_video.device import resolve_device, resolve_dtype
+from gpen_video.device import resolve_device
 from gpen_video.engine import Stages
 from gpen_video.errors import Cancelled, InputError
 from gpen_video.faces.detect import FaceDetector, create_detector
 from gpen_video.plan import PlannedFrame, Planner
 from gpen_video.records import Frame, TrackedFace
-from gpen_video.restore.restorer import Restorer, default_batch_size, fit_batch_size, measure_face_bytes
+from gpen_video.restore.restorer import Restorer, build_restorer, fit_batch_size, measure_face_bytes
 from gpen_video.warp import FaceCrops, Warp, create_warp
 
 log = logging.getLogger(__name__)
@@ -127,11 +127,8 @@ class FramePipeline:
             progress=download_progress,
         )
         size = get_spec(c.model).config.size
-        restorer = Restorer(
-            model, size, device=self.device, dtype=resolve_dtype(c.precision, self.device),
-            batch_size=c.batch_size or default_batch_size(self.device),
-        )
-        return restorer
+        return build_restorer(model, size, name=c.model, device=self.device, precision=c.precision,
+                              batch_size=c.batch_size, cache_dir=c.cache_dir)
 
     def fit_batch(self, height: int, width: int, dtype: np.dtype, *, free_bytes: int, face_bytes: int) -> int:
         """The batch size that fits ``free_bytes`` of device memory for frames of this size,

@@ -10,13 +10,18 @@ the video: a 2-hour tape is about 180,000 frames.
 
 Shape (README, ``--report``)::
 
-    {"input": "tape.mp4", "frames": 1500, "fps": 25.0, "scene_cuts": [412],
+    {"input": "tape.mp4", "frames": 1500, "fps": 25.0,
+     "precision": {"requested": "fp16", "used": "fp16", "reason": "...", "checks": [...],
+                   "fp32_reruns": 0},
+     "scene_cuts": [412],
      "tracks": [{"id": 0, "restored": true, "frames": [
        {"index": 0, "pts": 0, "time": 0.0, "score": 0.998, "box": [x1, y1, x2, y2],
         "landmarks_raw": [[x, y], ...5], "landmarks": [[x, y], ...5], "interpolated": false,
         "restored": true}, ...]}, ...]}
 
-A track's ``restored`` is true when any of its frames was restored.
+A track's ``restored`` is true when any of its frames was restored. ``precision`` (present when
+the job set it) is the precision GPEN ran in and why (``restore.precision``), and how many faces
+were restored again in fp32 because their half-precision output was not finite.
 """
 
 from __future__ import annotations
@@ -84,6 +89,8 @@ class ReportWriter:
         self.fps = float(fps)
         self.frames = 0
         """Frames added so far."""
+        self.precision: dict[str, Any] | None = None
+        """The ``precision`` entry, set by the job before ``write`` (None: left out)."""
         self._db = sqlite3.connect("", check_same_thread=False)  # private on-disk temporary
         self._db.execute(f"PRAGMA cache_size = -{SPOOL_CACHE_KIB}")
         self._db.execute("PRAGMA journal_mode = OFF")
@@ -114,7 +121,9 @@ class ReportWriter:
     def write(self, path: str | Path) -> None:
         """Write the JSON document to ``path``; it appears only when complete."""
         self._db.execute("CREATE INDEX IF NOT EXISTS by_track ON faces (track_id, frame_index)")
-        head = {"input": self.input_path, "frames": self.frames, "fps": self.fps}
+        head: dict[str, Any] = {"input": self.input_path, "frames": self.frames, "fps": self.fps}
+        if self.precision is not None:
+            head["precision"] = self.precision
         with atomic_file(path) as out:
             out.write(json.dumps(head)[:-1].encode("utf-8"))
             cuts = (str(i) for (i,) in self._db.execute("SELECT frame_index FROM cuts ORDER BY frame_index"))

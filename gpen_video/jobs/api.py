@@ -104,7 +104,7 @@ class FacePipeline(FramePipeline):
         check_output(src, dst, overwrite=overwrite)
         image = read_image(src)
         frame = Frame(0, 0, Fraction(1), image.rgb)
-        before = self.restorer.stats.faces
+        before, reruns = self.restorer.stats.faces, self.restorer.stats.fp32_reruns
         with Stages() as stages:
             plan = self.planner.plan([frame], stages=stages)
             ((_, out),) = list(self.render(plan, stages))
@@ -116,4 +116,5 @@ class FacePipeline(FramePipeline):
         return JobResult(
             input=src, output=dst, frames=1, faces_restored=faces, tracks=plan.stats.restored_tracks,
             seconds=time.perf_counter() - started, unchanged=not faces,
+            fp32_reruns=self.restorer.stats.fp32_reruns - reruns,
         )

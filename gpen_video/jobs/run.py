@@ -74,6 +74,8 @@ class JobResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     resumed_frames: int = 0
     """Frames of segments an earlier, interrupted run had finished (not done again)."""
+    fp32_reruns: int = 0
+    """Faces whose half-precision output was not finite, restored again in fp32."""
 
     @property
     def fps(self) -> float:
@@ -294,6 +296,7 @@ def run_job(renderer: Renderer, pipeline: FramePipeline, src: str | Path, dst: P
     src = Path(src)
     check_output(src, dst, overwrite=overwrite)
     started = time.perf_counter()
+    reruns = pipeline.restorer.stats.fp32_reruns
     c = pipeline.config
     work = WorkFolder(work_dir_for(dst, Path(c.work_dir) if c.work_dir else None))
 
@@ -326,6 +329,8 @@ def run_job(renderer: Renderer, pipeline: FramePipeline, src: str | Path, dst: P
                          if job.manifest.finished[k].file]
                 assemble(plan.source_info, files, dst, overwrite=overwrite, strict=c.strict)
                 if job.report is not None:
+                    job.report.precision = pipeline.restorer.precision.as_report() | {
+                        "fp32_reruns": pipeline.restorer.stats.fp32_reruns - reruns}
                     job.report.write(report)
             finally:
                 if job.report is not None:
@@ -339,6 +344,7 @@ def run_job(renderer: Renderer, pipeline: FramePipeline, src: str | Path, dst: P
         input=src, output=dst, frames=frames, faces_restored=rendered.faces, tracks=rendered.stats.restored_tracks,
         seconds=time.perf_counter() - started, damaged_frames=max(0, plan.expected_frames - frames),
         stage_seconds=dict(job.timer.busy), resumed_frames=resumed,
+        fp32_reruns=pipeline.restorer.stats.fp32_reruns - reruns,
     )
 
 

@@ -2,12 +2,16 @@
 
 GPEN's parser (``ParseNet-latest.pth``, PSFRGAN's network; facexlib has the same layout) labels
 every pixel of a restored crop; ``warp.masks.labels_to_mask`` keeps the face labels and
-softens the border like the plain mask.
+softens the border like the plain mask. The parser runs in fp32 unless asked otherwise; in
+fp16/bf16 it is checked against fp32 at load like GPEN (``restore.precision``), and faces whose
+logits are not finite are parsed again in fp32.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gpen_video.errors import WeightsError
+from gpen_video.restore.precision import check_faces, choose_precision, nonfinite_faces, unchecked
 from gpen_video.warp.masks import labels_to_mask
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,17 @@ def parse_net() -> torch.nn.Module:
 class ParseStats:
     crops: int = 0
     batches: int = 0
+    fp32_reruns: int = 0
+
+
+def parser_logits(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The parser's logits [N,19,L,L] for input [N,3,L,L] in [-1, 1]."""
+    return net(x)[0]
+
+
+def parser_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities in [0, 1]: what the precision check compares against fp32."""
+    return logits.float().softmax(dim=1)
 
 
 class ParsingMasker:
@@ -66,6 +82,7 @@ class ParsingMasker:
         batch_size: crops per parser call. Higher: faster on GPUs, more memory.
         input_size: side the crops are resized to for the parser (fully convolutional). It
             was trained at 512; smaller is quadratically faster and coarser.
+        dtype: compute precision; fp16/bf16 are checked against fp32 first and may fall back.
 
     Example:
         >>> masker = ParsingMasker(path="ParseNet-latest.pth")  # doctest: +SKIP
@@ -83,6 +100,7 @@ class ParsingMasker:
         progress: bool = False,
         batch_size: int = 4,
         input_size: int = PARSE_SIZE,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         from gpen_video.restore.weights import resolve_weights
 
@@ -105,7 +123,7 @@ class ParsingMasker:
             raise WeightsError(
                 f"{file} is not a ParseNet-latest checkpoint ({first}); pass the parser from GPEN's weights"
             ) from None
-        self._setup(net, device, batch_size, input_size)
+        self._setup(net, device, batch_size, input_size, dtype, cache_dir)
         log.info("face parser loaded from %s", file)
 
     @classmethod
@@ -116,22 +134,50 @@ class ParsingMasker:
         device: str | torch.device = "cpu",
         batch_size: int = 4,
         input_size: int = PARSE_SIZE,
+        dtype: torch.dtype = torch.float32,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> ParsingMasker:
         """A masker around a ready module mapping [N,3,L,L] in [−1, 1] to (logits [N,19,L,L], …)."""
         masker = cls.__new__(cls)
-        masker._setup(net, device, batch_size, input_size)
+        masker._setup(net, device, batch_size, input_size, dtype, cache_dir)
         return masker
 
-    def _setup(self, net: torch.nn.Module, device: str | torch.device, batch_size: int, input_size: int) -> None:
+    def _setup(self, net: torch.nn.Module, device: str | torch.device, batch_size: int, input_size: int,
+               dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike[str] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if input_size < 32 or input_size % 32:
             raise ValueError(f"input_size must be a positive multiple of 32, got {input_size}")
         self.input_size = input_size
         self.device = torch.device(device)
-        self.net = net.to(self.device).eval()
+        net = net.float().eval()
+        self.precision = unchecked(dtype) if dtype == torch.float32 else choose_precision(
+            net, check_faces(input_size) * 2 - 1, dtype, device=self.device, name="face parser",
+            cache_dir=cache_dir, forward=parser_logits, unit=parser_probabilities,
+        )
+        self.dtype = self.precision.dtype
+        self._fp32_master = copy.deepcopy(net).cpu() if self.dtype != torch.float32 else None
+        self._fp32_net: torch.nn.Module | None = None
+        self.net = net.to(device=self.device, dtype=self.dtype)
         self.batch_size = batch_size
         self.stats = ParseStats()
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [N,19,L,L] of input [N,3,L,L] float32 in [-1, 1]; faces whose half-precision
+        logits are not finite are parsed again in fp32."""
+        logits = parser_logits(self.net, x.to(self.dtype))
+        bad = nonfinite_faces(logits)
+        if bad is None or not len(bad):
+            return logits
+        if self._fp32_master is None:
+            raise WeightsError("the face parser gives non-finite output in fp32; its weights are damaged: "
+                               "delete ParseNet-latest.pth and download it again")
+        if self._fp32_net is None:
+            self._fp32_net = self._fp32_master.to(self.device).eval()
+        logits = logits.float()
+        logits[bad] = parser_logits(self._fp32_net, x[bad])
+        self.stats.fp32_reruns += len(bad)
+        return logits
 
     @torch.inference_mode()
     def labels(self, restored: torch.Tensor) -> np.ndarray:
@@ -144,7 +190,7 @@ class ParsingMasker:
             x = restored[start : start + self.batch_size].to(self.device).float() * 2.0 - 1.0  # [N3SS]
             if x.shape[-1] != side:
                 x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
-            logits = self.net(x)[0]  # [N,19,L,L]
+            logits = self._logits(x)  # [N,19,L,L]
             out[start : start + len(x)] = logits.argmax(1).to(torch.uint8).cpu().numpy()
             self.stats.batches += 1
         self.stats.crops += len(restored)

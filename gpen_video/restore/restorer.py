@@ -2,7 +2,11 @@
 
 Crops arrive as [N,3,S,S] float RGB in [0, 1] (``warp.FaceCrops.pixels``) and leave the same
 way in float32. The restorer owns the model's device, precision, memory layout and batch
-size; when the device runs out of memory it halves the batch instead of failing. How large a
+size; when the device runs out of memory it halves the batch instead of failing. In fp16/bf16
+every batch's output is checked on the device with one reduction, and faces whose output is not
+finite are restored again in fp32 (``RestoreStats.fp32_reruns``): a non-finite face is never
+returned. ``build_restorer`` checks half precision against fp32 before a job starts
+(``restore.precision``). How large a
 batch fits is a pure function of measured sizes (``fit_batch_size``), so it is tested
 anywhere; only the measurement itself (``measure_face_bytes``, ``device.free_memory``) needs
 a GPU; ``fit_cuda_batch_size`` combines the three there.
@@ -10,13 +14,23 @@ a GPU; ``fit_cuda_batch_size`` combines the three there.
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
-from gpen_video.device import free_memory
+from gpen_video.device import free_memory, resolve_dtype
+from gpen_video.errors import WeightsError
+from gpen_video.restore.precision import (
+    PrecisionChoice,
+    check_faces,
+    choose_precision,
+    nonfinite_faces,
+    unchecked,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +49,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class RestoreStats:
-    """Counters of a restorer's work: faces restored, forward calls, out-of-memory step-downs."""
+    """Counters of a restorer's work: faces restored, forward calls, out-of-memory step-downs,
+    and faces whose half-precision output was not finite and were restored again in fp32."""
 
     faces: int = 0
     batches: int = 0
     oom_stepdowns: int = 0
+    fp32_reruns: int = 0
 
 
 class Restorer:
@@ -55,6 +71,10 @@ class Restorer:
         channels_last: feed the model channels-last (NHWC) inputs, faster convolutions on
             GPUs; None: on for CUDA devices. The module itself is not converted: GPEN's
             modulated weights are 5-D, and it lays out its derived weights like its input.
+        precision: how ``dtype`` was chosen (``build_restorer``), for the report.
+
+    In fp16/bf16 the restorer keeps an fp32 copy of the module on the host, moved to the
+    device the first time a face must be restored again in fp32.
 
     Example:
         >>> restorer = Restorer(torch.nn.Identity(), 8)
@@ -71,12 +91,16 @@ class Restorer:
         dtype: torch.dtype = torch.float32,
         batch_size: int = 1,
         channels_last: bool | None = None,
+        precision: PrecisionChoice | None = None,
     ) -> None:
         self.size = size
         self.device = torch.device(device)
         self.dtype = dtype
         self.batch_size = max(1, batch_size)
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.precision = precision if precision is not None else unchecked(dtype)
+        self._fp32_master = copy.deepcopy(model).cpu() if dtype != torch.float32 else None
+        self._fp32_model: torch.nn.Module | None = None
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.stats = RestoreStats()
 
@@ -90,7 +114,8 @@ class Restorer:
         parts: list[torch.Tensor] = []
 
         def run(start: int, stop: int) -> None:
-            y = self._model((x[start:stop].float() * 2 - 1).to(self.dtype))  # [N3SS] in [-1, 1]
+            signed = x[start:stop].float() * 2 - 1  # [N3SS] in [-1, 1]
+            y = self._finite(self._model(signed.to(self.dtype)), signed)
             parts.append(((y.float() + 1) * 0.5).clamp_(0, 1))
 
         self._in_batches(len(x), run)
@@ -115,11 +140,70 @@ class Restorer:
             start = stop
         self.stats = replace(self.stats, faces=self.stats.faces + n)
 
-    def _model(self, x: torch.Tensor) -> torch.Tensor:
+    def _model(self, x: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = self.model(x)
+        y = (model or self.model)(x)
         return y[0] if isinstance(y, tuple) else y
+
+    def _finite(self, y: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
+        """``y`` with every face whose output is not finite restored again in fp32 from
+        ``signed`` (the batch's fp32 input in [-1, 1]); WeightsError if fp32 fails too."""
+        bad = nonfinite_faces(y)
+        if bad is None or not len(bad):
+            return y
+        if self._fp32_master is None:
+            raise WeightsError(
+                f"the restoring network gives non-finite output in fp32 for {len(bad)} of {len(y)} faces; "
+                f"its weights are damaged: delete them and download them again, or pass another file"
+            )
+        if self._fp32_model is None:
+            log.warning("%d of %d faces gave non-finite %s output; such faces are restored again in fp32",
+                        len(bad), len(y), self.precision.used)
+            self._fp32_model = self._fp32_master.to(self.device).eval()
+        again = self._model(signed[bad], self._fp32_model)
+        if nonfinite_faces(again) is not None:
+            raise WeightsError(
+                f"the restoring network gives non-finite output for {len(bad)} faces in {self.precision.used} "
+                f"and in fp32; its weights are damaged: delete them and download them again, or pass another file"
+            )
+        y = y.float()
+        y[bad] = again
+        self.stats = replace(self.stats, fp32_reruns=self.stats.fp32_reruns + len(bad))
+        return y
+
+
+def build_restorer(
+    model: torch.nn.Module,
+    size: int,
+    *,
+    name: str,
+    device: torch.device,
+    precision: str = "auto",
+    batch_size: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Restorer:
+    """A restorer for a GPEN module in fp32 whose half precision, if any, passed its check.
+
+    ``precision`` (auto, fp32, fp16, bf16) resolves with ``device.resolve_dtype``; fp16/bf16
+    then go through ``precision.choose_precision`` on the shipped check faces, which may fall
+    back to bf16 or fp32 (one warning line; ``Restorer.precision`` says why).
+
+    Args:
+        model: the network in fp32, weights loaded (``weights.load_gpen``).
+        size: its crop side S.
+        name: the preset's name, for messages (``GPEN-BFR-512``).
+        device: where it runs.
+        precision: ``Config.precision``.
+        batch_size: faces per call; None: ``default_batch_size(device)``.
+        cache_dir: ``Config.cache_dir``; precision verdicts are cached under it.
+    """
+    choice = choose_precision(
+        model, check_faces(size) * 2 - 1, resolve_dtype(precision, device),
+        device=device, name=name, cache_dir=cache_dir,
+    )
+    return Restorer(model, size, device=device, dtype=choice.dtype,
+                    batch_size=batch_size or default_batch_size(device), precision=choice)
 
 
 def fit_batch_size(
