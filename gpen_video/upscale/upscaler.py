@@ -205,7 +205,8 @@ class NetworkUpscaler(Upscaler):
         network: an RRDBNet or SRVGGNetCompact with weights, any device.
         scale: the output factor (2, 3 or 4).
         tile: input pixels per tile side (0: whole frames).
-        tile_pad: context pixels per inner tile side, discarded after the run.
+        tile_pad: context pixels per inner tile side, discarded after the run (one more is
+            added when the output is resized, for the bicubic filter's taps).
         dtype: the network's compute dtype (float32, bfloat16, float16); the hook for a
             precision guard, which can pass what it has chosen.
     """
@@ -224,7 +225,9 @@ class NetworkUpscaler(Upscaler):
         self.device = param.device
         m = config.input_multiple
         self.tile = tile if tile <= 0 else max(m, tile // m * m)
-        self.tile_pad = (tile_pad + m - 1) // m * m
+        # A resize to a non-native scale reads 2 native pixels past each kept one: one input pixel more.
+        reach = tile_pad + (scale != config.scale)
+        self.tile_pad = (reach + m - 1) // m * m
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         _check_frames(frames)
