@@ -583,5 +583,6 @@ def with_url(spec: WeightSpec, url: str) -> WeightSpec:
 
 __all__ = [
     "REGISTRY", "ModelStatus", "WeightSpec", "default_cache_dir", "expected_layout", "file_sha256", "get_spec",
-    "list_models", "load_checkpoint", "load_gpen", "load_state", "modelscope_url", "resolve_weights", "spec_for", "with_url",
+    "list_models", "load_checkpoint", "load_gpen", "load_state", "modelscope_url", "resolve_weights", "spec_for",
+    "with_url",
 ]

@@ -193,7 +193,9 @@ def infer_config(layers: list[NcnnLayer], source: str = "<param>") -> NetworkCon
             f"{_count(layers, 'PReLU')} PReLU, {_count(layers, 'Eltwise')} Eltwise); it is not a Real-ESRGAN model"
         )
     if in_channels != config.in_channels:
-        raise WeightsError(f"{source}: the first convolution takes {in_channels} channels, expected {config.in_channels}")
+        raise WeightsError(
+            f"{source}: the first convolution takes {in_channels} channels, expected {config.in_channels}"
+        )
     return config
 
 
