@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import sys
@@ -38,14 +39,17 @@ from gpen_video.restore.model import (
     identify_preset,
     layout_mismatch,
 )
+from gpen_video.upscale import networks as sr
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["gpen", "detector", "parser"]
+Kind = Literal["gpen", "detector", "parser", "upscaler"]
 
 GPEN_LICENCE = "GPEN weights: released by the authors for non-commercial research use"
 VIGEN_BASE = "https://public-vigen-video.oss-cn-shanghai.aliyuncs.com/robin/models"
 MODELSCOPE_HIRES = "damo/cv_gpen_image-portrait-enhancement-hires"
+REALESRGAN_RELEASES = "https://github.com/xinntao/Real-ESRGAN/releases/download"
+REALESRGAN_LICENCE = "Real-ESRGAN weights: BSD-3-Clause (xinntao/Real-ESRGAN)"
 CHUNK = 1 << 20
 TIMEOUT_S = 30.0
 
@@ -61,12 +65,12 @@ class WeightSpec:
 
     Attributes:
         name: registry key, also what ``--model`` takes for GPEN presets.
-        kind: "gpen" (restorer), "detector" or "parser".
+        kind: "gpen" (restorer), "detector", "parser" or "upscaler" (Real-ESRGAN).
         filename: name of the file in the cache directory.
         urls: where to download it, tried in order.
         size_bytes: approximate size (4 bytes per value plus pickle overhead), None if unknown.
         sha256: full hex digest once known; None until the first good download is recorded.
-        config: network architecture, for kind "gpen".
+        config: network architecture, for kinds "gpen" and "upscaler".
         licence: terms the weights were released under.
         origin: who published them and where.
     """
@@ -77,19 +81,29 @@ class WeightSpec:
     urls: tuple[str, ...]
     size_bytes: int | None = None
     sha256: str | None = None
-    config: ModelConfig | None = None
+    config: ModelConfig | sr.NetworkConfig | None = None
     licence: str = GPEN_LICENCE
     origin: str = ""
 
     def __post_init__(self) -> None:
-        if self.kind == "gpen" and self.config is None:
-            raise ValueError(f"weight spec {self.name} of kind gpen needs a model config")
+        if self.kind in ("gpen", "upscaler") and self.config is None:
+            raise ValueError(f"weight spec {self.name} of kind {self.kind} needs a model config")
         if not self.urls:
             raise ValueError(f"weight spec {self.name} needs at least one URL")
 
 
 def _approx_bytes(num_values: int) -> int:
     return num_values * 4
+
+
+def _upscaler(name: str, release: str, config: sr.NetworkConfig) -> WeightSpec:
+    """An official Real-ESRGAN ``.pth`` release (fp32 state_dict under ``params_ema`` or ``params``)."""
+    values = sum(math.prod(shape) for shape in config.layout().values())
+    return WeightSpec(
+        name=name, kind="upscaler", filename=f"{name}.pth", urls=(f"{REALESRGAN_RELEASES}/{release}/{name}.pth",),
+        size_bytes=_approx_bytes(values), config=config, licence=REALESRGAN_LICENCE,
+        origin=f"xinntao/Real-ESRGAN GitHub release {release}",
+    )
 
 
 REGISTRY: dict[str, WeightSpec] = {
@@ -129,6 +143,10 @@ REGISTRY: dict[str, WeightSpec] = {
             urls=(f"{VIGEN_BASE}/ParseNet-latest.pth",),
             origin="yangxy/GPEN (ParseNet face parsing), ViGen model bucket",
         ),
+        _upscaler("RealESRGAN_x4plus", "v0.1.0", sr.RRDBConfig(scale=4, num_block=23)),
+        _upscaler("RealESRGAN_x2plus", "v0.2.1", sr.RRDBConfig(scale=2, num_block=23)),
+        _upscaler("realesr-animevideov3", "v0.2.5.0", sr.SRVGGConfig(scale=4, num_conv=16)),
+        _upscaler("realesr-general-x4v3", "v0.2.5.0", sr.SRVGGConfig(scale=4, num_conv=32)),
     )
 }
 
@@ -216,9 +234,12 @@ def _recorded_sha256(path: Path) -> str | None:
 
 
 def extract_state_dict(obj: Any) -> Any:
-    """The generator weights of a loaded checkpoint: a plain state_dict or a training ``g_ema``."""
-    if isinstance(obj, Mapping) and "g_ema" in obj and isinstance(obj["g_ema"], Mapping):
-        return obj["g_ema"]
+    """The generator weights of a loaded checkpoint: a plain state_dict, a training ``g_ema``,
+    or BasicSR's ``params_ema`` (preferred, as Real-ESRGAN does) / ``params``."""
+    if isinstance(obj, Mapping):
+        for key in ("g_ema", "params_ema", "params"):
+            if key in obj and isinstance(obj[key], Mapping):
+                return obj[key]
     return obj
 
 
@@ -271,6 +292,8 @@ def load_checkpoint(path: Path, spec: WeightSpec, source: str | None = None) -> 
     state = extract_state_dict(obj)
     if not isinstance(state, Mapping) or not state:
         raise WeightsError(f"{what} holds no state_dict (found {type(state).__name__}); pass a file of {spec.name}")
+    if spec.kind == "upscaler":
+        return _check_upscaler(state, spec, what)
     if spec.kind != "gpen":
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
         if bad:
@@ -283,6 +306,23 @@ def load_checkpoint(path: Path, spec: WeightSpec, source: str | None = None) -> 
     other = identify_preset(state)
     if other is not None and other != spec.name:
         raise WeightsError(f"{what} holds {other} weights, not {spec.name}; pass --model {other} or another file")
+    raise WeightsError(
+        f"{what} does not match the {spec.name} layout ({problem}); it is corrupt, truncated or "
+        f"another network's file: delete it or pass a file of {spec.name}"
+    )
+
+
+def _check_upscaler(state: Mapping[str, Any], spec: WeightSpec, what: str) -> dict[str, torch.Tensor]:
+    """``state`` if it has the layout of ``spec``'s Real-ESRGAN network, else WeightsError naming it."""
+    assert isinstance(spec.config, (sr.RRDBConfig, sr.SRVGGConfig))
+    problem = sr.layout_mismatch(state, spec.config)
+    if problem is None:
+        return dict(state)
+    other = next((s.name for s in REGISTRY.values() if s.kind == "upscaler" and s.name != spec.name
+                  and sr.layout_mismatch(state, s.config) is None), None)  # type: ignore[arg-type]
+    if other is not None:
+        raise WeightsError(f"{what} holds {other} weights (or another network of its shape), not {spec.name}; "
+                           f"pass a file of {spec.name}")
     raise WeightsError(
         f"{what} does not match the {spec.name} layout ({problem}); it is corrupt, truncated or "
         f"another network's file: delete it or pass a file of {spec.name}"
@@ -467,6 +507,26 @@ def resolve_weights(
                     mirror=mirror)[0]
 
 
+def load_state(
+    name: str | WeightSpec,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    offline: bool = False,
+    progress: bool = True,
+    url: str | None = None,
+    mirror: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """The checked state_dict of ``name``'s weights (arguments as in ``resolve_weights``).
+
+    A file validated on this call (downloaded, or given by ``path``) is loaded once, not twice.
+    """
+    spec = get_spec(name)
+    file, state = _resolve(spec, path=path, cache_dir=cache_dir, offline=offline, progress=progress, url=url,
+                           mirror=mirror)
+    return state if state is not None else load_checkpoint(file, spec)
+
+
 def load_gpen(
     name: str | WeightSpec,
     *,
@@ -523,5 +583,6 @@ def with_url(spec: WeightSpec, url: str) -> WeightSpec:
 
 __all__ = [
     "REGISTRY", "ModelStatus", "WeightSpec", "default_cache_dir", "expected_layout", "file_sha256", "get_spec",
-    "list_models", "load_checkpoint", "load_gpen", "modelscope_url", "resolve_weights", "spec_for", "with_url",
+    "list_models", "load_checkpoint", "load_gpen", "load_state", "modelscope_url", "resolve_weights", "spec_for",
+    "with_url",
 ]
