@@ -12,8 +12,8 @@ What it does, per track (``stabilise``):
 
 1. Colour fix (``colour_fix``): the restored crop keeps the *source* crop's low frequencies
    (colour, shading) and takes only its detail from the restorer: ``restored − low(restored) +
-   low(source)``, with ``low`` a Gaussian pyramid down to ``colour_grid``² and back
-   (a Laplacian-pyramid split). A restorer that shifts skin tone or exposure cannot shift it.
+   low(source)``, with ``low`` an image pyramid down to ``colour_grid``² and back (a
+   Laplacian-pyramid split). A restorer that shifts skin tone or exposure cannot shift it.
 2. Zero-phase, motion-adaptive average: frame t's output is a per-pixel weighted mean of the
    colour-fixed crops s ∈ [t − reach, t + reach] of its track, weight ``k(s − t) · w_ts``:
    ``k`` a Hann taper (symmetric: no lag, no lead), ``w_ts = exp(−(d_ts / motion_threshold)²)``
@@ -116,36 +116,29 @@ class TemporalSettings:
 # frame's result never depends on which other frames share its call (bit-identical chunks).
 
 
-def _binomial(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """5-tap binomial blur [1 4 6 4 1]/16 along ``dim`` (2 or 3) of [N,C,H,W], mirrored edges."""
-    n = x.shape[dim]
-    if n < 3:
-        return x
-    pad = (0, 0, 2, 2) if dim == 2 else (2, 2, 0, 0)
-    p = F.pad(x, pad, mode="reflect")
-    s = lambda i: p.narrow(dim, i, n)  # noqa: E731
-    return (s(0) + s(4) + 4.0 * (s(1) + s(3)) + 6.0 * s(2)) * (1.0 / 16.0)
-
-
-def _blur(x: torch.Tensor) -> torch.Tensor:
-    return _binomial(_binomial(x, 2), 3)
-
-
 def lowpass(x: torch.Tensor, grid: int) -> torch.Tensor:
-    """The low band of a Gaussian pyramid: ``x`` [N,C,S,S] reduced by halvings to about
-    ``grid``² and expanded back (each step a binomial blur); same shape as ``x``."""
+    """The low band of an image pyramid: ``x`` [N,C,H,W] halved (2×2 means) down to about
+    ``grid``² and expanded back (bilinear doubling, a 3×3 mean at every coarse level, a plain
+    bilinear step to full size); same shape as ``x``.
+
+    Every step is a per-pixel formula of a fixed neighbourhood, so each image's result does
+    not depend on the others in the batch.
+    """
     sizes = [tuple(x.shape[-2:])]
     y = x
     while grid > 0 and min(y.shape[-2:]) >= 2 * grid:
-        y = _blur(y)[..., ::2, ::2]
+        y = F.avg_pool2d(y, 2, ceil_mode=True)
         sizes.append(tuple(y.shape[-2:]))
-    for size in reversed(sizes[:-1]):
-        y = _blur(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
+    for i, size in enumerate(reversed(sizes[:-1])):
+        y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        if i < len(sizes) - 2:  # not at full size, where it would cost the most
+            y = F.avg_pool2d(y, 3, stride=1, padding=1, count_include_pad=False)
     return y
 
 
 def colour_fix(restored: torch.Tensor, source: torch.Tensor, grid: int = 16) -> torch.Tensor:
-    """The restored crops with the source crops' low frequencies: ``r − low(r) + low(s)``.
+    """The restored crops with the source crops' low frequencies: ``r − low(r) + low(s)``
+    (computed as ``r + low(s − r)``, one pyramid).
 
     Args:
         restored, source: [N,3,S,S] float in [0, 1].
@@ -159,7 +152,7 @@ def colour_fix(restored: torch.Tensor, source: torch.Tensor, grid: int = 16) -> 
     if grid == 0:
         return restored.float()
     r, s = restored.float(), source.float().to(restored.device)
-    return (r - lowpass(r, grid) + lowpass(s, grid)).clamp_(0.0, 1.0)
+    return (r + lowpass(s - r, grid)).clamp_(0.0, 1.0)
 
 
 def _pooled(source: torch.Tensor, grid: int) -> torch.Tensor:
@@ -168,12 +161,11 @@ def _pooled(source: torch.Tensor, grid: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(source.float(), g)
 
 
-def _change_weights(a: torch.Tensor, b: torch.Tensor, threshold: float, size: int) -> torch.Tensor:
-    """Per-pixel neighbour weights from pooled sources a, b [N,3,g,g] → [N,1,S,S] in (0, 1]."""
+def _change_weights(a: torch.Tensor, b: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Neighbour weights from pooled sources a, b [N,3,g,g] → [N,1,g,g] in (0, 1]."""
     d = ((a[:, 0] - b[:, 0]).abs() + (a[:, 1] - b[:, 1]).abs() + (a[:, 2] - b[:, 2]).abs()) * (1.0 / 3.0)
     d = F.max_pool2d(d[:, None], 3, stride=1, padding=1)  # [N1gg]: a change reaches one cell further
-    w = torch.exp(-((d * (1.0 / threshold)) ** 2))
-    return F.interpolate(w, size=(size, size), mode="bilinear", align_corners=False)  # [N1SS]
+    return torch.exp(-((d * (1.0 / threshold)) ** 2))
 
 
 def time_taper(reach: int) -> list[float]:
@@ -226,23 +218,32 @@ def stabilise(
         return fixed[start - lo : stop - lo]
     pooled = _pooled(src, settings.motion_grid)  # [M3gg]
     taper = time_taper(settings.reach)
-    centre = slice(start - lo, stop - lo)
-    num = torch.zeros_like(fixed[centre])
-    den = torch.zeros((stop - start, 1, size, size), dtype=torch.float32, device=device)
-    for k in range(-settings.reach, settings.reach + 1):  # a fixed order: the sums are exact repeats
+    reach, m = settings.reach, stop - start
+    # weights on the motion grid, normalised there (cheap), then interpolated to full size:
+    # bilinear interpolation keeps their sum at 1 per pixel, so full-size work is one
+    # interpolation and one multiply-add per neighbour
+    weights = torch.zeros((2 * reach + 1, m, 1, *pooled.shape[-2:]), device=device)  # [K,T,1,g,g]
+    for k in range(-reach, reach + 1):
         # output frames t whose neighbour t + k exists: t in [max(start, lo - k), min(stop, hi - k))
         t0, t1 = max(start, lo - k), min(stop, hi - k)
         if t0 >= t1:
             continue
         here, there = slice(t0 - lo, t1 - lo), slice(t0 + k - lo, t1 + k - lo)
-        out = slice(t0 - start, t1 - start)
-        if k == 0:
-            w = torch.full((t1 - t0, 1, size, size), taper[0], device=device)
-        else:
-            w = taper[abs(k)] * _change_weights(pooled[here], pooled[there], settings.motion_threshold, size)
-        num[out] += w * fixed[there]
-        den[out] += w
-    return num / den
+        w = _change_weights(pooled[here], pooled[there], settings.motion_threshold) if k else 1.0
+        weights[k + reach, t0 - start : t1 - start] = taper[abs(k)] * w
+    total = weights[0].clone()
+    for k in range(1, 2 * reach + 1):  # summed in one order: chunks add up alike
+        total += weights[k]
+    weights /= total
+    out = torch.zeros_like(fixed[start - lo : stop - lo])  # [T3SS]
+    for k in range(-reach, reach + 1):
+        t0, t1 = max(start, lo - k), min(stop, hi - k)
+        if t0 >= t1:
+            continue
+        w = F.interpolate(weights[k + reach, t0 - start : t1 - start], size=(size, size), mode="bilinear",
+                          align_corners=False)  # [T1SS]
+        out[t0 - start : t1 - start].addcmul_(w, fixed[t0 + k - lo : t1 + k - lo])
+    return out
 
 
 # ------------------------------------------------------------------ streaming
@@ -324,15 +325,21 @@ class TrackStabiliser:
 
 
 def flicker(frames: torch.Tensor, reference: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> float:
-    """Mean absolute frame-to-frame change of ``frames`` [N,3,S,S] in face space, minus that of
-    ``reference`` (the source's own change; None: nothing subtracted), within ``mask`` [S,S]
-    (weights; None: everywhere), in grey levels of 255."""
-    def change(x: torch.Tensor) -> float:
-        d = (x[1:].float() - x[:-1].float()).abs().mean(1)  # [N-1,S,S]
-        m = torch.ones_like(d[0]) if mask is None else mask.to(d)
-        return float((d * m).sum() / (m.sum() * len(d)) * 255.0)
+    """Flicker of ``frames`` [N,3,S,S] in face space, in grey levels of 255: the mean absolute
+    frame-to-frame change of each pixel (mean over channels) beyond the change of ``reference``
+    (the source's own change; None: nothing subtracted) at the same pixel, within ``mask``
+    [S,S] (weights; None: everywhere).
 
-    return change(frames) - (change(reference) if reference is not None else 0.0)
+    The subtraction is per pixel, and only change beyond the source's counts: a restorer that
+    renders the face flatter than the source (less change where the source moves) cannot
+    offset, with its calm, the flicker it adds elsewhere.
+    """
+    d = (frames[1:].float() - frames[:-1].float()).abs().mean(1)  # [N-1,S,S]
+    if reference is not None:
+        ref = reference.float().to(d.device)
+        d = (d - (ref[1:] - ref[:-1]).abs().mean(1)).clamp_(min=0.0)
+    m = torch.ones_like(d[0]) if mask is None else mask.to(d)
+    return float((d * m).sum() / (m.sum() * len(d)) * 255.0)
 
 
 def ghost_frames(output: torch.Tensor, target: torch.Tensor, change_at: int, *, cells: int = 8,
