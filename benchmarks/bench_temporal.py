@@ -8,7 +8,7 @@ Two face sets, as aligned crops in GPEN's template space (``--size`` pixels):
 - ``crowd``: every track of a real clip (default ``../shared/data/crowd_1080p.mp4``), found,
   tracked and smoothed by the project's own ``Planner`` and default detector, cropped by its
   OpenCV warp. Abrupt change: the crops of the two longest tracks spliced (another face).
-- ``still``: scikit-image's astronaut, the same photo every frame with fresh Gaussian noise
+- ``photo``: scikit-image's astronaut, the same photo every frame with fresh Gaussian noise
   (σ = 8) and fresh JPEG damage (quality 35); from the middle frame on her eyes are darkened
   (a blink). Her landmarks come from the same detector.
 
@@ -19,8 +19,9 @@ downscaled 4×, a GAN that invents texture anew from each frame's input, as GPEN
 
 Printed per set and restorer (face mask of the crop only):
 - flicker: mean absolute frame-to-frame change of the restored face beyond the source's own
-  change at each pixel (crowd: the source crops; still: the undamaged crops), off and on, and
-  on/off (``temporal.flicker``);
+  change at each pixel (crowd: the source crops; photo: the undamaged crops), off and on, and
+  on/off (``temporal.flicker``); ``crowd*``: the same where the source holds still between two
+  frames (block means change by under 3 grey levels), where any change is flicker;
 - ghost frames: frames around the abrupt change whose 8×8 block means differ from the
   unfiltered restored frame (colour-fixed, as the stage's output is) by more than 10 % of the
   change (target ≤ 2);
@@ -168,7 +169,7 @@ class RealESRGAN:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-1]
         small = F.interpolate(x.float(), size=(size // 4, size // 4), mode="area")[0]  # [3hw]
-        rgb = (small.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+        rgb = np.ascontiguousarray((small.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8))
         mat = self.ncnn.Mat.from_pixels(rgb, self.ncnn.Mat.PixelType.PIXEL_RGB, rgb.shape[1], rgb.shape[0])
         mat.substract_mean_normalize([0.0] * 3, [1 / 255.0] * 3)
         extractor = self.net.create_extractor()
@@ -188,6 +189,15 @@ def per_frame(restorer, source: torch.Tensor) -> torch.Tensor:
 def detail(x: torch.Tensor, mask: torch.Tensor) -> float:
     high = (x - lowpass(x, x.shape[-1] // 8)).abs().mean(1)  # [NSS]
     return float((high * mask).sum() / (mask.sum() * len(x)) * 255)
+
+
+def still_masks(source: torch.Tensor, mask: torch.Tensor, cells: int = 32, level: float = 3 / 255) -> torch.Tensor:
+    """[N−1,S,S]: the face mask where the source holds still between consecutive frames (its
+    ``cells``² block means change by less than ``level``): there, any change of the output is
+    flicker, since the face did not move."""
+    pooled = F.adaptive_avg_pool2d(source.float(), cells)
+    still = ((pooled[1:] - pooled[:-1]).abs().mean(1, keepdim=True) < level).float()  # [N-1,1,c,c]
+    return F.interpolate(still, size=source.shape[-2:], mode="nearest")[:, 0] * mask
 
 
 def splice(a: torch.Tensor, b: torch.Tensor, half: int) -> tuple[torch.Tensor, int]:
@@ -242,11 +252,13 @@ def main() -> None:
     parser.add_argument("--still-frames", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch and ncnn CPU threads")
     parser.add_argument("--strip", type=Path, default=ROOT / "docs" / "temporal_strip.png")
+    parser.add_argument("--reach", type=int, default=TemporalSettings.reach)
+    parser.add_argument("--motion-threshold", type=float, default=TemporalSettings.motion_threshold)
     parser.add_argument("--no-gpen", action="store_true", help="skip timing GPEN (slow on CPU at 512)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    size, settings = args.size, TemporalSettings()
+    size, settings = args.size, TemporalSettings(reach=args.reach, motion_threshold=args.motion_threshold)
     mask = torch.from_numpy(face_mask(size).copy()).float()
 
     print(f"# bench_temporal {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
@@ -266,10 +278,10 @@ def main() -> None:
     print()
     print(f"{'set':7} {'restorer':9} {'flicker off':>11} {'on':>6} {'on/off':>7} {'ghosts':>6} "
           f"{'colour off':>13} {'colour on':>11} {'detail on/off':>13}")
-    strip_rows: dict[str, list[tuple[str, torch.Tensor]]] = {"crowd": [], "still": []}
+    strip_rows: dict[str, list[tuple[str, torch.Tensor]]] = {"crowd": [], "photo": []}
     for name, restorer in restorers.items():
         # crowd: flicker, colour and detail over every track, frame-weighted; ghosts on the splice
-        f_off = f_on = weight = 0.0
+        f_off = f_on = weight = s_off = s_on = s_weight = 0.0
         off_all, on_all, src_all = [], [], []
         for t in usable:
             src = tracks[t]
@@ -279,6 +291,12 @@ def main() -> None:
             f_off += flicker(res, src, mask) * n
             f_on += flicker(out, src, mask) * n
             weight += n
+            still = still_masks(src, mask)
+            s_n = float(still.sum())
+            if s_n > 0:
+                s_off += flicker(res, src, still) * s_n
+                s_on += flicker(out, src, still) * s_n
+                s_weight += s_n
             off_all.append(res)
             on_all.append(out)
             src_all.append(src)
@@ -293,17 +311,21 @@ def main() -> None:
         ghosts = ghost_frames(stabilise(cut_src, cut_res, settings), colour_fix(cut_res, cut_src, settings.colour_grid),
                               cut_at)
         report("crowd", name, f_off / weight, f_on / weight, ghosts, off, on, src, mask)
+        report("crowd*", name, s_off / s_weight, s_on / s_weight, ghosts, off, on, src, mask)
+        share = s_weight / (weight * float(mask.sum()))
 
         res = per_frame(restorer, still_src)
         out = stabilise(still_src, res, settings)
         ghosts = ghost_frames(out, colour_fix(res, still_src, settings.colour_grid), blink_at)
-        report("still", name, flicker(res, still_clean, mask), flicker(out, still_clean, mask), ghosts,
+        report("photo", name, flicker(res, still_clean, mask), flicker(out, still_clean, mask), ghosts,
                res, out, still_src, mask)
         if name == "esrgan":
             pick = slice(blink_at - 3, blink_at + 3)
-            strip_rows["still"] = [("source", still_src[pick]), ("Real-ESRGAN\nper frame", res[pick]),
+            strip_rows["photo"] = [("source", still_src[pick]), ("Real-ESRGAN\nper frame", res[pick]),
                                    ("stabilised", out[pick])]
 
+    print(f"(crowd*: the crowd where the source holds still between frames, {share:.0%} of the face mask's "
+          f"weight; the colour, ghost and detail columns repeat the crowd row's)")
     print()
     face_batch = tracks[longest[0]][:16]
     stage = time_per_face(lambda x: stabilise(x, x, settings), face_batch)
@@ -327,9 +349,9 @@ def main() -> None:
           f"{(fades < 1).mean():.0%}, not restored (0): {(fades == 0).mean():.0%}; tracks under "
           f"{settings.min_track_frames} frames (not restored): {len(short)} {short}")
 
-    strip(strip_rows["crowd"] + strip_rows["still"], args.strip)
+    strip(strip_rows["crowd"] + strip_rows["photo"], args.strip)
     print(f"strip: {args.strip} (rows: crowd track {longest[0]} source / off / on / change ×4 off / on, "
-          f"then the still face around its blink at frame {blink_at}: source / off / on)")
+          f"then the photo around its blink at frame {blink_at}: source / off / on)")
 
 
 def report(set_name: str, name: str, f_off: float, f_on: float, ghosts: int, off: torch.Tensor, on: torch.Tensor,

@@ -318,3 +318,14 @@ def test_fade_depends_only_on_frames_within_its_reach() -> None:
     for t in (10, 30, 45):
         part = fade_weights(lm[t - reach : t + reach + 1], fade_frames=9)
         assert part[reach] == whole[t]
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    from gpen_video.faces import pose
+    from gpen_video.restore import temporal
+
+    for module in (pose, temporal):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -328,7 +328,7 @@ def flicker(frames: torch.Tensor, reference: torch.Tensor | None = None, mask: t
     """Flicker of ``frames`` [N,3,S,S] in face space, in grey levels of 255: the mean absolute
     frame-to-frame change of each pixel (mean over channels) beyond the change of ``reference``
     (the source's own change; None: nothing subtracted) at the same pixel, within ``mask``
-    [S,S] (weights; None: everywhere).
+    [S,S] or [N−1,S,S] per frame pair (weights; None: everywhere).
 
     The subtraction is per pixel, and only change beyond the source's counts: a restorer that
     renders the face flatter than the source (less change where the source moves) cannot
@@ -338,8 +338,8 @@ def flicker(frames: torch.Tensor, reference: torch.Tensor | None = None, mask: t
     if reference is not None:
         ref = reference.float().to(d.device)
         d = (d - (ref[1:] - ref[:-1]).abs().mean(1)).clamp_(min=0.0)
-    m = torch.ones_like(d[0]) if mask is None else mask.to(d)
-    return float((d * m).sum() / (m.sum() * len(d)) * 255.0)
+    m = torch.ones_like(d) if mask is None else mask.to(d).expand_as(d)
+    return float((d * m).sum() / m.sum() * 255.0)
 
 
 def ghost_frames(output: torch.Tensor, target: torch.Tensor, change_at: int, *, cells: int = 8,
