@@ -35,6 +35,11 @@ means (wiring, a later step): stabilisation runs after the restorer, in the plan
 holding ``reach`` frames; a segmented or resumed job reproduces the frames after a segment
 start exactly by re-restoring the ``reach`` frames before it (their crops only, not their
 pastes), and a frame is final once ``reach`` later frames are restored or its track ended.
+Bit-exactness then also needs those re-restored crops to equal the first run's: the wiring
+must restore them in the same batches as the previous segment did (a batch's company can
+change a network's output in the last bits), or let each segment's frames near its start
+come from the segment before. The fade needs ``faces.pose.fade_reach`` frames of landmarks
+either side, well inside the planner's look-ahead.
 The pose fade (``faces.pose.fade_weights``) multiplies each face's paste mask, so a
 faded-out face is the untouched frame.
 
