@@ -1,0 +1,379 @@
+"""Temporal stabilisation of restored faces, per track, in face space.
+
+Frame-by-frame restoration flickers: the network sees a slightly different noisy input every
+frame and invents a slightly different texture and colour each time, although the face has
+not changed. This stage removes that flicker after the restorer and before the paste.
+
+Where it works: on the restored crops of one track, in GPEN's template space. The crops are
+aligned with smoothed landmarks, so one template pixel is the same point of the face in every
+frame of the track, and a plain per-pixel filter over time needs no optical flow.
+
+What it does, per track (``stabilise``):
+
+1. Colour fix (``colour_fix``): the restored crop keeps the *source* crop's low frequencies
+   (colour, shading) and takes only its detail from the restorer: ``restored − low(restored) +
+   low(source)``, with ``low`` an image pyramid down to ``colour_grid``² and back (a
+   Laplacian-pyramid split). A restorer that shifts skin tone or exposure cannot shift it.
+2. Zero-phase, motion-adaptive average: frame t's output is a per-pixel weighted mean of the
+   colour-fixed crops s ∈ [t − reach, t + reach] of its track, weight ``k(s − t) · w_ts``:
+   ``k`` a Hann taper (symmetric: no lag, no lead), ``w_ts = exp(−(d_ts / motion_threshold)²)``
+   where ``d_ts`` is how much the *source* changed between t and s at that place (mean
+   absolute difference of the source crops pooled to ``motion_grid``², dilated by one cell and
+   interpolated back). Where the face holds still (d ≈ 0, source noise averaged out by the
+   pooling) the frames are averaged and the restorer's fresh texture cancels; where the source
+   changes (mouth, blink, head turn, light change, another face) the other frames get weight
+   ≈ 0 and the output is the current frame at once: nothing ghosts, before or after a change.
+   The weights come from the source, not from the restored crops: restored crops differ
+   between frames also where the face did not change (that difference is the flicker), so
+   they cannot tell flicker from motion; the source can.
+
+Locality: a frame's output depends only on its track's frames within ``reach`` of it (fewer
+at the ends of a track), and every operation is elementwise or a fixed-size per-frame
+operation, so the result is bit-identical however frames are batched or chunked
+(``TrackStabiliser`` streams; tests check chunkings against one call). For the pipeline this
+means (wiring, a later step): stabilisation runs after the restorer, in the planner's order,
+holding ``reach`` frames; a segmented or resumed job reproduces the frames after a segment
+start exactly by re-restoring the ``reach`` frames before it (their crops only, not their
+pastes), and a frame is final once ``reach`` later frames are restored or its track ended.
+Bit-exactness then also needs those re-restored crops to equal the first run's: the wiring
+must restore them in the same batches as the previous segment did (a batch's company can
+change a network's output in the last bits), or let each segment's frames near its start
+come from the segment before. The fade needs ``faces.pose.fade_reach`` frames of landmarks
+either side, well inside the planner's look-ahead.
+The pose fade (``faces.pose.fade_weights``) multiplies each face's paste mask, so a
+faded-out face is the untouched frame.
+
+Tensors: ``[N,3,S,S]`` float RGB in [0, 1], on any device; nothing is copied to the host.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gpen_video.faces.pose import fade_weights
+from gpen_video.records import check_shape
+
+
+@dataclass(frozen=True)
+class TemporalSettings:
+    """The stage's settings (to become ``Config`` fields with the pipeline wiring).
+
+    Attributes:
+        reach: frames either side of a frame that its output averages (L). Higher: steadier
+            (flicker of fresh texture falls roughly as 1/(reach + 1)), flatter invented
+            texture (it cancels too), more frames held and re-restored at segment starts.
+            0 turns the average off (the colour fix stays).
+        motion_threshold: source change (mean absolute difference of pooled crops, [0, 1]
+            scale) at which a neighbour's weight has fallen to 1/e. Higher: also averages
+            through slow changes (steadier, but small real movements soften and can smear);
+            lower: follows smaller changes (source noise and compression then break the
+            averaging up, and flicker returns).
+        motion_grid: side of the grid the source change is measured on (the crop pooled to
+            ``motion_grid``²). Coarser (lower): more robust to source noise, but a change is
+            localised less precisely (more of the face around it stops averaging).
+        colour_grid: side of the grid below which frequencies come from the source (colour,
+            shading). Higher: more of the source's mid frequencies (its blur and noise) are
+            kept; lower: more of the restorer's own colour and shading survives. 0: no colour
+            fix.
+        max_yaw: head yaw (degrees, from the five landmarks) at and beyond which a face is
+            not restored; GPEN fills profiles with frontal-looking features. See
+            ``faces.pose.fade_weights``.
+        yaw_band: degrees below ``max_yaw`` over which restoration fades out.
+        fade_frames: length of a fade in or out, in frames. Longer: gentler, but a face turned
+            away briefly stays faded for longer around it.
+        min_track_frames: shorter tracks are not restored at all.
+    """
+
+    reach: int = 4
+    motion_threshold: float = 0.03
+    motion_grid: int = 32
+    colour_grid: int = 16
+    max_yaw: float = 55.0
+    yaw_band: float = 15.0
+    fade_frames: int = 9
+    min_track_frames: int = 3
+
+    def __post_init__(self) -> None:
+        if self.reach < 0:
+            raise ValueError(f"reach must be >= 0, got {self.reach}")
+        if not self.motion_threshold > 0:
+            raise ValueError(f"motion_threshold must be > 0, got {self.motion_threshold}")
+        if self.motion_grid < 1 or self.colour_grid < 0:
+            raise ValueError(f"need motion_grid >= 1 and colour_grid >= 0, got {self.motion_grid}, {self.colour_grid}")
+
+    def fade(self, landmarks: np.ndarray, wanted: np.ndarray | None = None, *,
+             fade_start: bool = False, fade_end: bool = False) -> np.ndarray:
+        """``faces.pose.fade_weights`` with these settings: (N,) paste weights of one track."""
+        return fade_weights(
+            landmarks, wanted, max_yaw=self.max_yaw, yaw_band=self.yaw_band, fade_frames=self.fade_frames,
+            min_track_frames=self.min_track_frames, fade_start=fade_start, fade_end=fade_end,
+        )
+
+
+# ------------------------------------------------------------------ per-frame operations
+# Everything below is elementwise, or works on one frame at a time with a fixed shape, so a
+# frame's result never depends on which other frames share its call (bit-identical chunks).
+
+
+def lowpass(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """The low band of an image pyramid: ``x`` [N,C,H,W] halved (2×2 means) down to about
+    ``grid``² and expanded back (bilinear doubling, a 3×3 mean at every coarse level, a plain
+    bilinear step to full size); same shape as ``x``.
+
+    Every step is a per-pixel formula of a fixed neighbourhood, so each image's result does
+    not depend on the others in the batch.
+    """
+    sizes = [tuple(x.shape[-2:])]
+    y = x
+    while grid > 0 and min(y.shape[-2:]) >= 2 * grid:
+        y = F.avg_pool2d(y, 2, ceil_mode=True)
+        sizes.append(tuple(y.shape[-2:]))
+    for i, size in enumerate(reversed(sizes[:-1])):
+        y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        if i < len(sizes) - 2:  # not at full size, where it would cost the most
+            y = F.avg_pool2d(y, 3, stride=1, padding=1, count_include_pad=False)
+    return y
+
+
+def colour_fix(restored: torch.Tensor, source: torch.Tensor, grid: int = 16) -> torch.Tensor:
+    """The restored crops with the source crops' low frequencies: ``r − low(r) + low(s)``
+    (computed as ``r + low(s − r)``, one pyramid).
+
+    Args:
+        restored, source: [N,3,S,S] float in [0, 1].
+        grid: pyramid grid side (``TemporalSettings.colour_grid``); 0 returns ``restored``.
+
+    Returns:
+        [N,3,S,S] float32, clipped to [0, 1].
+    """
+    check_shape("restored", restored, (None, 3, None, None))
+    check_shape("source", source, tuple(restored.shape))
+    if grid == 0:
+        return restored.float()
+    r, s = restored.float(), source.float().to(restored.device)
+    return (r + lowpass(s - r, grid)).clamp_(0.0, 1.0)
+
+
+def _pooled(source: torch.Tensor, grid: int) -> torch.Tensor:
+    """[N,3,S,S] → [N,3,g,g] block means (g = ``grid``, or S when smaller)."""
+    g = min(grid, source.shape[-1])
+    return F.adaptive_avg_pool2d(source.float(), g)
+
+
+def _change_weights(a: torch.Tensor, b: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Neighbour weights from pooled sources a, b [N,3,g,g] → [N,1,g,g] in (0, 1]."""
+    d = ((a[:, 0] - b[:, 0]).abs() + (a[:, 1] - b[:, 1]).abs() + (a[:, 2] - b[:, 2]).abs()) * (1.0 / 3.0)
+    d = F.max_pool2d(d[:, None], 3, stride=1, padding=1)  # [N1gg]: a change reaches one cell further
+    return torch.exp(-((d * (1.0 / threshold)) ** 2))
+
+
+def time_taper(reach: int) -> list[float]:
+    """Hann weights of offsets 0..reach (1 at 0, falling to near 0 just past ``reach``)."""
+    return [0.5 * (1.0 + float(np.cos(np.pi * k / (reach + 1)))) for k in range(reach + 1)]
+
+
+# ------------------------------------------------------------------ one track
+
+
+def stabilise(
+    source: torch.Tensor,
+    restored: torch.Tensor,
+    settings: TemporalSettings = TemporalSettings(),
+    *,
+    output: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Stabilise one track's restored crops (consecutive frames).
+
+    Args:
+        source: [N,3,S,S] the crops given to the restorer, float in [0, 1].
+        restored: [N,3,S,S] what the restorer returned for them.
+        settings: the stage's settings.
+        output: ``(start, stop)``: return only frames start..stop−1; every frame given still
+            serves as a neighbour. Frames beyond ``reach`` of the range are not needed. None:
+            all frames.
+
+    Returns:
+        [stop − start,3,S,S] float32 in [0, 1], on ``restored``'s device. Frame t equals what a
+        call with only frames t − reach .. t + reach (as far as the track has them) returns.
+
+    Example:
+        >>> x = torch.rand(1, 3, 16, 16).expand(6, 3, 16, 16)
+        >>> noisy = (x + 0.1 * torch.randn(6, 3, 16, 16)).clamp(0, 1)
+        >>> out = stabilise(x, noisy, TemporalSettings(colour_grid=0))
+        >>> bool((out - x).abs().mean() < (noisy - x).abs().mean() / 2)
+        True
+    """
+    check_shape("restored", restored, (None, 3, None, None))
+    check_shape("source", source, tuple(restored.shape))
+    n, size = len(restored), restored.shape[-1]
+    start, stop = (0, n) if output is None else output
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"output must be a range within 0..{n}, got {output}")
+    device = restored.device
+    lo, hi = max(0, start - settings.reach), min(n, stop + settings.reach)
+    src = source[lo:hi].to(device)
+    fixed = colour_fix(restored[lo:hi], src, settings.colour_grid)  # [M3SS]
+    if settings.reach == 0 or stop == start:
+        return fixed[start - lo : stop - lo]
+    pooled = _pooled(src, settings.motion_grid)  # [M3gg]
+    taper = time_taper(settings.reach)
+    reach, m = settings.reach, stop - start
+    # weights on the motion grid, normalised there (cheap), then interpolated to full size:
+    # bilinear interpolation keeps their sum at 1 per pixel, so full-size work is one
+    # interpolation and one multiply-add per neighbour
+    weights = torch.zeros((2 * reach + 1, m, 1, *pooled.shape[-2:]), device=device)  # [K,T,1,g,g]
+    for k in range(-reach, reach + 1):
+        # output frames t whose neighbour t + k exists: t in [max(start, lo - k), min(stop, hi - k))
+        t0, t1 = max(start, lo - k), min(stop, hi - k)
+        if t0 >= t1:
+            continue
+        here, there = slice(t0 - lo, t1 - lo), slice(t0 + k - lo, t1 + k - lo)
+        w = _change_weights(pooled[here], pooled[there], settings.motion_threshold) if k else 1.0
+        weights[k + reach, t0 - start : t1 - start] = taper[abs(k)] * w
+    total = weights[0].clone()
+    for k in range(1, 2 * reach + 1):  # summed in one order: chunks add up alike
+        total += weights[k]
+    weights /= total
+    out = torch.zeros_like(fixed[start - lo : stop - lo])  # [T3SS]
+    for k in range(-reach, reach + 1):
+        t0, t1 = max(start, lo - k), min(stop, hi - k)
+        if t0 >= t1:
+            continue
+        w = F.interpolate(weights[k + reach, t0 - start : t1 - start], size=(size, size), mode="bilinear",
+                          align_corners=False)  # [T1SS]
+        out[t0 - start : t1 - start].addcmul_(w, fixed[t0 + k - lo : t1 + k - lo])
+    return out
+
+
+# ------------------------------------------------------------------ streaming
+
+
+class TrackStabiliser:
+    """``stabilise`` while frames stream past, for every track of a job at once.
+
+    ``push`` takes each frame's restored faces in order and returns the frames that are now
+    final: frame i once frame i + ``reach`` has been pushed. Tracks are contiguous in a plan
+    and ids are never reused (``faces.track.Tracker``), so a track missing from a frame has
+    ended and no later frame can reach back into it. Only the last 2·``reach`` + 1 frames of
+    each live track are held. The result equals ``stabilise`` over each whole track, bit for
+    bit.
+
+    Example:
+        >>> st = TrackStabiliser(TemporalSettings(reach=2))
+        >>> x = torch.rand(1, 3, 8, 8)
+        >>> done = [f for i in range(5) for f in st.push(i, {7: (x, x)})] + st.finish()
+        >>> [(i, sorted(faces)) for i, faces in done]
+        [(0, [7]), (1, [7]), (2, [7]), (3, [7]), (4, [7])]
+    """
+
+    def __init__(self, settings: TemporalSettings = TemporalSettings()) -> None:
+        self.settings = settings
+        self._held: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # track → frame → crops
+        self._pending: deque[tuple[int, tuple[int, ...]]] = deque()  # frames not yet released
+        self._last: int | None = None
+
+    @property
+    def delay(self) -> int:
+        """Frames pushed after a frame before it is released."""
+        return self.settings.reach
+
+    def push(
+        self, frame_index: int, faces: Mapping[int, tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[tuple[int, dict[int, torch.Tensor]]]:
+        """Add one frame: ``{track_id: (source [3,S,S] or [1,3,S,S], restored, same shape)}``.
+
+        Returns ``(frame_index, {track_id: stabilised [3,S,S]})`` for each frame now final, in order.
+        """
+        if self._last is not None and frame_index != self._last + 1:
+            raise ValueError(f"frames must be pushed in order without gaps: got {frame_index} after {self._last}")
+        self._last = frame_index
+        for track_id, (src, res) in faces.items():
+            size = res.shape[-2:]
+            self._held.setdefault(track_id, {})[frame_index] = (src.reshape(1, 3, *size), res.reshape(1, 3, *size))
+        self._pending.append((frame_index, tuple(faces)))
+        released = []
+        while self._pending and self._pending[0][0] + self.settings.reach <= frame_index:
+            released.append(self._release(*self._pending.popleft()))
+        return released
+
+    def finish(self) -> list[tuple[int, dict[int, torch.Tensor]]]:
+        """Release every frame still held (end of the video)."""
+        released = [self._release(*p) for p in list(self._pending)]
+        self._pending.clear()
+        self._held.clear()
+        self._last = None
+        return released
+
+    def _release(self, index: int, track_ids: Iterable[int]) -> tuple[int, dict[int, torch.Tensor]]:
+        reach, out = self.settings.reach, {}
+        for track_id in track_ids:
+            held = self._held[track_id]
+            window = [i for i in range(index - reach, index + reach + 1) if i in held]
+            src = torch.cat([held[i][0] for i in window])
+            res = torch.cat([held[i][1] for i in window])
+            at = window.index(index)
+            out[track_id] = stabilise(src, res, self.settings, output=(at, at + 1))[0]
+            for i in [i for i in held if i <= index - reach]:  # no later frame reaches back to it
+                del held[i]
+            if not held or (max(held) == index and index < self._last):  # emptied, or ended here
+                del self._held[track_id]
+        return index, out
+
+
+# ------------------------------------------------------------------ measures
+
+
+def flicker(frames: torch.Tensor, reference: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> float:
+    """Flicker of ``frames`` [N,3,S,S] in face space, in grey levels of 255: the mean absolute
+    frame-to-frame change of each pixel (mean over channels) beyond the change of ``reference``
+    (the source's own change; None: nothing subtracted) at the same pixel, within ``mask``
+    [S,S] or [N−1,S,S] per frame pair (weights; None: everywhere).
+
+    The subtraction is per pixel, and only change beyond the source's counts: a restorer that
+    renders the face flatter than the source (less change where the source moves) cannot
+    offset, with its calm, the flicker it adds elsewhere.
+    """
+    d = (frames[1:].float() - frames[:-1].float()).abs().mean(1)  # [N-1,S,S]
+    if reference is not None:
+        ref = reference.float().to(d.device)
+        d = (d - (ref[1:] - ref[:-1]).abs().mean(1)).clamp_(min=0.0)
+    m = torch.ones_like(d) if mask is None else mask.to(d).expand_as(d)
+    return float((d * m).sum() / m.sum() * 255.0)
+
+
+def ghost_frames(output: torch.Tensor, target: torch.Tensor, change_at: int, *, cells: int = 8,
+                 tolerance: float = 0.1) -> int:
+    """Frames around an abrupt change at ``change_at`` whose output still shows the other side.
+
+    Compares ``cells``² block means (robust to the restorer's texture noise) of ``output`` and
+    ``target`` [N,3,S,S] (what the output should show: the clean or the unfiltered frames) over
+    the blocks the change touches (those whose jump is at least half the largest); a frame counts
+    when its mean block error there exceeds ``tolerance`` × the target's mean jump there.
+    """
+    o = F.adaptive_avg_pool2d(output.float(), cells)  # [N3cc]
+    t = F.adaptive_avg_pool2d(target.float().to(output.device), cells)
+    jump = (t[change_at] - t[change_at - 1]).abs().mean(0)  # [cc]
+    changed = jump >= 0.5 * jump.max()
+    err = (o - t).abs().mean(1)[:, changed].mean(1)  # [N]
+    return int((err > tolerance * jump[changed].mean()).sum())
+
+
+def mean_colour_error(output: torch.Tensor, source: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """Per-frame mean colour of ``output`` against ``source`` within ``mask`` [S,S]: the mean and the
+    spread (standard deviation over frames) of the per-frame error's length, in grey levels."""
+    m = mask.to(output.device, torch.float32)
+    mean = lambda x: (x.float() * m).sum((2, 3)) / m.sum()  # noqa: E731  [N,3]
+    err = (mean(output) - mean(source.to(output.device))).norm(dim=1) * 255.0  # [N]
+    return float(err.mean()), float(err.std()) if len(err) > 1 else 0.0
+
+
+__all__ = [
+    "TemporalSettings", "TrackStabiliser", "colour_fix", "flicker", "ghost_frames", "lowpass",
+    "mean_colour_error", "stabilise", "time_taper",
+]
