@@ -32,12 +32,12 @@ from PIL import Image, ImageCms, JpegImagePlugin, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from gpen_video.errors import InputError, OutputError
+from gpen_video.formats import IMAGE_SUFFIXES, is_image  # noqa: F401 - is_image: part of this module's API
 from gpen_video.io.files import check_input_file, copy_atomic, write_atomic
 from gpen_video.records import check_shape
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 ORIENTATION = 0x0112
 _EXIF_HEADER = b"Exif\x00\x00"
@@ -93,10 +93,6 @@ class ImageFile:
             check_shape("ImageFile.alpha", self.alpha, self.rgb.shape[:2])
         if not 1 <= self.orientation <= 8:
             raise ValueError(f"orientation must be 1..8, got {self.orientation}")
-
-
-def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
 
 
 # --------------------------------------------------------------------------- orientation
