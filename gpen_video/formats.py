@@ -65,8 +65,8 @@ CODECS: dict[str, CodecFormat] = {
 
 FRAME_COUNTING_CONTAINERS = frozenset({".avi"})
 """Containers that store no timestamps but count frames from 0 at a fixed rate (AVI: the
-stream's time base is one frame, and a gap is an empty frame). Video is written to them in
-the source's time base, moved to start at 0. They hold no B-frames faithfully (the reader
+stream's time base is one frame, and a gap is an empty frame). Video is written to them at
+the source's average frame rate, moved to start at 0: a variable frame rate is not kept. They hold no B-frames faithfully (the reader
 cannot recover the presentation order's timestamps), so only FFV1, whose pictures are all
 keyframes, goes in AVI."""
 

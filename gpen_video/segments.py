@@ -353,7 +353,9 @@ def _write_segments(out: av.container.OutputContainer, copier: StreamCopier, inf
         except ValueError:
             raise OutputError(f"the {output_path.suffix} container cannot hold {template.codec_context.name} "
                               "video; use .mkv or .mov, or another codec") from None
-        stream.time_base = info.time_base if frame_counting else time_base  # AVI: one tick a frame
+        stream.time_base = time_base
+        if frame_counting:  # AVI: one tick a frame (a variable rate is rounded to the average)
+            stream.time_base = 1 / info.average_rate if info.average_rate else info.time_base
         if info.average_rate:  # the muxer's frame rate (a timecode track needs one)
             stream.codec_context.framerate = info.average_rate
         if out.format.name in ("mp4", "mov") and template.codec_context.codec_tag == "hvc1":
