@@ -132,8 +132,10 @@ def test_interlaced_auto_frame_and_field(tmp_path):
 def test_progressive_input_is_left_alone_in_auto(tmp_path):
     path = make_clip(tmp_path / "in.mkv", frames=4, audio_tracks=0)
     with VideoReader(path) as reader, VideoReader(path, deinterlace="off") as off:
-        for a, b in zip(reader.frames(), off.frames()):
-            assert np.array_equal(a.rgb, b.rgb) and a.pts == b.pts
+        auto, plain = list(reader.frames()), list(off.frames())
+    assert len(auto) == len(plain) == 4
+    for a, b in zip(auto, plain):
+        assert np.array_equal(a.rgb, b.rgb) and a.pts == b.pts
 
 
 @pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv444p"])
