@@ -7,9 +7,11 @@ threads are enough. An exception in a stage surfaces in its consumer. Leaving a 
 block by any path (the end, an error, ``Cancelled``, Ctrl-C) stops every stage of the job and
 joins its thread, so no thread outlives the job or keeps its frames and tensors alive.
 
->>> with Stages() as stages:                        # doctest: +SKIP
-...     for item in stages.map(work, stages.prefetch(source, 8, name="decode"), name="work"):
-...         consume(item)
+Example::
+
+    with Stages() as stages:
+        for item in stages.map(work, stages.prefetch(source, 8, name="decode"), name="work"):
+            consume(item)
 """
 
 from __future__ import annotations

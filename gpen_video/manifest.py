@@ -18,11 +18,13 @@ anything else → a fresh start, with one line saying why. After the output is w
 folder is removed. ``FinishedOutputs`` remembers the jobs whose output was written, so a folder
 job run again skips them.
 
->>> work = WorkFolder(work_dir_for(Path("tape.restored.mp4")))             # doctest: +SKIP
->>> manifest, reason = work.resume(expected)                               # doctest: +SKIP
->>> for segment in plan:                                                   # doctest: +SKIP
-...     if segment.index not in manifest.finished: ...                     # encode it, then
-...     manifest = work.record(manifest, segment.index, path, frames)      # doctest: +SKIP
+Example::
+
+    work = WorkFolder(work_dir_for(Path("tape.restored.mp4")))
+    manifest, reason = work.resume(expected)
+    for segment in plan:
+        if segment.index not in manifest.finished: ...                     # encode it, then
+        manifest = work.record(manifest, segment.index, path, frames)
 """
 
 from __future__ import annotations

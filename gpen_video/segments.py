@@ -34,8 +34,10 @@ A job resumed at segment ``k`` decodes from the keyframe before it (``VideoReade
 with ``start_pts``); the planner's state at the join comes from replaying what earlier runs
 logged (``plan.Planner.plan(..., replay=...)``), not from decoding earlier frames.
 
->>> with VideoReader("tape.mp4") as reader:                           # doctest: +SKIP
-...     layout = SegmentPlan.of(reader, 30)
+Example::
+
+    with VideoReader("tape.mp4") as reader:
+        layout = SegmentPlan.of(reader, 30)
 """
 
 from __future__ import annotations

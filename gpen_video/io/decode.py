@@ -8,9 +8,11 @@ counting what it had to drop. It can also start mid-file: ``VideoReader.frames(s
 seeks to the keyframe before that frame (``VideoIndex``, read by demuxing only) and decodes
 forward, so a resumed job does not decode what it already did.
 
->>> with VideoReader("tape.mp4") as reader:          # doctest: +SKIP
-...     for frame in reader.frames():
-...         print(frame.index, frame.pts, frame.rgb.shape)
+Example::
+
+    with VideoReader("tape.mp4") as reader:
+        for frame in reader.frames():
+            print(frame.index, frame.pts, frame.rgb.shape)
 """
 
 from __future__ import annotations
@@ -431,8 +433,10 @@ class VideoReader:
     that the decoder concealed (kept). Each ``frames()`` call decodes the file afresh, from
     its start or from the keyframe before ``start_pts``.
 
-    >>> with VideoReader("tape.mp4") as r:             # doctest: +SKIP
-    ...     n = sum(1 for _ in r.frames())
+    Example::
+
+        with VideoReader("tape.mp4") as r:
+            n = sum(1 for _ in r.frames())
     """
 
     def __init__(self, path: str | Path, *, deinterlace: Deinterlace = "auto"):

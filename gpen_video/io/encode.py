@@ -14,9 +14,11 @@ info SEI naming the CPU). With ``copy_streams=False`` the writer makes one video
 longer output (``segments``): a bit-exact muxer, and x264's ``stitchable`` headers so the parts
 join by stream copy.
 
->>> with VideoReader("tape.mp4") as reader, VideoWriter("out.mp4", reader) as writer:  # doctest: +SKIP
-...     for frame in reader.frames():
-...         writer.write(frame)
+Example::
+
+    with VideoReader("tape.mp4") as reader, VideoWriter("out.mp4", reader) as writer:
+        for frame in reader.frames():
+            writer.write(frame)
 """
 
 from __future__ import annotations

@@ -151,8 +151,10 @@ def atomic_file(path: str | Path, *, overwrite: bool = True) -> Iterator[BinaryI
         OutputError: the folder is unusable or full (one line saying which), or ``path``
             exists and ``overwrite`` is False.
 
-    >>> with atomic_file(folder / "report.json") as out:  # doctest: +SKIP
-    ...     out.write(b"{}")
+    Example::
+
+        with atomic_file(folder / "report.json") as out:
+            out.write(b"{}")
     """
     path = Path(path)
     tmp = create_temp(path)

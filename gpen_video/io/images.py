@@ -13,8 +13,10 @@ Pillow reads and writes 8-bit images. 16-bit PNG and TIFF go through OpenCV, sin
 reads 48- and 64-bit RGB(A) as 8-bit: a 16-bit PNG keeps its EXIF and ICC profile, a 16-bit
 TIFF keeps its pixels (written upright) but no metadata, as OpenCV writes none to TIFF.
 
->>> image = read_image(Path("IMG_0042.jpg"))               # doctest: +SKIP
->>> write_image(Path("IMG_0042.restored.jpg"), restore(image.rgb), image)  # doctest: +SKIP
+Example::
+
+    image = read_image(Path("IMG_0042.jpg"))
+    write_image(Path("IMG_0042.restored.jpg"), restore(image.rgb), image)
 """
 
 from __future__ import annotations

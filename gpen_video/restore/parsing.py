@@ -67,9 +67,10 @@ class ParsingMasker:
         input_size: side the crops are resized to for the parser (fully convolutional). It
             was trained at 512; smaller is quadratically faster and coarser.
 
-    Example:
-        >>> masker = ParsingMasker(path="ParseNet-latest.pth")  # doctest: +SKIP
-        >>> masks = masker.masks(restored)  # [M,3,S,S] in [0, 1] → (M, S, S)  # doctest: +SKIP
+    Example::
+
+        masker = ParsingMasker(path="ParseNet-latest.pth")
+        masks = masker.masks(restored)  # [M,3,S,S] in [0, 1] → (M, S, S)
     """
 
     def __init__(

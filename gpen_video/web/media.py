@@ -20,11 +20,13 @@ MAX_LISTED = 5000
 class MediaDir:
     """Media files under ``root`` (recursively), by their names relative to it.
 
-    >>> media = MediaDir("/srv/tapes")                      # doctest: +SKIP
-    >>> media.names()                                        # doctest: +SKIP
-    ['1994/christmas.mp4', 'wedding.mov']
-    >>> media.resolve("wedding.mov")                         # doctest: +SKIP
-    PosixPath('/srv/tapes/wedding.mov')
+    Example::
+
+        media = MediaDir("/srv/tapes")
+        media.names()
+        # -> ['1994/christmas.mp4', 'wedding.mov']
+        media.resolve("wedding.mov")
+        # -> PosixPath('/srv/tapes/wedding.mov')
     """
 
     def __init__(self, root: str | Path) -> None:
