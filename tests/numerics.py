@@ -22,8 +22,10 @@ def assert_close_to_scale(actual, expected, rel: float, what: str = "values") ->
     AssertionError: values differ by 0.1 (2.5e-02 of their scale 4), allowed 1e-05 of it
     """
     a, b = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert a.shape == b.shape, f"{what}: shapes {a.shape} and {b.shape}"
+    if a.shape != b.shape:
+        raise AssertionError(f"{what}: shapes {a.shape} and {b.shape}")
     scale = float(np.abs(b).max()) if b.size else 0.0
     error = float(np.abs(a - b).max()) if b.size else 0.0
-    assert error <= rel * scale, (f"{what} differ by {error:.3g} ({error / scale if scale else np.inf:.1e} of "
-                                  f"their scale {scale:.3g}), allowed {rel:g} of it")
+    if not error <= rel * scale:
+        raise AssertionError(f"{what} differ by {error:.3g} ({error / scale if scale else np.inf:.1e} of "
+                             f"their scale {scale:.3g}), allowed {rel:g} of it")
