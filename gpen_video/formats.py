@@ -93,7 +93,8 @@ def codec_format(codec: str) -> CodecFormat:
 
 
 def check_container(codec: str, output: Path) -> None:
-    """Refuse an output whose extension cannot hold ``codec``, naming one that can.
+    """Refuse an output whose extension cannot hold ``codec``, naming one that can. (An
+    output without an extension is the writer's to refuse: it is not a container at all.)
 
     >>> check_container("prores", Path("out.mp4"))
     Traceback (most recent call last):
@@ -104,14 +105,14 @@ def check_container(codec: str, output: Path) -> None:
         ConfigError: the container cannot hold the codec (a bad combination of options).
     """
     entry = codec_format(codec)
-    if output.suffix.lower() in entry.suffixes:
+    if not output.suffix or output.suffix.lower() in entry.suffixes:
         return
     suffix = output.suffix.lower()
     fix = f"use -o {output.with_suffix(entry.default_suffix).name}"
     others = [name for name, other in CODECS.items() if suffix in other.suffixes]
     if others:
         fix += f", or --codec {_either(tuple(others))}"
-    raise ConfigError(f"{codec} cannot be written to {output.name} ({output.suffix or 'no extension'}); "
+    raise ConfigError(f"{codec} cannot be written to {output.name} ({output.suffix}); "
                       f"{codec} goes in {_either(entry.suffixes)}: {fix}")
 
 
