@@ -321,3 +321,12 @@ def test_skip_tracks_flag(tmp_path):
 def test_unknown_model_is_a_bad_option_before_the_input_is_read(clip, tmp_path, capsys):
     code, err = cli("restore", clip, "-o", tmp_path / "o.mp4", "--model", "GPEN-BFR-9000", capsys=capsys)
     assert code == 2 and "GPEN-BFR-256" in err and err.count("error:") == 1
+
+
+@pytest.mark.parametrize("bad", [["--sharpen", "--denoise", "3"], ["--crf", "high", "--sharpen"], []])
+def test_bad_options_are_one_error_line_without_usage(bad, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["restore", "in.mp4", *bad] if bad else [])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], lines
