@@ -202,8 +202,8 @@ def _check_before_loading_models(input_path: Path, output_path: Path, *, overwri
     if is_image(input_path):
         read_image(input_path)
     else:
-        check_container(codec, output_path)
         probe(input_path)
+        check_container(codec, output_path)
 
 
 def _plural(n: int, word: str) -> str:

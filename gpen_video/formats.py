@@ -76,6 +76,9 @@ VIDEO_SUFFIXES = frozenset({
 })
 """Extensions a folder's videos are recognised by. A single file is probed whatever its name."""
 
+KNOWN_CONTAINERS = VIDEO_SUFFIXES | {s for c in CODECS.values() for s in c.suffixes}
+"""Extensions of the video containers ``check_container`` judges."""
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 """Extensions of the photos restored as images (by name: a still is never probed as video)."""
 
@@ -93,8 +96,8 @@ def codec_format(codec: str) -> CodecFormat:
 
 
 def check_container(codec: str, output: Path) -> None:
-    """Refuse an output whose extension cannot hold ``codec``, naming one that can. (An
-    output without an extension is the writer's to refuse: it is not a container at all.)
+    """Refuse an output whose container cannot hold ``codec``, naming one that can. (An
+    extension that names no video container, or none, is the writer's to refuse: exit 4.)
 
     >>> check_container("prores", Path("out.mp4"))
     Traceback (most recent call last):
@@ -105,7 +108,7 @@ def check_container(codec: str, output: Path) -> None:
         ConfigError: the container cannot hold the codec (a bad combination of options).
     """
     entry = codec_format(codec)
-    if not output.suffix or output.suffix.lower() in entry.suffixes:
+    if output.suffix.lower() not in KNOWN_CONTAINERS or output.suffix.lower() in entry.suffixes:
         return
     suffix = output.suffix.lower()
     fix = f"use -o {output.with_suffix(entry.default_suffix).name}"

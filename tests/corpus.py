@@ -337,7 +337,9 @@ def _sizes(b: _Builder) -> None:
     _clip(b.folder("avi-h264-default-output") / "clip.avi", frames=6, audio_tracks=0)
     b.add("avi-h264-default-output", "output container", ["clip.avi"], 2,
           message=r"clip\.restored\.avi.*-o clip\.restored\.mp4.*--codec ffv1")
-    _clip(b.folder("avi-ffv1") / "clip.avi", frames=6)
+    # (without audio: FFmpeg's AVI of H.264 with B-frames and AAC declares one frame more
+    # than it holds, which the reader counts as a damaged frame; see the report of issue 21)
+    _clip(b.folder("avi-ffv1") / "clip.avi", frames=6, audio_tracks=0)
     b.add("avi-ffv1", "output container", ["clip.avi", "--codec", "ffv1"], 0, outputs=("clip.restored.avi",),
           size=(64, 48), frames=6)
     _clip(b.folder("mp4-to-avi-ffv1") / "clip.mp4", frames=6)
