@@ -1,9 +1,11 @@
 """gpen-video: restore faces in videos with GPEN, keeping everything else intact.
 
->>> from gpen_video import FacePipeline, load_config
->>> pipeline = FacePipeline(load_config("fast", device="cpu"))          # doctest: +SKIP
->>> pipeline.restore_video("tape.mp4", "tape.restored.mp4")              # doctest: +SKIP
->>> restored = list(pipeline.restore_frames(rgb_frames))                 # doctest: +SKIP
+Example::
+
+    from gpen_video import FacePipeline, load_config
+    pipeline = FacePipeline(load_config("fast", device="cpu"))
+    pipeline.restore_video("tape.mp4", "tape.restored.mp4")
+    restored = list(pipeline.restore_frames(rgb_frames))
 """
 
 __version__ = "0.1.0"

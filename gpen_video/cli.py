@@ -8,7 +8,6 @@ options or config; 3 unusable input; 4 output cannot be written; 5 weights probl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import signal
 import sys
@@ -22,21 +21,17 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gpen_video import __version__
-from gpen_video.config import Config, load_config
-from gpen_video.errors import Cancelled, ConfigError, GpenVideoError, InputError, OutputError
+from gpen_video.config import Config, config_from_options
+from gpen_video.errors import Cancelled, ConfigError, GpenVideoError, InputError, OutputError, describe
+from gpen_video.formats import CODECS, check_container, is_image, media_kind
 from gpen_video.io.encode import default_output_path
 from gpen_video.io.files import check_output
-from gpen_video.io.images import is_image, read_image
+from gpen_video.io.images import read_image
 
 if TYPE_CHECKING:
     from gpen_video.jobs.run import JobResult
 
 log = logging.getLogger("gpen_video")
-
-VIDEO_SUFFIXES = frozenset(
-    {".mp4", ".mov", ".mkv", ".avi", ".webm", ".mts", ".m2ts", ".ts", ".mpg", ".mpeg", ".vob", ".dv", ".3gp", ".m4v", ".wmv", ".flv"}
-)
-
 
 class _UserFormatter(logging.Formatter):
     """``warning: …`` for problems, the bare message for progress news."""
@@ -49,6 +44,13 @@ class _UserFormatter(logging.Formatter):
 class _DebugFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(levelname)s %(name)s: %(message)s")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one line for a bad option: ``error: …`` (the usage is in ``--help``)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _flag(parser: argparse.ArgumentParser, *names: str, **kwargs) -> None:
@@ -86,11 +88,11 @@ def _keep_days(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpen-video", description="Restore faces in videos and images with GPEN.")
+    parser = _Parser(prog="gpen-video", description="Restore faces in videos and images with GPEN.")
     parser.add_argument("--version", action="version", version=f"gpen-video {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     _flag(common, "-q", "--quiet", action="store_const", const=True, help="no progress bars or summary")
     _flag(common, "--cache-dir", help="where weights are cached (default $GPEN_VIDEO_HOME or the user cache dir)")
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(d, "--strength", type=float, help="0 keeps the original face, 1 the restored one (default 1)")
     _flag(d, "--mask", choices=["plain", "parse"], help="blend mask (parse downloads a face parser)")
     o = r.add_argument_group("output")
-    _flag(o, "--codec", choices=["h264", "h265", "prores", "ffv1"])
+    _flag(o, "--codec", choices=list(CODECS), help="output codec (README: which goes in which container)")
     _flag(o, "--crf", type=int, help="h264/h265 quality (default 18)")
     _flag(o, "--preset", help="x264/x265 preset (default medium)")
     _flag(o, "--deinterlace", choices=["auto", "off", "frame", "field"])
@@ -163,16 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    names = set(Config.__dataclass_fields__)
-    overrides = {k: v for k, v in vars(args).items() if k in names}
-    auto_batch = overrides.get("batch_size") == "auto"
-    if auto_batch:
-        del overrides["batch_size"]
-    config = load_config(getattr(args, "config", None), **overrides)
-    return dataclasses.replace(config, batch_size=None) if auto_batch else config
-
-
 def _media_in(folder: Path) -> list[Path]:
     return sorted(
         p
@@ -180,7 +172,7 @@ def _media_in(folder: Path) -> list[Path]:
         if p.is_file()
         and not p.name.startswith(".")
         and ".restored." not in p.name
-        and (p.suffix.lower() in VIDEO_SUFFIXES or is_image(p))
+        and media_kind(p) is not None
     )
 
 
@@ -203,7 +195,7 @@ def _summary(result: JobResult) -> str:
 
 
 def _check_before_loading_models(input_path: Path, output_path: Path, *, overwrite: bool,
-                                 report: Path | None) -> None:
+                                 report: Path | None, codec: str) -> None:
     """Fail on an unusable input, output or report path before spending time on weights."""
     from gpen_video.io.decode import probe
 
@@ -214,6 +206,7 @@ def _check_before_loading_models(input_path: Path, output_path: Path, *, overwri
         read_image(input_path)
     else:
         probe(input_path)
+        check_container(codec, output_path)
 
 
 def _plural(n: int, word: str) -> str:
@@ -275,7 +268,7 @@ def run_restore(args: argparse.Namespace, config: Config) -> int:
     overwrite = bool(args.overwrite)
     if len(jobs) == 1:
         report = Path(args.report) if args.report else None
-        _check_before_loading_models(*jobs[0], overwrite=overwrite, report=report)
+        _check_before_loading_models(*jobs[0], overwrite=overwrite, report=report, codec=config.codec)
     workers = None
     if args.ray is not None:
         from gpen_video.jobs.cluster import RayWorkers, import_ray
@@ -315,7 +308,7 @@ def run_restore(args: argparse.Namespace, config: Config) -> int:
         except Exception as exc:  # noqa: BLE001 - a folder goes on with the next file
             if len(jobs) == 1:
                 raise
-            reason = str(exc) if isinstance(exc, GpenVideoError) else f"unexpected {type(exc).__name__}: {exc}"
+            reason = describe(exc)
             if args.debug:
                 log.exception("failed: %s", input_path)
             print(f"error: {input_path}: {reason}", file=sys.stderr)
@@ -423,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _stop_on)
     try:
-        config = config_from_args(args)
+        config = config_from_options(getattr(args, "config", None), vars(args))
         if args.command == "restore":
             with logging_redirect_tqdm():  # a warning while a bar is drawn gets a line of its own
                 return run_restore(args, config)
@@ -444,5 +437,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line for users, traceback with --debug
         if args.debug:
             raise
-        print(f"error: unexpected {type(exc).__name__}: {exc} (run again with --debug for details)", file=sys.stderr)
+        print(f"error: {describe(exc, 'run again with --debug for details')}", file=sys.stderr)
         return 1

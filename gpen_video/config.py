@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from gpen_video.errors import ConfigError
+from gpen_video.formats import codec_format
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,7 +36,8 @@ def _preset_dir() -> Path:
 
 CONFIG_DIR = _preset_dir()
 
-Codec = Literal["h264", "h265", "prores", "ffv1"]
+Codec = str
+"""An output codec: a name of ``formats.CODECS`` (h264, h265, prores, ffv1)."""
 Deinterlace = Literal["auto", "off", "frame", "field"]
 Precision = Literal["auto", "fp16", "bf16", "fp32"]
 Detector = Literal["retinaface-mobile", "retinaface-r50"]
@@ -125,6 +128,7 @@ class Config:
                     raise ConfigError(
                         f"{f.name} must be one of {', '.join(allowed)}, got {getattr(self, f.name)!r}"
                     )
+        codec_format(self.codec)  # one of formats.CODECS
         checks = {
             "strength": 0.0 <= self.strength <= 1.0,
             "score_threshold": 0.0 < self.score_threshold <= 1.0,
@@ -165,6 +169,23 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         ):
             return option(value)
     raise ConfigError(f"config key {name!r} has the wrong type: {value!r}")
+
+
+def config_from_options(preset: str | Path | None, options: Mapping[str, Any]) -> Config:
+    """The one way an interface (command line, web page) turns what a person chose into a
+    ``Config``: the preset (a file or a name from ``configs/``; None: the defaults), then every
+    option that names a ``Config`` field. Options that are None were not given; others (the
+    command, paths) are ignored. ``batch_size="auto"`` picks by device, whatever the preset says.
+
+    >>> config_from_options("fast", {"crf": 20, "batch_size": "auto", "input": "tape.mp4"}).batch_size is None
+    True
+    """
+    overrides = {k: v for k, v in options.items() if k in Config.__dataclass_fields__}
+    auto_batch = overrides.get("batch_size") == "auto"
+    if auto_batch:
+        del overrides["batch_size"]
+    config = load_config(preset, **overrides)
+    return dataclasses.replace(config, batch_size=None) if auto_batch else config
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> Config:

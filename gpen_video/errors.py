@@ -78,3 +78,18 @@ class Cancelled(GpenVideoError):
         self.signal = signal
         if signal is not None:
             self.exit_code = 128 + signal
+
+
+def describe(exc: BaseException, details: str | None = None) -> str:
+    """The one line a person is shown for ``exc``: a GpenVideoError's own sentence; anything
+    else is a bug, named as unexpected, with where ``details`` are (a log, ``--debug``).
+
+    >>> describe(InputError("input a.mp4 does not exist; check the path"))
+    'input a.mp4 does not exist; check the path'
+    >>> describe(KeyError("x"), "run again with --debug for details")
+    "unexpected KeyError: 'x' (run again with --debug for details)"
+    """
+    if isinstance(exc, GpenVideoError):
+        return str(exc)
+    line = f"unexpected {type(exc).__name__}: {exc}"
+    return f"{line} ({details})" if details else line

@@ -35,8 +35,9 @@ import dataclasses
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -46,7 +47,15 @@ from gpen_video.faces.scenes import CutFeatures, SceneCutDetector, cut_features
 from gpen_video.faces.smooth import LookaheadSmoother
 from gpen_video.faces.track import Tracker
 from gpen_video.records import Detections, Frame, TrackedFace
-from gpen_video.report import ReportWriter
+
+
+class ReportSink(Protocol):
+    """What the planner feeds a report (``report.ReportWriter`` is one): every released
+    frame with its tracked faces and the ids restored in it, and every scene cut."""
+
+    def add_frame(self, frame: Frame, faces: Sequence[TrackedFace], restored: Collection[int]) -> None: ...
+
+    def add_scene_cut(self, frame_index: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -199,7 +208,7 @@ class Planner:
         frames: Iterable[Frame],
         *,
         stages: Stages | None = None,
-        report: ReportWriter | None = None,
+        report: ReportSink | None = None,
         replay: Iterable[Observation] = (),
         segment_of: Callable[[Frame], int] | None = None,
     ) -> Plan:
@@ -268,7 +277,7 @@ class Planner:
 class Plan(Iterator[PlannedFrame]):
     """The frames of one video with their faces; made by ``Planner.plan``."""
 
-    def __init__(self, planner: Planner, frames: Iterable[Frame], stages: Stages | None, report: ReportWriter | None,
+    def __init__(self, planner: Planner, frames: Iterable[Frame], stages: Stages | None, report: ReportSink | None,
                  replay: Iterable[Observation] = (), segment_of: Callable[[Frame], int] | None = None):
         self._planner = planner
         self._segment_of = segment_of

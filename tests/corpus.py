@@ -79,6 +79,7 @@ class Case:
         errors: number of ``error:`` lines when ``code`` is not 0 (a folder: one per file).
         frames: frames of the undamaged source: an output with fewer must come with a warning
             "N of about M frames could not be decoded" counting them (within one frame).
+        warned: the ``warning`` must be printed (not only allowed).
         also: another acceptable exit code (a FIFO may be restored or refused as a pipe).
         disk_full: the run fills a disk; only then may a message blame the disk space.
         feed: bytes written into the input FIFO while the command runs.
@@ -95,6 +96,7 @@ class Case:
     warning: str | None = None
     errors: int = 1
     frames: int | None = None
+    warned: bool = False
     also: int | None = None
     disk_full: bool = False
     feed: bytes | None = None
@@ -288,8 +290,12 @@ def _damaged(b: _Builder) -> None:
     damaged("mkv-cut-90", mkv, lambda p: truncate(p, 0.9), 0)
     damaged("mkv-corrupt-middle", mkv, lambda p: corrupt_middle(p, start=0.5, length=0.1), 0)
     damaged("ts-cut-2-packets", ts, lambda p: Path(p).write_bytes(Path(p).read_bytes()[:376]), 3)
-    # MPEG-TS records no duration or frame count: what a cut removed cannot be counted.
+    # MPEG-TS records no duration or frame count: what a cut removed cannot be counted. Cut
+    # inside a transport packet, the one warning says the file was cut short; cut exactly at a
+    # packet boundary (half of this file is one), it cannot be told from a shorter stream.
     damaged("ts-cut-50", ts, lambda p: truncate(p, 0.5), 0, frames=None)
+    damaged("ts-cut-mid-packet", ts, lambda p: Path(p).write_bytes(Path(p).read_bytes()[: 188 * 40 + 100]), 0,
+            frames=None, warning="cut short", warned=True)
     # Nor what the decoder silently drops from a corrupted stretch of it (a known limit).
     damaged("ts-corrupt-middle", ts, lambda p: corrupt_middle(p, start=0.5, length=0.1), 0, frames=None)
 
@@ -321,9 +327,27 @@ def _sizes(b: _Builder) -> None:
         b.add(name, kind, args, 0, outputs=(out,), size=size, warning=warning)
 
     # WebM holds only VP8/VP9/AV1, so the default NAME.restored.webm with the default h264 is
-    # refused before any work, naming the containers that can hold it.
+    # refused before any work (a codec the container cannot hold: a bad option), naming a
+    # container that can hold it.
     _clip(b.folder("webm-default-output") / "clip.webm", frames=3, codec="libvpx-vp9", audio_tracks=0)
-    b.add("webm-default-output", "output cannot be written", ["clip.webm"], 4, message=r"webm.*\.mkv")
+    b.add("webm-default-output", "output container", ["clip.webm"], 2, message=r"webm.*-o clip\.restored\.mp4")
+
+    # AVI counts frames and keeps no timestamps: FFV1 goes in it (every frame a keyframe);
+    # H.264's reordered frames would lose their times, so h264 into .avi is refused up front.
+    _clip(b.folder("avi-h264-default-output") / "clip.avi", frames=6, audio_tracks=0)
+    b.add("avi-h264-default-output", "output container", ["clip.avi"], 2,
+          message=r"clip\.restored\.avi.*-o clip\.restored\.mp4.*--codec ffv1")
+    # (without audio: FFmpeg's AVI of H.264 with B-frames and AAC declares one frame more
+    # than it holds, which the reader counts as a damaged frame; see the report of issue 21)
+    _clip(b.folder("avi-ffv1") / "clip.avi", frames=6, audio_tracks=0)
+    b.add("avi-ffv1", "output container", ["clip.avi", "--codec", "ffv1"], 0, outputs=("clip.restored.avi",),
+          size=(64, 48), frames=6)
+    _clip(b.folder("mp4-to-avi-ffv1") / "clip.mp4", frames=6)
+    b.add("mp4-to-avi-ffv1", "output container", ["clip.mp4", "-o", "out.avi", "--codec", "ffv1"], 0,
+          outputs=("out.avi",), size=(64, 48), frames=6)
+    _clip(b.folder("ffv1-into-mov") / "clip.mp4", frames=3)
+    b.add("ffv1-into-mov", "output container", ["clip.mp4", "-o", "out.mov", "--codec", "ffv1"], 2,
+          message=r"ffv1.*out\.mov.*-o out\.mkv")
 
 
 def _images(b: _Builder) -> None:
@@ -534,6 +558,7 @@ def _options(b: _Builder) -> None:
         ("codec-unknown", ["--codec", "vp9"], "codec"),
         ("x264-preset-unknown", ["--preset", "turbo"], "preset|turbo"),
         ("flag-unknown", ["--sharpen"], "sharpen"),
+        ("two-flags-unknown", ["--sharpen", "--denoise", "3"], "sharpen --denoise 3"),
         ("model-unknown", ["--model", "GPEN-BFR-999"], r"GPEN-BFR-999.*GPEN-BFR-256.*GPEN-BFR-512"),
         ("model-is-a-detector", ["--model", "RetinaFace-R50"], r"RetinaFace-R50.*GPEN-BFR-256"),
         ("config-missing", ["--config", "absent.toml"], "absent.toml"),
@@ -803,12 +828,16 @@ def check(outcome: Outcome) -> list[str]:
         allowed = 1 if case.warning else 0
         if len(warnings) > allowed or (warnings and not re.search(case.warning or "$^", warnings[0])):
             problems.append(f"{len(warnings)} warning(s), allowed {allowed} matching {case.warning!r}")
+        if case.warned and not warnings:
+            problems.append(f"no warning, one matching {case.warning!r} is required")
     else:
         wanted = case.errors if outcome.code == case.code else 1
         if len(errors) != wanted:
             problems.append(f"{len(errors)} error lines, expected {wanted}")
         if case.message and errors and not any(re.search(case.message, e) for e in errors):
             problems.append(f"error line does not match {case.message!r}")
+        if any(line.startswith("usage:") for line in lines):
+            problems.append("usage printed with the error")
         if not case.disk_full and any(DISK_SPACE.search(e) for e in errors):
             problems.append("blames disk space, but the disk is not full")
 

@@ -237,12 +237,13 @@ def test_debug_shows_the_traceback(tmp_path):
 
 @pytest.mark.parametrize("flag, expected", [("auto", None), ("6", 6)])
 def test_batch_size_auto_overrides_a_preset(tmp_path, flag, expected):
-    from gpen_video.cli import build_parser, config_from_args
+    from gpen_video.cli import build_parser
+    from gpen_video.config import config_from_options
 
     preset = tmp_path / "p.toml"
     preset.write_text("batch_size = 8\n")
     args = build_parser().parse_args(["restore", "x.mp4", "--config", str(preset), "--batch-size", flag])
-    assert config_from_args(args).batch_size == expected
+    assert config_from_options(args.config, vars(args)).batch_size == expected
 
 
 def test_report_on_an_image_is_refused(portrait, tmp_path, capsys):
@@ -308,10 +309,11 @@ def test_signals_stop_cleanly_and_leave_nothing(tmp_path, gpen256_file, sig, cod
 
 
 def test_skip_tracks_flag(tmp_path):
-    from gpen_video.cli import build_parser, config_from_args
+    from gpen_video.cli import build_parser
+    from gpen_video.config import config_from_options
 
     args = build_parser().parse_args(["restore", "x.mp4", "--skip-tracks", "3,7"])
-    assert config_from_args(args).skip_tracks == (3, 7)
+    assert config_from_options(args.config, vars(args)).skip_tracks == (3, 7)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["restore", "x.mp4", "--skip-tracks", "a"])
 
@@ -319,3 +321,12 @@ def test_skip_tracks_flag(tmp_path):
 def test_unknown_model_is_a_bad_option_before_the_input_is_read(clip, tmp_path, capsys):
     code, err = cli("restore", clip, "-o", tmp_path / "o.mp4", "--model", "GPEN-BFR-9000", capsys=capsys)
     assert code == 2 and "GPEN-BFR-256" in err and err.count("error:") == 1
+
+
+@pytest.mark.parametrize("bad", [["--sharpen", "--denoise", "3"], ["--crf", "high", "--sharpen"], []])
+def test_bad_options_are_one_error_line_without_usage(bad, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["restore", "in.mp4", *bad] if bad else [])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], lines

@@ -106,6 +106,7 @@ def test_checker_passes_a_clean_failure(made_up):
         (4, "error: in.mp4 bad\n", None, "exit 4, documented 3"),
         (3, "error: in.mp4 bad\nerror: again\n", None, "2 error lines, expected 1"),
         (3, "", None, "0 error lines, expected 1"),
+        (3, "usage: gpen-video [-h]\ngpen-video: error: in.mp4 bad\n", None, "usage printed"),
         (3, "Traceback (most recent call last):\nerror: in.mp4\n", None, "traceback"),
         (3, "error: something else\n", None, "does not match"),
         (3, "error: in.mp4: check free disk space\n", None, "blames disk space"),
@@ -114,7 +115,7 @@ def test_checker_passes_a_clean_failure(made_up):
         (3, "error: in.mp4 bad\n", lambda f: (f / "in.mp4").write_bytes(b"changed"), "changed or removed"),
         (3, "error: in.mp4 bad\n", lambda f: (f / "in.mp4").unlink(), "changed or removed"),
     ],
-    ids=["code", "two-errors", "no-error", "traceback", "message", "disk-space", "hang", "leftover",
+    ids=["code", "two-errors", "no-error", "usage", "traceback", "message", "disk-space", "hang", "leftover",
          "input-written", "input-deleted"],
 )
 def test_checker_catches(made_up, code, stderr, damage, expected):
@@ -132,6 +133,7 @@ def test_checker_on_success_checks_outputs_and_warnings(made_up):
     os.chmod(case.folder / "out.png", 0o666 & ~_umask())
     assert check(_outcome(case, before, 0, "warning: in.mp4 is damaged: 2 of 6 frames\n")) == []
 
+    assert any("is required" in p for p in check(_outcome(replace(case, warned=True), before, 0, "")))
     problems = check(_outcome(case, before, 0, "warning: a\nwarning: b\n"))
     assert any("2 warning(s)" in p for p in problems), problems
     os.chmod(case.folder / "out.png", 0o600)

@@ -130,8 +130,10 @@ def test_interlaced_auto_frame_and_field(tmp_path):
 def test_progressive_input_is_left_alone_in_auto(tmp_path):
     path = make_clip(tmp_path / "in.mkv", frames=4, audio_tracks=0)
     with VideoReader(path) as reader, VideoReader(path, deinterlace="off") as off:
-        for a, b in zip(reader.frames(), off.frames()):
-            assert np.array_equal(a.rgb, b.rgb) and a.pts == b.pts
+        auto, plain = list(reader.frames()), list(off.frames())
+    assert len(auto) == len(plain) == 4
+    for a, b in zip(auto, plain):
+        assert np.array_equal(a.rgb, b.rgb) and a.pts == b.pts
 
 
 @pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv444p"])
@@ -187,6 +189,32 @@ def test_truncated_file_keeps_going_and_counts(tmp_path, caplog):
     assert reader.damaged_frames == 50 - len(frames)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and f"{reader.damaged_frames} of about 50" in warnings[0].message
+
+
+@pytest.mark.parametrize(("suffix", "packet"), [(".ts", 188), (".m2ts", 192)])
+def test_cut_transport_stream_says_it_ends_early(tmp_path, caplog, suffix, packet):
+    """MPEG-TS records no length: a file that ends inside a transport packet (188 bytes; 192
+    in Blu-ray's .m2ts) was cut, and one warning says so; the same bytes cut at a packet
+    boundary look like a shorter stream."""
+    whole = make_clip(tmp_path / f"whole{suffix}", frames=24, size=(96, 64))
+    data = whole.read_bytes()
+    assert len(data) % packet == 0
+    boundary = (len(data) // 2) // packet * packet
+    seen = {}
+    for name, size in [("mid-packet", boundary + 100), ("boundary", boundary), ("whole", len(data))]:
+        path = tmp_path / f"{name}{suffix}"
+        path.write_bytes(data[:size])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gpen_video.io.decode"):
+            with VideoReader(path) as reader:
+                count = len(list(reader.frames()))
+        seen[name] = (count, [r.message for r in caplog.records if r.levelno == logging.WARNING])
+    count, warnings = seen["mid-packet"]
+    assert 0 < count < 24 and len(warnings) == 1
+    assert "cut short" in warnings[0] and f"mid-packet{suffix}" in warnings[0]
+    assert seen["boundary"][0] == count  # the same frames; a partial last frame may be concealed
+    assert not any("cut short" in w for w in seen["boundary"][1])
+    assert seen["whole"] == (24, [])
 
 
 def test_corrupt_middle_keeps_going_and_counts(tmp_path, caplog):

@@ -67,8 +67,9 @@ def test_report_has_the_documented_shape(one_face, detector, tmp_path):
     assert {"input", "frames", "fps", "tracks"} <= set(report)
     assert report["frames"] == len(truth) == result.frames
     assert report["fps"] == pytest.approx(25.0)
+    assert [t["id"] for t in report["tracks"]] == [0]  # one face, one track, numbered from 0
     track = report["tracks"][0]
-    assert isinstance(track["id"], int)
+    assert [e["index"] for e in track["frames"]] == list(range(len(truth)))
     entry = track["frames"][0]
     assert set(entry) == {"index", "pts", "time", "score", "box", "landmarks_raw", "landmarks", "interpolated", "restored"}
     assert len(entry["box"]) == 4 and np.array(entry["landmarks"]).shape == (5, 2)

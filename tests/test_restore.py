@@ -18,6 +18,7 @@ from gpen_video.restore.parsing import ParsingMasker, parse_net
 from gpen_video.restore.restorer import Restorer, fit_batch_size, measure_face_bytes
 from gpen_video.warp.masks import labels_to_mask
 from tests.devices import DEVICES
+from tests.numerics import assert_close_to_scale
 
 
 class Negate(torch.nn.Module):
@@ -163,7 +164,8 @@ def test_channels_last_reaches_the_model_on_cpu(tiny_gpen_state):
     x = faces_64(2)
     got = restorer.restore_tensor(x)
     assert seen == [True, True]
-    torch.testing.assert_close(got, tiny_restorer(tiny_gpen_state).restore_tensor(x), atol=1e-5, rtol=0)
+    # another memory layout picks other convolution kernels: same values to 5 digits of their scale
+    assert_close_to_scale(got, tiny_restorer(tiny_gpen_state).restore_tensor(x), rel=1e-5, what="restored faces")
     assert not Restorer(Negate(), 8).channels_last  # default off on the CPU
 
 

@@ -201,6 +201,7 @@ def test_update_does_not_mutate_and_fills_records():
     dets = detections([face(100, 100, 80), face(300, 120, 90)], rng)
     copies = (dets.boxes.copy(), dets.landmarks.copy(), dets.scores.copy())
     out = Tracker().update(0, dets)
+    assert len(out) == 2
     for rec, j in zip(out, range(2)):
         assert not rec.interpolated and rec.score == pytest.approx(float(dets.scores[j]))
         np.testing.assert_array_equal(rec.landmarks, dets.landmarks[j])

@@ -23,7 +23,8 @@ import pytest
 
 from gpen_video.errors import ConfigError, InputError
 from gpen_video.web.access import check_binding, parse_size, read_auth
-from gpen_video.web.jobs import JobStore, output_suffix, owner_of
+from gpen_video.formats import output_suffix
+from gpen_video.web.jobs import JobStore, owner_of
 from gpen_video.web.media import MediaDir
 from tests.clips import read_frames, read_packets
 from tests.web_browser import (
@@ -114,11 +115,19 @@ def test_cli_refuses_unsafe_or_impossible_setups(args, words, tmp_path, monkeypa
 @pytest.mark.parametrize(
     ("suffix", "codec", "image", "expected"),
     [(".mp4", "h264", False, ".mp4"), (".mkv", "h264", False, ".mkv"), (".webm", "h264", False, ".mp4"),
-     (".mp4", "ffv1", False, ".mkv"), (".mov", "ffv1", False, ".mov"), (".mp4", "prores", False, ".mov"),
+     (".mp4", "ffv1", False, ".mkv"), (".mov", "ffv1", False, ".mkv"), (".avi", "ffv1", False, ".avi"),
+     (".avi", "h264", False, ".mp4"), (".mp4", "prores", False, ".mov"),
      (".webm", "h265", False, ".mp4"), (".jpg", "ffv1", True, ".jpg")],
 )
-def test_output_suffix(suffix: str, codec: str, image: bool, expected: str) -> None:
-    assert output_suffix(suffix, codec, image=image) == expected
+def test_output_suffix(suffix: str, codec: str, image: bool, expected: str, tmp_path: Path) -> None:
+    """A job's output keeps the input's container unless the codec cannot go in it."""
+    from gpen_video import load_config
+
+    source = tmp_path / f"in{suffix}"
+    source.write_bytes(b"x")
+    job = JobStore(tmp_path / "jobs").create("me", source, source.name, load_config(None, codec=codec), link_input=False)
+    assert (job.output.suffix, job.image) == (expected, image)
+    assert image or job.output.suffix == output_suffix(suffix, codec)
 
 
 def test_job_record_round_trip(tmp_path: Path) -> None:
@@ -130,7 +139,7 @@ def test_job_record_round_trip(tmp_path: Path) -> None:
     config = load_config("archival", skip_tracks=(3, 7), weights=str(tmp_path / "w.pth"))
     job = store.create(owner_of("token"), source, "tape 3.mov", config, link_input=True)
     assert job.input == tmp_path / "jobs" / job.id / "input" / "tape 3.mov" and job.input.read_bytes() == b"video"
-    assert job.output.name == "tape 3.restored.mov" and job.state == "queued"
+    assert job.output.name == "tape 3.restored.mkv" and job.state == "queued"
     again = JobStore(tmp_path / "jobs")  # a restarted server reads the same jobs
     assert again.get(job.id) == job and again.unfinished() == [job]
     assert again.get(job.id, owner_of("another browser")) is None and again.latest(owner_of("token")) == job

@@ -147,6 +147,23 @@ def _stream_duration(stream: av.video.stream.VideoStream) -> Fraction | None:
     return None
 
 
+TS_PACKET_SIZES = (188, 192, 204)
+"""MPEG-TS packet sizes: plain, with a 4-byte timestamp (Blu-ray .m2ts/.mts), with Reed-Solomon
+parity. A whole transport stream is a whole number of its packets."""
+
+
+def _cut_transport_stream(container: av.container.InputContainer, path: Path) -> bool:
+    """True when ``path`` is an MPEG-TS that ends inside a transport packet: a file cut short.
+    MPEG-TS records no duration, so this is the one sign that frames are missing at its end."""
+    if container.format.name != "mpegts":
+        return False
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return all(size % packet for packet in TS_PACKET_SIZES)
+
+
 def _first_frame(container: av.container.InputContainer, stream, path: Path,
                  seen: IndexBuilder | None = None) -> av.VideoFrame:
     for packet in container.demux(stream):
@@ -568,7 +585,8 @@ class VideoReader:
                 f"no frame of {self.path} could be decoded; the file is damaged beyond repair "
                 "or uses an unsupported codec"
             )
-        if (lost or self.concealed_frames) and not self._warned:
+        cut = _cut_transport_stream(container, self.path)
+        if (lost or self.concealed_frames or cut) and not self._warned:
             self._warned = True
             parts = []
             if lost:
@@ -578,6 +596,10 @@ class VideoReader:
                 n = self.concealed_frames
                 parts.append(f"{n} frame{'s were' if n > 1 else ' was'} damaged and kept as the "
                              "decoder concealed the errors")
+            if cut:
+                parts.append("the file ends inside a transport packet, so it was cut short: the "
+                             "frames after the last one that decodes are lost (MPEG-TS records no "
+                             "length to count them by)")
             log.warning("%s is damaged: %s", self.path, "; ".join(parts))
 
     def frames(self, start_pts: int | None = None, *, start_index: int = 0,

@@ -23,13 +23,13 @@ from __future__ import annotations
 import logging
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal
 
 import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from gpen_video.errors import EncodeError, GpenVideoError, InputError, OutputError, StreamCopyError
+from gpen_video.formats import CODECS, check_container, codec_format
 from gpen_video.io import colour
 from gpen_video.io.decode import SourcePicture, VideoInfo
 from gpen_video.io.files import check_output, create_temp, disk_full, install, write_error
@@ -38,9 +38,8 @@ from gpen_video.records import Frame, check_shape
 
 log = logging.getLogger(__name__)
 
-Codec = Literal["h264", "h265", "prores", "ffv1"]
-
-ENCODERS: dict[str, str] = {"h264": "libx264", "h265": "libx265", "prores": "prores_ks", "ffv1": "ffv1"}
+ENCODERS: dict[str, str] = {name: entry.encoder for name, entry in CODECS.items()}
+"""Encoder of each output codec (``formats.CODECS``)."""
 
 ENCODER_THREADS = 4
 """Encoder threads, whatever the machine: x264 and x265 output depends on the thread count
@@ -170,7 +169,7 @@ class VideoWriter:
         output_path: str | Path,
         info: VideoInfo,
         *,
-        codec: Codec = "h264",
+        codec: str = "h264",
         crf: int = 18,
         preset: str = "medium",
         strict: bool = False,
@@ -178,8 +177,7 @@ class VideoWriter:
         splice: bool = True,
         copy_streams: bool = True,
     ):
-        if codec not in ENCODERS:
-            raise ValueError(f"codec must be one of {', '.join(ENCODERS)}, got {codec!r}")
+        codec_format(codec)
         self.splice = splice
         self.info = info
         self.output_path = Path(output_path)
@@ -190,6 +188,8 @@ class VideoWriter:
         check_output(info.path, self.output_path, overwrite=overwrite)
         if not self.output_path.suffix:
             raise OutputError(f"output {self.output_path} has no extension; add one such as .mp4 or .mkv")
+        if copy_streams:  # an output, not a segment: its container must hold the codec
+            check_container(codec, self.output_path)
         if (codec == "prores" and info.chroma_location in HORIZONTALLY_CENTRED and copy_streams
                 and self.output_path.suffix.lower() not in (".mkv", ".webm")):
             log.warning("%s: ProRes in %s has no place for the source's chroma location (%s), so "

@@ -151,8 +151,10 @@ def atomic_file(path: str | Path, *, overwrite: bool = True) -> Iterator[BinaryI
         OutputError: the folder is unusable or full (one line saying which), or ``path``
             exists and ``overwrite`` is False.
 
-    >>> with atomic_file(folder / "report.json") as out:  # doctest: +SKIP
-    ...     out.write(b"{}")
+    Example::
+
+        with atomic_file(folder / "report.json") as out:
+            out.write(b"{}")
     """
     path = Path(path)
     tmp = create_temp(path)
@@ -238,3 +240,51 @@ def check_output(input_path: Path, output_path: Path, *, overwrite: bool) -> Non
         raise OutputError(f"output {output_path} already exists; remove it or pass -y to replace it")
     if not output_path.parent.is_dir():
         raise OutputError(f"output folder {output_path.parent} does not exist; create it first")
+
+
+class FileLock:
+    """An exclusive lock on one file, held by this process until released (``with`` or
+    ``release()``): the one way gpen-video keeps two processes out of the same folder (a job's
+    work folder, a web server's jobs folder). The lock goes with the process, so one killed
+    outright never leaves it held.
+
+    Args:
+        path: the lock file; made (empty) when missing, never deleted.
+        busy: the error raised at once when another process holds it.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> with FileLock(folder / "lock", OutputError("busy")):
+    ...     FileLock(folder / "lock", OutputError("another run is working here")).acquire()
+    Traceback (most recent call last):
+    ...
+    gpen_video.errors.OutputError: another run is working here
+    """
+
+    def __init__(self, path: str | Path, busy: GpenVideoError) -> None:
+        self.path = Path(path)
+        self.busy = busy
+        self._fd: int | None = None
+
+    def acquire(self) -> "FileLock":
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise self.busy from None
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> "FileLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

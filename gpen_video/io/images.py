@@ -13,8 +13,10 @@ Pillow reads and writes 8-bit images. 16-bit PNG and TIFF go through OpenCV, sin
 reads 48- and 64-bit RGB(A) as 8-bit: a 16-bit PNG keeps its EXIF and ICC profile, a 16-bit
 TIFF keeps its pixels (written upright) but no metadata, as OpenCV writes none to TIFF.
 
->>> image = read_image(Path("IMG_0042.jpg"))               # doctest: +SKIP
->>> write_image(Path("IMG_0042.restored.jpg"), restore(image.rgb), image)  # doctest: +SKIP
+Example::
+
+    image = read_image(Path("IMG_0042.jpg"))
+    write_image(Path("IMG_0042.restored.jpg"), restore(image.rgb), image)
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ from PIL import Image, ImageCms, JpegImagePlugin, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from gpen_video.errors import InputError, OutputError
+from gpen_video.formats import IMAGE_SUFFIXES, is_image  # noqa: F401 - is_image: part of this module's API
 from gpen_video.io.files import check_input_file, copy_atomic, write_atomic
 from gpen_video.records import check_shape
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 ORIENTATION = 0x0112
 _EXIF_HEADER = b"Exif\x00\x00"
@@ -93,10 +95,6 @@ class ImageFile:
             check_shape("ImageFile.alpha", self.alpha, self.rgb.shape[:2])
         if not 1 <= self.orientation <= 8:
             raise ValueError(f"orientation must be 1..8, got {self.orientation}")
-
-
-def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
 
 
 # --------------------------------------------------------------------------- orientation

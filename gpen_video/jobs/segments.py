@@ -49,7 +49,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from gpen_video.errors import EncodeError, OutputError
+from gpen_video.errors import EncodeError, InputError, OutputError
+from gpen_video.formats import CODECS, FRAME_COUNTING_CONTAINERS
 from gpen_video.io import files
 from gpen_video.io.decode import VideoIndex, VideoInfo
 from gpen_video.io.streams import StreamCopier, packet_time
@@ -63,9 +64,8 @@ MIN_SEGMENT_FRAMES = 16
 """No segment is shorter than this (unless the whole video is): a join needs a few frames
 before it (the B-frame delay), and a tiny segment costs an IDR picture for nothing."""
 
-SEGMENT_SUFFIX: dict[str, str] = {"h264": ".mp4", "h265": ".mp4", "prores": ".mov", "ffv1": ".mp4"}
-"""Container of segment files per codec: ISO BMFF keeps every pts and dts exactly (Matroska
-rounds to 1 ms; NUT shifts timestamps and drops dts). MP4 cannot hold ProRes, MOV not FFV1."""
+SEGMENT_SUFFIX: dict[str, str] = {name: entry.segment_suffix for name, entry in CODECS.items()}
+"""Container of segment files per codec (``formats.CodecFormat.segment_suffix``)."""
 
 
 def encoder_identity() -> str:
@@ -344,6 +344,8 @@ def _write_segments(out: av.container.OutputContainer, copier: StreamCopier, inf
     extradata = bytes(template.codec_context.extradata or b"")
     time_base = template.time_base
     holder: list[av.video.stream.VideoStream] = []
+    frame_counting = output_path.suffix.lower() in FRAME_COUNTING_CONTAINERS
+    start: list[int] | None = [] if frame_counting else None  # AVI: the first frame is frame 0
 
     def add_video(source_stream: av.stream.Stream) -> None:
         try:
@@ -352,6 +354,8 @@ def _write_segments(out: av.container.OutputContainer, copier: StreamCopier, inf
             raise OutputError(f"the {output_path.suffix} container cannot hold {template.codec_context.name} "
                               "video; use .mkv or .mov, or another codec") from None
         stream.time_base = time_base
+        if frame_counting:  # AVI: one tick a frame (a variable rate is rounded to the average)
+            stream.time_base = 1 / info.average_rate if info.average_rate else info.time_base
         if info.average_rate:  # the muxer's frame rate (a timecode track needs one)
             stream.codec_context.framerate = info.average_rate
         if out.format.name in ("mp4", "mov") and template.codec_context.codec_tag == "hvc1":
@@ -385,9 +389,9 @@ def _write_segments(out: av.container.OutputContainer, copier: StreamCopier, inf
                     raise EncodeError(f"segment {path.name} does not start with a keyframe")
                 count += 1
                 for ready in joiner.push(packet):
-                    _mux(out, copier, video, ready, time_base)
+                    _mux(out, copier, video, ready, time_base, start)
             for ready in joiner.finish():
-                _mux(out, copier, video, ready, time_base)
+                _mux(out, copier, video, ready, time_base, start)
             if count == 0:
                 raise EncodeError(f"segment {path.name} holds no video packets")
             frames += count
@@ -396,9 +400,14 @@ def _write_segments(out: av.container.OutputContainer, copier: StreamCopier, inf
 
 
 def _mux(out: av.container.OutputContainer, copier: StreamCopier, video: av.stream.Stream,
-         packet: av.Packet, time_base: Fraction) -> None:
+         packet: av.Packet, time_base: Fraction, start: list[int] | None) -> None:
+    """Mux one video packet, then the other streams' packets up to its time. ``start`` (a
+    frame-counting container's) collects the first dts, which every packet is moved back by."""
     packet.stream = video
     packet.time_base = time_base
     until = packet_time(packet)
+    if start is not None:
+        start[:] = start or [packet.dts]
+        packet.pts, packet.dts = packet.pts - start[0], packet.dts - start[0]
     out.mux(packet)
     copier.pump(until)

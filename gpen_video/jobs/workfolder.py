@@ -17,7 +17,6 @@ job run again skips them.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
@@ -84,19 +83,9 @@ class WorkFolder:
             OutputError: another process holds it, or the folder cannot be created.
         """
         self._mkdir()
-        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise OutputError(f"another gpen-video run is working in {self.path}; wait for it to "
-                                  "finish or stop it, then run again") from None
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        with files.FileLock(self.path / LOCK_NAME, OutputError(
+                f"another gpen-video run is working in {self.path}; wait for it to finish or stop it, then run again")):
+            yield
 
     def segment_path(self, index: int, suffix: str) -> Path:
         """Where segment ``index`` is written (``suffix`` such as ``.mp4`` picks the container)."""

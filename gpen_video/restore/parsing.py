@@ -84,9 +84,10 @@ class ParsingMasker:
             was trained at 512; smaller is quadratically faster and coarser.
         dtype: compute precision; fp16/bf16 are checked against fp32 first and may fall back.
 
-    Example:
-        >>> masker = ParsingMasker(path="ParseNet-latest.pth")  # doctest: +SKIP
-        >>> masks = masker.masks(restored)  # [M,3,S,S] in [0, 1] → (M, S, S)  # doctest: +SKIP
+    Example::
+
+        masker = ParsingMasker(path="ParseNet-latest.pth")
+        masks = masker.masks(restored)  # [M,3,S,S] in [0, 1] → (M, S, S)
     """
 
     def __init__(

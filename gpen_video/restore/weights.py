@@ -6,9 +6,10 @@ against the sha256 recorded when it was first validated; anything else is downlo
 resume support to ``NAME.part``, loaded with ``torch.load(..., weights_only=True)``, checked
 key by key and shape by shape against the preset's layout, then renamed into place.
 
-Example:
-    >>> path = resolve_weights("GPEN-BFR-512", cache_dir="/tmp/gpen-cache")  # doctest: +SKIP
-    >>> model = load_gpen("GPEN-BFR-512", device="cuda", dtype=torch.float16)  # doctest: +SKIP
+Example::
+
+    path = resolve_weights("GPEN-BFR-512", cache_dir="/tmp/gpen-cache")
+    model = load_gpen("GPEN-BFR-512", device="cuda", dtype=torch.float16)
 """
 
 from __future__ import annotations
@@ -545,7 +546,9 @@ def load_gpen(
     Arguments as in ``resolve_weights``; ``device``/``dtype`` place the network,
     ``model_kwargs`` go to ``GPEN`` (e.g. ``modconv="grouped"``).
 
-    >>> model = load_gpen("GPEN-BFR-256", offline=True)  # doctest: +SKIP
+    Example::
+
+        model = load_gpen("GPEN-BFR-256", offline=True)
     """
     spec = get_spec(name)
     if spec.kind != "gpen" or spec.config is None:

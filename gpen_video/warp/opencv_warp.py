@@ -24,7 +24,7 @@ from gpen_video.faces.align import (
     source_region,
 )
 from gpen_video.records import Frame, TrackedFace, check_shape
-from gpen_video.warp import SMALL_FACE, SMOOTH_KERNEL, FaceCrops, check_paste
+from gpen_video.warp.protocol import SMALL_FACE, SMOOTH_KERNEL, FaceCrops, check_paste
 from gpen_video.warp.masks import face_mask
 
 

@@ -24,7 +24,8 @@ import numpy as np
 
 from gpen_video.config import Config
 from gpen_video.io.decode import VideoReader
-from gpen_video.io.images import is_image, read_image
+from gpen_video.formats import is_image
+from gpen_video.io.images import read_image
 from gpen_video.records import Frame, TrackedFace
 
 MAX_SAMPLES = 60

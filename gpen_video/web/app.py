@@ -16,7 +16,6 @@ What runs where:
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import logging
 import os
@@ -33,8 +32,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home (bef
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gpen_video.config import CONFIG_DIR, Config, load_config  # noqa: E402
-from gpen_video.errors import ConfigError, GpenVideoError  # noqa: E402
+from gpen_video import formats  # noqa: E402
+from gpen_video.config import CONFIG_DIR, Config, config_from_options  # noqa: E402
+from gpen_video.errors import ConfigError, GpenVideoError, describe  # noqa: E402
+from gpen_video.io.files import FileLock  # noqa: E402
 from gpen_video.web.access import DEFAULT_MAX_UPLOAD  # noqa: E402
 from gpen_video.web.analysis import Analysis, analyse  # noqa: E402
 from gpen_video.web.jobs import ACTIVE, Job, JobRunner, JobStore, Pipelines, owner_of  # noqa: E402
@@ -46,8 +47,7 @@ ANALYSE_SECONDS = 60.0
 """Seconds from the start of a video in which faces are looked for before a restore."""
 POLL_SECONDS = 1.0
 """How often the page asks for the state of its job."""
-CODECS = [("H.264 (plays everywhere)", "h264"), ("H.265 (smaller files)", "h265"),
-          ("ProRes (for editing)", "prores"), ("FFV1 (lossless archive)", "ffv1")]
+CODECS = [(entry.label, name) for name, entry in formats.CODECS.items()]
 PLAYABLE = {("h264", ".mp4")}
 """(codec, container) pairs that browsers play: other results are offered for download only."""
 CSS = """
@@ -109,10 +109,9 @@ def _error(message: str | None) -> dict:
 
 def _message(exc: Exception, doing: str) -> str:
     """One line for the page: a GpenVideoError's own sentence; anything else is logged."""
-    if isinstance(exc, GpenVideoError):
-        return str(exc)
-    log.exception("%s failed", doing)
-    return f"unexpected {type(exc).__name__} in {doing}: {exc} (the server's log has the details)"
+    if not isinstance(exc, GpenVideoError):
+        log.exception("%s failed", doing)
+    return describe(exc, f"in {doing}; the server's log has the details")
 
 
 def _presets(chosen: str | None) -> tuple[list[tuple[str, str]], str]:
@@ -142,15 +141,13 @@ class WebApp:
     def config(self, preset: str, model: str, strength: float, only_largest: bool, codec: str,
                skip: tuple[int, ...] = ()) -> Config:
         """The job's settings: the preset, the command line's flags, then the page's choices."""
-        config = load_config(preset or None, **self.options.overrides)
-        return dataclasses.replace(
-            config, model=config.model if self.pinned_model else model, strength=float(strength),
-            only_largest_face=bool(only_largest), codec=codec, skip_tracks=tuple(sorted(skip)),
-        )
+        chosen = dict(strength=float(strength), only_largest_face=bool(only_largest), codec=codec,
+                      skip_tracks=tuple(sorted(skip)), model=None if self.pinned_model else model)
+        return config_from_options(preset or None, {**self.options.overrides, **chosen})
 
     def preset_values(self, preset: str) -> tuple:
         try:
-            c = load_config(preset or None, **self.options.overrides)
+            c = config_from_options(preset or None, self.options.overrides)
         except GpenVideoError as exc:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), _error(str(exc))
         return c.model, c.strength, c.only_largest_face, c.codec, _error(None)
@@ -342,7 +339,7 @@ class WebApp:
     # ------------------------------------------------------------------ layout
 
     def build(self) -> gr.Blocks:
-        base = load_config(self.options.preset, **self.options.overrides)
+        base = config_from_options(self.options.preset, self.options.overrides)
         preset_choices, preset_value = _presets(self.options.preset)
         from gpen_video.restore.weights import REGISTRY
 
@@ -449,18 +446,6 @@ def _secret(folder: Path) -> str:
     return path.read_text().strip()
 
 
-def _lock(folder: Path):
-    import fcntl
-
-    handle = open(folder / "server.lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise ConfigError(f"another gpen-video web server uses {folder}; stop it or give another --jobs-dir") from None
-    return handle
-
-
 def serve(options: WebOptions, *, ready=None) -> None:
     """Run the page until interrupted (KeyboardInterrupt or a signal's exception).
 
@@ -472,14 +457,15 @@ def serve(options: WebOptions, *, ready=None) -> None:
 
     home = options.jobs_dir.expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
-    lock = _lock(home)
+    lock = FileLock(home / "server.lock", ConfigError(
+        f"another gpen-video web server uses {home}; stop it or give another --jobs-dir")).acquire()
     served, jobs, analyses = home / "served", home / "jobs", home / "analysis"
     shutil.rmtree(analyses, ignore_errors=True)
     for folder in (served, jobs, analyses):
         folder.mkdir(parents=True, exist_ok=True)
     os.environ["GRADIO_TEMP_DIR"] = str(served)  # Gradio's uploads and served files: nothing else
 
-    config = load_config(options.preset, **options.overrides)
+    config = config_from_options(options.preset, options.overrides)
     pipelines = Pipelines(FacePipeline(config, download_progress=True))
     store = JobStore(jobs)
     runner = JobRunner(store, pipelines, served, keep_seconds=options.keep_days * 86400)
@@ -508,4 +494,4 @@ def serve(options: WebOptions, *, ready=None) -> None:
     finally:
         demo.close()
         runner.stop()
-        lock.close()
+        lock.release()

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Literal
 
 from gpen_video.config import Config
-from gpen_video.errors import Cancelled, GpenVideoError
+from gpen_video.errors import Cancelled, GpenVideoError, describe
 from gpen_video.io.encode import default_output_path
 from gpen_video.io.files import write_atomic
-from gpen_video.io.images import is_image
+from gpen_video.formats import is_image, output_suffix
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,9 @@ class JobStore:
             except OSError:
                 shutil.copyfile(source, source_path)
         output = folder / default_output_path(Path(Path(name).name)).name
-        suffix = output_suffix(output.suffix, config.codec, image=is_image(output))
-        job = Job(job_id, owner, name, source_path, output.with_suffix(suffix), config, created=time.time())
+        if not is_image(output):  # the input's container, unless it cannot hold the codec
+            output = output.with_suffix(output_suffix(output.suffix, config.codec))
+        job = Job(job_id, owner, name, source_path, output, config, created=time.time())
         self.save(job)
         return job
 
@@ -209,23 +210,6 @@ class JobStore:
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
-
-
-CONTAINERS = {
-    "h264": (".mp4", (".mp4", ".m4v", ".mov", ".mkv", ".ts", ".m2ts", ".mts", ".avi", ".flv", ".3gp")),
-    "h265": (".mp4", (".mp4", ".m4v", ".mov", ".mkv", ".ts", ".m2ts", ".mts")),
-    "ffv1": (".mkv", (".mkv", ".mov", ".avi")),
-    "prores": (".mov", (".mov", ".mkv")),
-}
-"""Per codec: the container used when the input's cannot hold it, and those that can."""
-
-
-def output_suffix(suffix: str, codec: str, *, image: bool) -> str:
-    """The output's extension: the input's, unless the codec cannot live in that container."""
-    if image or codec not in CONTAINERS:
-        return suffix
-    default, accepted = CONTAINERS[codec]
-    return suffix if suffix.lower() in accepted else default
 
 
 class Pipelines:
@@ -391,8 +375,7 @@ class JobRunner:
             return {"state": "failed", "error": _named(str(exc), job)}
         except Exception as exc:  # noqa: BLE001 - the page gets one line, the log the traceback
             log.exception("job %s (%s) failed", job.id, job.name)
-            message = f"unexpected {type(exc).__name__}: {exc} (the server's log has the details)"
-            return {"state": "failed", "error": _named(message, job)}
+            return {"state": "failed", "error": _named(describe(exc, "the server's log has the details"), job)}
         return {
             "state": "done", "served": self._serve(job), "faces_restored": result.faces_restored,
             "done_frames": result.frames, "total_frames": result.frames, "seconds": time.monotonic() - started,

@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from gpen_video.cli import VIDEO_SUFFIXES
 from gpen_video.errors import ConfigError, InputError
-from gpen_video.io.images import is_image
+from gpen_video.formats import media_kind
 
 MAX_LISTED = 5000
 """Most files listed in the page; a bigger folder is cut with a note in the log."""
@@ -21,11 +20,13 @@ MAX_LISTED = 5000
 class MediaDir:
     """Media files under ``root`` (recursively), by their names relative to it.
 
-    >>> media = MediaDir("/srv/tapes")                      # doctest: +SKIP
-    >>> media.names()                                        # doctest: +SKIP
-    ['1994/christmas.mp4', 'wedding.mov']
-    >>> media.resolve("wedding.mov")                         # doctest: +SKIP
-    PosixPath('/srv/tapes/wedding.mov')
+    Example::
+
+        media = MediaDir("/srv/tapes")
+        media.names()
+        # -> ['1994/christmas.mp4', 'wedding.mov']
+        media.resolve("wedding.mov")
+        # -> PosixPath('/srv/tapes/wedding.mov')
     """
 
     def __init__(self, root: str | Path) -> None:
@@ -48,7 +49,7 @@ class MediaDir:
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
                 path = Path(folder, name)
-                if name.startswith(".") or not (path.suffix.lower() in VIDEO_SUFFIXES or is_image(path)):
+                if name.startswith(".") or media_kind(path) is None:
                     continue
                 if self._inside(path) is not None:
                     found.append(path.relative_to(self.root).as_posix())
