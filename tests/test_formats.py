@@ -88,7 +88,7 @@ def test_the_table_agrees_with_the_interfaces() -> None:
 def test_cli_restores_into_every_allowed_pair(codec, suffix, sources, detector, tmp_path, monkeypatch, capsys):
     from gpen_video.cli import main
 
-    monkeypatch.setattr("gpen_video.pipeline.FacePipeline", _identity_pipeline(detector))
+    monkeypatch.setattr("gpen_video.jobs.api.FacePipeline", _identity_pipeline(detector))
     source, output = sources[".mp4"], tmp_path / f"out{suffix}"
     code = main(["restore", str(source), "-o", str(output), "--codec", codec, "--device", "cpu", "-q",
                  "--preset", "ultrafast"])

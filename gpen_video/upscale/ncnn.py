@@ -18,7 +18,7 @@ The layer sequence is matched against RRDBNet or SRVGGNetCompact; a trailing bic
 reported as ``output_factor``.
 
 Example:
-    >>> model = read_ncnn(shipped_model_dir() / "realesr-animevideov3-x4.param")  # doctest: +SKIP
+    >>> model = read_ncnn(shipped_model_dir() / "realesr-animevideov3-x4.param")
     >>> model.config, model.output_factor
     (SRVGGConfig(scale=4, num_conv=16, num_feat=64), 1.0)
 """

