@@ -142,7 +142,9 @@ class WebApp:
                skip: tuple[int, ...] = ()) -> Config:
         """The job's settings: the preset, the command line's flags, then the page's choices."""
         chosen = dict(strength=float(strength), only_largest_face=bool(only_largest), codec=codec,
-                      skip_tracks=tuple(sorted(skip)), model=None if self.pinned_model else model)
+                      skip_tracks=tuple(sorted(skip)))
+        if not self.pinned_model:
+            chosen["model"] = model
         return config_from_options(preset or None, {**self.options.overrides, **chosen})
 
     def preset_values(self, preset: str) -> tuple:
