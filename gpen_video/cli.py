@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(d, "--max-gap", type=int, help="frames a face may be missed and still keep its track (default 8)")
     _flag(d, "--strength", type=float, help="0 keeps the original face, 1 the restored one (default 1)")
     _flag(d, "--mask", choices=["plain", "parse"], help="blend mask (parse downloads a face parser)")
+    u = r.add_argument_group("upscaling")
+    _flag(u, "--upscale", type=int, choices=[1, 2, 3, 4], metavar="N",
+          help="make the output N times larger (1, 2, 3 or 4; default 1), faces restored at the new size")
+    _flag(u, "--upscaler", choices=["auto", "lanczos", "realesr-animevideov3", "realesrgan-x4plus"],
+          help="how the frame is enlarged (auto: lanczos on the CPU, realesr-animevideov3 on CUDA)")
     o = r.add_argument_group("output")
     _flag(o, "--codec", choices=list(CODECS), help="output codec (README: which goes in which container)")
     _flag(o, "--crf", type=int, help="h264/h265 quality (default 18)")

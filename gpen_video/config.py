@@ -43,6 +43,7 @@ Precision = Literal["auto", "fp16", "bf16", "fp32"]
 Detector = Literal["retinaface-mobile", "retinaface-r50"]
 Mask = Literal["plain", "parse"]
 Warp = Literal["auto", "opencv", "torch"]
+UpscalerName = Literal["auto", "lanczos", "realesr-animevideov3", "realesrgan-x4plus"]
 EncoderPreset = Literal[
     "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo"
 ]
@@ -98,6 +99,16 @@ class Config:
     mask: Mask = "plain"
     """plain: the original demo's feathered square; parse: face-parsing mask (downloads weights)."""
 
+    # --- upscaling ---
+    upscale: int = 1
+    """Output side / input side: 1 (as the input), 2, 3 or 4. Faces are restored into the
+    upscaled frame, so they keep more of GPEN's detail; the rest of the frame is only as good
+    as the upscaler. Higher: larger files, slower."""
+    upscaler: UpscalerName = "auto"
+    """How the frame is made larger: lanczos (fast, faithful, soft), realesr-animevideov3 (a
+    small network: sharp, smooth skin), realesrgan-x4plus (sharpest, slowest); auto = lanczos
+    on the CPU, realesr-animevideov3 on CUDA. Unused with upscale = 1."""
+
     # --- output ---
     codec: Codec = "h264"
     crf: int = 18
@@ -140,6 +151,7 @@ class Config:
             "batch_size": self.batch_size is None or self.batch_size >= 1,
             "segment_seconds": self.segment_seconds > 0,
             "retries": self.retries >= 0,
+            "upscale": self.upscale in (1, 2, 3, 4),
         }
         if any(not isinstance(t, int) or t < 0 for t in self.skip_tracks):
             raise ConfigError(f"skip_tracks must be track ids (whole numbers >= 0), got {self.skip_tracks!r}")

@@ -1,9 +1,10 @@
-"""Wire the stages of one frame stream: plan (detect, track, smooth, select) → crop → restore
-→ paste.
+"""Wire the stages of one frame stream: plan (detect, track, smooth, select) → upscale (with
+``--upscale N``) → crop → restore → paste.
 
 ``FramePipeline`` holds a job's models (built once, reused for any number of streams) and
 wires them: the planner holds each frame back until its faces are final (the smoother's
-look-ahead), crops run in one thread, GPEN fills whole batches from consecutive frames,
+look-ahead), the upscaler (``upscale.stage``) enlarges frames and moves their faces in one
+thread, crops run in another, GPEN fills whole batches from consecutive frames,
 paste-back runs in another thread, and frames come out in order (``render``). New stages of
 the frame stream (upscaling, temporal filtering) go here, between the planner and the
 writer. Files, segments, resuming and Ray are the job layer's (``gpen_video.jobs``), which
@@ -33,9 +34,11 @@ from gpen_video.device import resolve_device
 from gpen_video.engine import Stages
 from gpen_video.errors import Cancelled, InputError
 from gpen_video.faces.detect import FaceDetector, create_detector
+from gpen_video.io.decode import VideoInfo
 from gpen_video.plan import PlannedFrame, Planner
 from gpen_video.records import Frame, TrackedFace
 from gpen_video.restore.restorer import Restorer, build_restorer, fit_batch_size, measure_face_bytes
+from gpen_video.upscale.stage import Scaled, UpscaleStage, build_upscale_stage, scaled_info
 from gpen_video.warp import FaceCrops, Warp, create_warp
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,8 @@ Progress = Callable[[int, "int | None"], None]
 """``progress(done_frames, total_frames_or_None)``, called as frames come out; raising
 ``gpen_video.Cancelled`` from it stops the stream cleanly."""
 
-MODEL_SETTINGS = ("model", "weights", "device", "precision", "detector", "detect_size", "score_threshold", "mask")
+MODEL_SETTINGS = ("model", "weights", "device", "precision", "detector", "detect_size", "score_threshold", "mask",
+                  "upscale", "upscaler")
 """Config fields that decide which models a pipeline loads (see ``FramePipeline.reconfigured``)."""
 DECODE_DEPTH = 8
 """Decoded frames queued ahead of the planner."""
@@ -56,9 +60,10 @@ FRAMES_RATE = Fraction(25)
 
 @dataclass(frozen=True)
 class _Restored:
-    """One planned frame, its crops and their restored faces ([M,3,S,S] in [0, 1]), or no faces."""
+    """One planned frame (and the frame it is restored into), its crops and their restored
+    faces ([M,3,S,S] in [0, 1]), or no faces."""
 
-    planned: PlannedFrame
+    scaled: Scaled
     crops: FaceCrops | None
     restored: torch.Tensor | None = None
 
@@ -72,6 +77,7 @@ class FramePipeline:
             downloads.
         restorer: an already built restorer (tests pass one with an identity network).
         detector: an already built detector.
+        upscale: an already built upscaling stage for ``config.upscale`` > 1.
         download_progress: show a progress bar on stderr while weights download.
     """
 
@@ -81,6 +87,7 @@ class FramePipeline:
         *,
         restorer: Restorer | None = None,
         detector: FaceDetector | None = None,
+        upscale: UpscaleStage | None = None,
         download_progress: bool = False,
     ) -> None:
         self.config = config
@@ -105,6 +112,8 @@ class FramePipeline:
             only_largest_face=config.only_largest_face,
             skip_tracks=config.skip_tracks,
         )
+        self.upscale = upscale if upscale is not None else build_upscale_stage(config, self.device,
+                                                                              progress=download_progress)
         self.warp: Warp = create_warp(config.warp, size=self.restorer.size, device=self.device)
         self.masker = None
         if config.mask == "parse":
@@ -130,13 +139,19 @@ class FramePipeline:
         return build_restorer(model, size, name=c.model, device=self.device, precision=c.precision,
                               batch_size=c.batch_size, cache_dir=c.cache_dir)
 
+    def output_info(self, info: VideoInfo) -> VideoInfo:
+        """What this pipeline's frames are, given its input's ``info``: ``config.upscale``× larger."""
+        return scaled_info(info, self.config.upscale)
+
     def fit_batch(self, height: int, width: int, dtype: np.dtype, *, free_bytes: int, face_bytes: int) -> int:
-        """The batch size that fits ``free_bytes`` of device memory for frames of this size,
-        counting the frames the pipeline holds on the device (``frames_on_device``)."""
+        """The batch size that fits ``free_bytes`` of device memory for input frames of this
+        size, counting the frames the pipeline holds on the device (``frames_on_device``),
+        which are the upscaled ones."""
+        scale = self.config.upscale
         return fit_batch_size(
             free_bytes=free_bytes,
             per_face_bytes=face_bytes,
-            frame_bytes=self.warp.held_bytes(height, width, dtype),
+            frame_bytes=self.warp.held_bytes(height * scale, width * scale, dtype),
             frames_held=self.frames_on_device,
         )
 
@@ -160,10 +175,10 @@ class FramePipeline:
     def _max_held(batch_size: int) -> int:
         return max(STAGE_DEPTH, 2 * batch_size)
 
-    def _crop(self, planned: PlannedFrame) -> _Restored:
-        if not planned.faces:
-            return _Restored(planned, None)
-        return _Restored(planned, self.warp.crop(planned.frame, planned.faces))
+    def _crop(self, scaled: Scaled) -> _Restored:
+        if not scaled.faces:
+            return _Restored(scaled, None)
+        return _Restored(scaled, self.warp.crop(scaled.frame, scaled.faces))
 
     def _restore_in_batches(self, items: Iterable[_Restored], stages: Stages,
                             segment_of: Callable[[Frame], int] | None = None) -> Iterator[_Restored]:
@@ -201,7 +216,7 @@ class FramePipeline:
 
         for work in items:
             if segment_of is not None:
-                segment, previous = segment_of(work.planned.frame), segment
+                segment, previous = segment_of(work.scaled.frame), segment
                 if held and segment != previous:
                     yield from flush()
             held.append(work)
@@ -213,8 +228,8 @@ class FramePipeline:
 
     def _paste(self, work: _Restored) -> tuple[PlannedFrame, Frame]:
         if work.crops is None:
-            return work.planned, work.planned.frame
-        return work.planned, self._pasted(work.crops, work.restored)
+            return work.scaled.planned, work.scaled.frame
+        return work.scaled.planned, self._pasted(work.crops, work.restored)
 
     def _pasted(self, crops: FaceCrops, restored: torch.Tensor) -> Frame:
         masks = self.masker.masks(restored) if self.masker is not None else None
@@ -222,9 +237,14 @@ class FramePipeline:
 
     def render(self, planned: Iterable[PlannedFrame], stages: Stages,
                segment_of: Callable[[Frame], int] | None = None) -> Iterator[tuple[PlannedFrame, Frame]]:
-        """Each planned frame with its faces restored and pasted back, in order, in the
-        threads of ``stages``; batches never span two segments of ``segment_of``."""
-        cropped = stages.map(self._crop, planned, name="crop", depth=STAGE_DEPTH)
+        """Each planned frame with its faces restored and pasted back (into the frame upscaled
+        ``config.upscale``×), in order, in the threads of ``stages``; batches never span two
+        segments of ``segment_of``."""
+        if self.upscale is None:
+            scaled: Iterable[Scaled] = map(Scaled.unscaled, planned)
+        else:
+            scaled = stages.prefetch(self.upscale.run(planned, stages, segment_of), STAGE_DEPTH, name="upscale")
+        cropped = stages.map(self._crop, scaled, name="crop", depth=STAGE_DEPTH)
         restored = self._restore_in_batches(cropped, stages, segment_of)
         return stages.map(self._paste, restored, name="paste", depth=STAGE_DEPTH)
 
@@ -283,12 +303,14 @@ class FramePipeline:
 
     def reconfigured(self, config: Config) -> FramePipeline:
         """A pipeline for ``config`` that shares this one's models where the settings that
-        build them (model, weights, device, precision, detector, mask) are unchanged."""
+        build them (model, weights, device, precision, detector, mask, upscaling) are unchanged."""
         same = {name: getattr(config, name) == getattr(self.config, name) for name in MODEL_SETTINGS}
         if not same["model"] or not same["weights"] or not same["device"] or not same["precision"]:
             return type(self)(config)
         detector_same = all(same[n] for n in ("detector", "detect_size", "score_threshold"))
-        other = type(self)(config, restorer=self.restorer, detector=self.detector if detector_same else None)
+        upscale_same = same["upscale"] and same["upscaler"]
+        other = type(self)(config, restorer=self.restorer, detector=self.detector if detector_same else None,
+                           upscale=self.upscale if upscale_same else None)
         if same["mask"] and self.masker is not None:
             other.masker = self.masker
         return other

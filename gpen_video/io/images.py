@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -95,6 +95,24 @@ class ImageFile:
             check_shape("ImageFile.alpha", self.alpha, self.rgb.shape[:2])
         if not 1 <= self.orientation <= 8:
             raise ValueError(f"orientation must be 1..8, got {self.orientation}")
+
+
+def enlarged(image: ImageFile, rgb: np.ndarray) -> ImageFile:
+    """``image`` with ``rgb``, a whole number of times its size (an upscaled copy), in place of
+    its pixels: the alpha is enlarged alike (Lanczos) and the resolution multiplied, so the
+    picture prints at the same size; the metadata is kept.
+
+    >>> small = ImageFile(Path("a.png"), np.zeros((2, 3, 3), np.uint8), None, "PNG", dpi=(72.0, 72.0))
+    >>> enlarged(small, np.zeros((4, 6, 3), np.uint8)).dpi
+    (144.0, 144.0)
+    """
+    scale = rgb.shape[0] // image.rgb.shape[0]
+    check_shape("rgb", rgb, (image.rgb.shape[0] * scale, image.rgb.shape[1] * scale, 3))
+    alpha = image.alpha
+    if alpha is not None:
+        alpha = cv2.resize(alpha, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LANCZOS4)
+    dpi = None if image.dpi is None else (image.dpi[0] * scale, image.dpi[1] * scale)
+    return replace(image, rgb=rgb, alpha=alpha, dpi=dpi)
 
 
 # --------------------------------------------------------------------------- orientation

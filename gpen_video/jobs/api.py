@@ -18,7 +18,7 @@ from pathlib import Path
 from gpen_video.engine import Stages
 from gpen_video.io.encode import default_output_path
 from gpen_video.io.files import check_output
-from gpen_video.io.images import copy_unchanged, read_image, write_image
+from gpen_video.io.images import copy_unchanged, enlarged, read_image, write_image
 from gpen_video.jobs.local import LocalRenderer
 from gpen_video.jobs.manifest import InputIdentity, Manifest
 from gpen_video.jobs.run import JobResult, Progress, Renderer, job_identity, output_settings, run_job
@@ -96,7 +96,7 @@ class FacePipeline(FramePipeline):
 
         The image is restored upright (EXIF orientation applied) and written back the same
         way round with its metadata and colour profile; an image where no face was restored
-        is copied byte for byte.
+        is copied byte for byte (with ``Config.upscale`` > 1 it is written enlarged).
         """
         src = Path(src)
         dst = Path(dst) if dst is not None else default_output_path(src)
@@ -109,12 +109,14 @@ class FacePipeline(FramePipeline):
             plan = self.planner.plan([frame], stages=stages)
             ((_, out),) = list(self.render(plan, stages))
         faces = self.restorer.stats.faces - before
-        if faces:
+        if self.upscale is not None:
+            write_image(dst, out.rgb, enlarged(image, out.rgb), overwrite=overwrite)
+        elif faces:
             write_image(dst, out.rgb, image, overwrite=overwrite)
         else:
             copy_unchanged(src, dst, overwrite=overwrite)
         return JobResult(
             input=src, output=dst, frames=1, faces_restored=faces, tracks=plan.stats.restored_tracks,
-            seconds=time.perf_counter() - started, unchanged=not faces,
+            seconds=time.perf_counter() - started, unchanged=not faces and self.upscale is None,
             fp32_reruns=self.restorer.stats.fp32_reruns - reruns,
         )

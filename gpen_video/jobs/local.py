@@ -76,8 +76,8 @@ def render_segment(pipeline: FramePipeline, planned: Iterable[PlannedFrame], inf
         with Stages() as stages:
             for _, frame in pipeline.render(planned, stages):
                 if writer is None:
-                    writer = VideoWriter(path, info, codec=c.codec, crf=c.crf, preset=c.preset, overwrite=True,
-                                         copy_streams=False).__enter__()
+                    writer = VideoWriter(path, pipeline.output_info(info), codec=c.codec, crf=c.crf, preset=c.preset,
+                                         overwrite=True, copy_streams=False).__enter__()
                 writer.write(frame)
                 written += 1
     except BaseException as exc:
@@ -108,6 +108,7 @@ class SegmentSink:
 
     def __init__(self, job: Job, pipeline: FramePipeline) -> None:
         self.job, self.config = job, pipeline.config
+        self.info = pipeline.output_info(job.plan.info)
         self.current: int | None = None
         self.writer: VideoWriter | None = None
         self.observations: list[Observation] = []
@@ -119,7 +120,7 @@ class SegmentSink:
             self.current = k
         if self.writer is None:
             c = self.config
-            writer = VideoWriter(self.job.tasks[self.current].output, self.job.plan.info, codec=c.codec, crf=c.crf,
+            writer = VideoWriter(self.job.tasks[self.current].output, self.info, codec=c.codec, crf=c.crf,
                                  preset=c.preset, overwrite=True, copy_streams=False)
             self._named(writer.__enter__)
             self.writer = writer

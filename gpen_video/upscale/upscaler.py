@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -364,11 +365,13 @@ def create_upscaler(
     offline: bool = False,
     progress: bool = True,
     mirror: str | None = None,
+    guard: Callable[[torch.nn.Module], torch.dtype] | None = None,
 ) -> Upscaler:
     """The stage ``config`` describes, ready to call on ``[N3HW]`` batches.
 
-    ``dtype`` overrides ``config.precision`` (a precision guard passes what it chose);
-    the weights arguments are those of ``load_network``.
+    ``dtype`` overrides ``config.precision``; ``guard`` overrides both: it gets the loaded
+    network (fp32, on ``device``) and returns the dtype to run it in (a precision check).
+    The weights arguments are those of ``load_network``.
     """
     spec = config.spec
     if spec.network is None:
@@ -376,6 +379,8 @@ def create_upscaler(
     network = load_network(spec.name, source=source, path=weights_path, cache_dir=cache_dir, offline=offline,
                            progress=progress, mirror=mirror).to(device)
     pad = config.tile_pad if config.tile_pad is not None else min(spec.network.receptive_radius, MAX_DEFAULT_PAD)
+    if guard is not None:
+        dtype = guard(network)
     return NetworkUpscaler(network, config.scale, tile=config.tile, tile_pad=pad,
                            dtype=dtype or PRECISION_DTYPES[config.precision])
 

@@ -1,0 +1,193 @@
+"""The upscaling stage of the frame stream: planned frames in, frames ``scale``× larger with
+their faces mapped onto them out.
+
+Detection and planning see the original frame (cheaper, and what the logs of a resumed job
+hold); this stage runs between the planner and the crop. It enlarges each frame and moves its
+planned faces to the new size, so GPEN's crops are taken from, and pasted back into, the
+larger frame: a 100 px face comes out as a 200 px face at 2×, with GPEN's detail.
+
+- Frames are enlarged in batches of consecutive frames (``batch_size``; a network on CUDA
+  gains from it), and a batch never spans two segments, so a resumed job enlarges each
+  segment exactly as an uninterrupted one did.
+- The enlarged frame has no decoder picture (``Frame.source`` is None): the writer can splice
+  the decoder's samples only into a picture of their own size, so every pixel is converted.
+- A network upscaler runs in ``--precision``, after the same half-precision check as GPEN
+  (``restore.precision.choose_precision``); its tiles bound its memory.
+
+Example:
+    >>> stage = UpscaleStage(LanczosUpscaler(2), name="lanczos")
+    >>> stage.enlarge([Frame(0, 0, Fraction(1, 25), np.zeros((9, 16, 3), np.uint8))])[0].rgb.shape
+    (18, 32, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+from gpen_video.config import Config
+from gpen_video.device import resolve_dtype
+from gpen_video.engine import Stages
+from gpen_video.io.decode import VideoInfo
+from gpen_video.plan import PlannedFrame
+from gpen_video.records import Frame, TrackedFace
+from gpen_video.restore.precision import check_faces, choose_precision
+from gpen_video.upscale.upscaler import LanczosUpscaler, NetworkUpscaler, UpscaleConfig, Upscaler, create_upscaler
+
+CUDA_BATCH = 4
+"""Frames per network call on CUDA. Higher: fewer, fuller kernel launches; memory grows with
+it (one tile's activations per frame). On the CPU frames go one at a time."""
+CHECK_SIZE = 64
+"""Side of the check faces a network upscaler's half precision is measured on (its input;
+the output is 4× that). Small, so the check costs a second on a CPU, once per machine."""
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """A planned frame and the frame its faces are restored into.
+
+    Attributes:
+        planned: the frame as planned, at the input's size (what logs and the report see).
+        frame: ``planned.frame`` itself, or a copy ``scale``× larger without a decoder
+            picture (the writer cannot splice the decoder's samples into another size).
+        faces: ``planned.faces`` in ``frame``'s pixels.
+    """
+
+    planned: PlannedFrame
+    frame: Frame
+    faces: tuple[TrackedFace, ...]
+
+    @classmethod
+    def unscaled(cls, planned: PlannedFrame) -> Scaled:
+        return cls(planned, planned.frame, planned.faces)
+
+
+def scale_points(points: np.ndarray, scale: int) -> np.ndarray:
+    """Pixel coordinates in a frame as coordinates in the frame ``scale``× larger.
+
+    The origin is the centre of the top-left pixel (``records``), so the frame's corner at
+    -0.5 stays at -0.5 and a pixel's centre lands on the centre of its enlarged block:
+    x' = (x + 0.5)·scale − 0.5.
+
+    >>> scale_points(np.array([[0.0, 0.0], [9.5, -0.5]], np.float32), 2).tolist()
+    [[0.5, 0.5], [19.5, -0.5]]
+    """
+    return ((points + 0.5) * scale - 0.5).astype(points.dtype)
+
+
+def scale_face(face: TrackedFace, scale: int) -> TrackedFace:
+    """``face`` (box, landmarks) in the pixels of its frame ``scale``× larger."""
+    raw = face.landmarks_raw
+    return dataclasses.replace(
+        face, box=scale_points(face.box.reshape(2, 2), scale).reshape(4),
+        landmarks=scale_points(face.landmarks, scale), landmarks_raw=None if raw is None else scale_points(raw, scale),
+    )
+
+
+def scaled_info(info: VideoInfo, scale: int) -> VideoInfo:
+    """The description of ``info``'s frames ``scale``× larger: only the sizes change (timing,
+    colour, rotation, aspect ratio and bit depth are the source's)."""
+    if scale == 1:
+        return info
+    return dataclasses.replace(info, width=info.width * scale, height=info.height * scale,
+                               coded_width=info.coded_width * scale, coded_height=info.coded_height * scale)
+
+
+def resolve_upscaler(name: str, device: torch.device) -> str:
+    """``Config.upscaler`` with ``auto`` chosen: Lanczos on the CPU, where a network costs about
+    an hour per minute of SD video (README, Upscaling), realesr-animevideov3 on CUDA."""
+    if name != "auto":
+        return name
+    return "realesr-animevideov3" if device.type == "cuda" else "lanczos"
+
+
+class UpscaleStage:
+    """Enlarges planned frames in batches and maps their faces onto the enlarged frames.
+
+    Args:
+        upscaler: the frame upscaler (built once per pipeline).
+        name: its name in ``upscale.UPSCALERS`` (part of a job's identity).
+        batch_size: consecutive frames per upscaler call.
+        device: where the frames are enlarged (a network's device; Lanczos runs on the CPU).
+    """
+
+    def __init__(self, upscaler: Upscaler, *, name: str, batch_size: int = 1,
+                 device: torch.device | str = "cpu") -> None:
+        self.upscaler, self.name, self.batch_size, self.device = upscaler, name, batch_size, torch.device(device)
+        self.scale = upscaler.scale
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the upscaler computes in (part of a job's identity)."""
+        return self.upscaler.dtype if isinstance(self.upscaler, NetworkUpscaler) else torch.float32
+
+    def enlarge(self, frames: Sequence[Frame]) -> list[Frame]:
+        """The frames (all of one size and dtype) ``scale``× larger, without decoder pictures."""
+        rgb = np.stack([f.rgb for f in frames])  # [NHW3]
+        top = float(np.iinfo(rgb.dtype).max)
+        x = torch.from_numpy(rgb.astype(np.float32)).to(self.device).permute(0, 3, 1, 2).div_(top)  # [N3HW]
+        y = self.upscaler(x).mul_(top).round_().permute(0, 2, 3, 1).cpu().numpy()  # [N(sH)(sW)3]
+        big = y.astype(rgb.dtype)
+        return [dataclasses.replace(f, rgb=big[i], source=None) for i, f in enumerate(frames)]
+
+    def run(self, planned: Iterable[PlannedFrame], stages: Stages,
+            segment_of: Callable[[Frame], int] | None = None) -> Iterator[Scaled]:
+        """Each planned frame enlarged, with its faces, in order; batches never span two
+        segments of ``segment_of`` nor two frame sizes. Busy time goes to ``stages`` as "upscale"."""
+        held: list[PlannedFrame] = []
+        segment = None
+        for p in planned:
+            previous, segment = segment, segment_of(p.frame) if segment_of is not None else None
+            if held and (segment != previous or p.frame.rgb.shape != held[0].frame.rgb.shape):
+                yield from self._flush(held, stages)
+            held.append(p)
+            if len(held) >= self.batch_size:
+                yield from self._flush(held, stages)
+        if held:
+            yield from self._flush(held, stages)
+
+    def _flush(self, held: list[PlannedFrame], stages: Stages) -> Iterator[Scaled]:
+        start = time.perf_counter()
+        frames = self.enlarge([p.frame for p in held])
+        stages.time("upscale", time.perf_counter() - start)
+        batch = [Scaled(p, f, tuple(scale_face(face, self.scale) for face in p.faces)) for p, f in zip(held, frames)]
+        held.clear()
+        yield from batch
+
+
+def _network_output(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
+def _unit(y: torch.Tensor) -> torch.Tensor:
+    return y.float().clamp(0, 1)
+
+
+def build_upscale_stage(config: Config, device: torch.device, *, progress: bool = False) -> UpscaleStage | None:
+    """The stage ``config.upscale`` asks for (None for 1): the upscaler resolved for
+    ``device``, its weights loaded as ``config`` says (cache, offline, mirror), a network's
+    half precision checked against fp32 as GPEN's is."""
+    if config.upscale == 1:
+        return None
+    name = resolve_upscaler(config.upscaler, device)
+
+    def guard(network: torch.nn.Module) -> torch.dtype:
+        return choose_precision(network, check_faces(CHECK_SIZE), resolve_dtype(config.precision, device),
+                                device=device, name=name, cache_dir=config.cache_dir, forward=_network_output,
+                                unit=_unit).dtype
+
+    upscaler = create_upscaler(UpscaleConfig(name, scale=config.upscale), device=device, cache_dir=config.cache_dir,
+                               offline=config.offline, progress=progress, mirror=config.mirror, guard=guard)
+    on_device = isinstance(upscaler, NetworkUpscaler)
+    return UpscaleStage(upscaler, name=name, batch_size=CUDA_BATCH if on_device and device.type == "cuda" else 1,
+                        device=device if on_device else "cpu")
+
+
+__all__ = ["CUDA_BATCH", "Scaled", "UpscaleStage", "build_upscale_stage", "resolve_upscaler", "scale_face",
+           "scale_points", "scaled_info"]
