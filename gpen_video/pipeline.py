@@ -38,7 +38,7 @@ from gpen_video.io.decode import VideoInfo
 from gpen_video.plan import PlannedFrame, Planner
 from gpen_video.records import Frame, TrackedFace
 from gpen_video.restore.restorer import Restorer, build_restorer, fit_batch_size, measure_face_bytes
-from gpen_video.upscale.stage import Scaled, UpscaleStage, build_upscale_stage, scaled_info
+from gpen_video.upscale.stage import UpscaleStage, build_upscale_stage, scale_face, scaled_info
 from gpen_video.warp import FaceCrops, Warp, create_warp
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,32 @@ STAGE_DEPTH = 16
 """Frames queued between crop, restore and paste. Higher: smoother pace, more memory."""
 FRAMES_RATE = Fraction(25)
 """Nominal rate given to frames passed to ``restore_frames`` (only the report would show it)."""
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """A planned frame and the frame its faces are restored into.
+
+    Attributes:
+        planned: the frame as planned, at the input's size (what logs and the report see).
+        frame: ``planned.frame`` itself, or a copy ``upscale``× larger without a decoder
+            picture (the writer cannot splice the decoder's samples into another size).
+        faces: ``planned.faces`` in ``frame``'s pixels.
+    """
+
+    planned: PlannedFrame
+    frame: Frame
+    faces: tuple[TrackedFace, ...]
+
+    @classmethod
+    def unscaled(cls, planned: PlannedFrame) -> Scaled:
+        return cls(planned, planned.frame, planned.faces)
+
+    @classmethod
+    def enlarged(cls, planned: PlannedFrame, frame: Frame) -> Scaled:
+        """``planned`` with ``frame``, its enlarged copy, and its faces moved onto that."""
+        scale = frame.rgb.shape[0] // planned.frame.rgb.shape[0]
+        return cls(planned, frame, tuple(scale_face(face, scale) for face in planned.faces))
 
 
 @dataclass(frozen=True)
@@ -243,7 +269,8 @@ class FramePipeline:
         if self.upscale is None:
             scaled: Iterable[Scaled] = map(Scaled.unscaled, planned)
         else:
-            scaled = stages.prefetch(self.upscale.run(planned, stages, segment_of), STAGE_DEPTH, name="upscale")
+            enlarged = self.upscale.run(planned, _frame_of, stages, segment_of)
+            scaled = stages.prefetch((Scaled.enlarged(*pair) for pair in enlarged), STAGE_DEPTH, name="upscale")
         cropped = stages.map(self._crop, scaled, name="crop", depth=STAGE_DEPTH)
         restored = self._restore_in_batches(cropped, stages, segment_of)
         return stages.map(self._paste, restored, name="paste", depth=STAGE_DEPTH)
@@ -314,6 +341,10 @@ class FramePipeline:
         if same["mask"] and self.masker is not None:
             other.masker = self.masker
         return other
+
+
+def _frame_of(planned: PlannedFrame) -> Frame:
+    return planned.frame
 
 
 def _tick(progress: Progress | None, cancel: threading.Event | None, done: int, total: int | None) -> None:

@@ -7,7 +7,8 @@
 torch.Size([1, 3, 16, 16])
 
 Modules: ``networks`` (RRDBNet, SRVGGNetCompact), ``ncnn`` (reads the shipped ncnn files),
-``upscaler`` (the stage). Names load on first use: the weights registry imports ``networks``,
+``upscaler`` (the upscalers), ``stage`` (the frame stream's stage: batches of frames, faces
+mapped to the new size, the output's description). Names load on first use: the weights registry imports ``networks``,
 and the stage imports the registry.
 """
 
@@ -17,6 +18,7 @@ _EXPORTS = {
     "create_upscaler": "upscaler", "load_network": "upscaler",
     "RRDBConfig": "networks", "RRDBNet": "networks", "SRVGGConfig": "networks", "SRVGGNetCompact": "networks",
     "read_ncnn": "ncnn", "read_shipped": "ncnn",
+    "UpscaleStage": "stage", "build_upscale_stage": "stage", "scale_points": "stage", "scaled_info": "stage",
 }
 
 

@@ -1,5 +1,5 @@
-"""The upscaling stage of the frame stream: planned frames in, frames ``scale``× larger with
-their faces mapped onto them out.
+"""The upscaling stage of the frame stream: frames in, frames ``scale``× larger out, and the
+faces planned on them mapped onto the larger frames.
 
 Detection and planning see the original frame (cheaper, and what the logs of a resumed job
 hold); this stage runs between the planner and the crop. It enlarges each frame and moves its
@@ -25,8 +25,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from fractions import Fraction
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -35,10 +35,11 @@ from gpen_video.config import Config
 from gpen_video.device import resolve_dtype
 from gpen_video.engine import Stages
 from gpen_video.io.decode import VideoInfo
-from gpen_video.plan import PlannedFrame
 from gpen_video.records import Frame, TrackedFace
 from gpen_video.restore.precision import check_faces, choose_precision
 from gpen_video.upscale.upscaler import LanczosUpscaler, NetworkUpscaler, UpscaleConfig, Upscaler, create_upscaler
+
+T = TypeVar("T")
 
 CUDA_BATCH = 4
 """Frames per network call on CUDA. Higher: fewer, fuller kernel launches; memory grows with
@@ -46,26 +47,6 @@ it (one tile's activations per frame). On the CPU frames go one at a time."""
 CHECK_SIZE = 64
 """Side of the check faces a network upscaler's half precision is measured on (its input;
 the output is 4× that). Small, so the check costs a second on a CPU, once per machine."""
-
-
-@dataclass(frozen=True)
-class Scaled:
-    """A planned frame and the frame its faces are restored into.
-
-    Attributes:
-        planned: the frame as planned, at the input's size (what logs and the report see).
-        frame: ``planned.frame`` itself, or a copy ``scale``× larger without a decoder
-            picture (the writer cannot splice the decoder's samples into another size).
-        faces: ``planned.faces`` in ``frame``'s pixels.
-    """
-
-    planned: PlannedFrame
-    frame: Frame
-    faces: tuple[TrackedFace, ...]
-
-    @classmethod
-    def unscaled(cls, planned: PlannedFrame) -> Scaled:
-        return cls(planned, planned.frame, planned.faces)
 
 
 def scale_points(points: np.ndarray, scale: int) -> np.ndarray:
@@ -136,27 +117,29 @@ class UpscaleStage:
         big = y.astype(rgb.dtype)
         return [dataclasses.replace(f, rgb=big[i], source=None) for i, f in enumerate(frames)]
 
-    def run(self, planned: Iterable[PlannedFrame], stages: Stages,
-            segment_of: Callable[[Frame], int] | None = None) -> Iterator[Scaled]:
-        """Each planned frame enlarged, with its faces, in order; batches never span two
-        segments of ``segment_of`` nor two frame sizes. Busy time goes to ``stages`` as "upscale"."""
-        held: list[PlannedFrame] = []
+    def run(self, items: Iterable[T], frame_of: Callable[[T], Frame], stages: Stages,
+            segment_of: Callable[[Frame], int] | None = None) -> Iterator[tuple[T, Frame]]:
+        """Each item with its frame (``frame_of(item)``) enlarged, in order; batches never span
+        two segments of ``segment_of`` nor two frame sizes. Busy time goes to ``stages`` as
+        "upscale"."""
+        held: list[tuple[T, Frame]] = []
         segment = None
-        for p in planned:
-            previous, segment = segment, segment_of(p.frame) if segment_of is not None else None
-            if held and (segment != previous or p.frame.rgb.shape != held[0].frame.rgb.shape):
+        for item in items:
+            frame = frame_of(item)
+            previous, segment = segment, segment_of(frame) if segment_of is not None else None
+            if held and (segment != previous or frame.rgb.shape != held[0][1].rgb.shape):
                 yield from self._flush(held, stages)
-            held.append(p)
+            held.append((item, frame))
             if len(held) >= self.batch_size:
                 yield from self._flush(held, stages)
         if held:
             yield from self._flush(held, stages)
 
-    def _flush(self, held: list[PlannedFrame], stages: Stages) -> Iterator[Scaled]:
+    def _flush(self, held: list[tuple[T, Frame]], stages: Stages) -> Iterator[tuple[T, Frame]]:
         start = time.perf_counter()
-        frames = self.enlarge([p.frame for p in held])
+        frames = self.enlarge([frame for _, frame in held])
         stages.time("upscale", time.perf_counter() - start)
-        batch = [Scaled(p, f, tuple(scale_face(face, self.scale) for face in p.faces)) for p, f in zip(held, frames)]
+        batch = [(item, big) for (item, _), big in zip(held, frames)]
         held.clear()
         yield from batch
 
@@ -189,5 +172,5 @@ def build_upscale_stage(config: Config, device: torch.device, *, progress: bool 
                         device=device if on_device else "cpu")
 
 
-__all__ = ["CUDA_BATCH", "Scaled", "UpscaleStage", "build_upscale_stage", "resolve_upscaler", "scale_face",
+__all__ = ["CUDA_BATCH", "UpscaleStage", "build_upscale_stage", "resolve_upscaler", "scale_face",
            "scale_points", "scaled_info"]
