@@ -333,6 +333,11 @@ def _check_upscaler(state: Mapping[str, Any], spec: WeightSpec, what: str) -> di
 # --------------------------------------------------------------------------- download
 
 
+def _weights_flag(spec: WeightSpec) -> str:
+    """The ``--weights`` remedy, for the networks that flag gives (not an upscaler's)."""
+    return "" if spec.kind == "upscaler" else ", or pass --weights PATH"
+
+
 def _download(url: str, part: Path, spec: WeightSpec, final: Path, progress: bool) -> None:
     """Fetch ``url`` into ``part``, resuming from its current length with an HTTP Range request."""
     from tqdm import tqdm
@@ -340,7 +345,7 @@ def _download(url: str, part: Path, spec: WeightSpec, final: Path, progress: boo
     def fail(reason: str) -> DownloadError:
         return DownloadError(
             f"could not download {spec.name} from {url}: {reason}; download it by hand and put it at "
-            f"{final}, or pass --weights PATH"
+            f"{final}{_weights_flag(spec)}"
         )
 
     offset = part.stat().st_size if part.exists() else 0
@@ -458,7 +463,7 @@ def _resolve(
     if offline:
         raise WeightsError(
             f"{spec.name} is not cached at {final} and downloads are off (--offline); download {urls[0]} "
-            f"by hand and put it there, or pass --weights PATH"
+            f"by hand and put it there{_weights_flag(spec)}"
         )
     try:
         root.mkdir(parents=True, exist_ok=True)
