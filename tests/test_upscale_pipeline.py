@@ -259,6 +259,28 @@ def test_an_image_is_twice_the_size_with_its_exif_and_icc(detector, tmp_path):
         assert b.info["dpi"] == pytest.approx((144, 144))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_a_network_upscaler_enlarges_an_image_as_the_library_stage_does(detector, tmp_path, precision):
+    """realesr-animevideov3 from the shipped ncnn files: a photo without faces comes out as the
+    library stage's upscale of it (exactly in fp32; auto's half precision is checked first)."""
+    from gpen_video.upscale.upscaler import UpscaleConfig, create_upscaler
+
+    rgb = np.random.default_rng(1).integers(0, 255, (24, 32, 3), np.uint8)
+    src, out = tmp_path / "noise.png", tmp_path / "noise.out.png"
+    Image.fromarray(rgb).save(src)
+    pipeline = pipeline_for(detector, upscaler="realesr-animevideov3", precision=precision,
+                            cache_dir=str(tmp_path / "cache"))
+    pipeline.restore_image(src, out)
+    got = np.asarray(Image.open(out))
+    assert got.shape == (48, 64, 3)
+    expected = create_upscaler(UpscaleConfig("realesr-animevideov3", scale=2)).upscale_rgb(rgb)
+    if precision == "fp32":
+        assert np.array_equal(got, expected)
+    else:
+        assert np.abs(got.astype(int) - expected).mean() < 2
+    assert output_settings(pipeline)["upscaler"] == "realesr-animevideov3"
+
+
 # --- errors ---
 
 
