@@ -281,6 +281,18 @@ def test_a_network_upscaler_enlarges_an_image_as_the_library_stage_does(detector
     assert output_settings(pipeline)["upscaler"] == "realesr-animevideov3"
 
 
+def test_the_web_page_passes_its_upscale_choice_into_the_job(tmp_path):
+    pytest.importorskip("gradio")
+    from gpen_video.web.app import WebApp, WebOptions
+
+    app = WebApp(WebOptions(jobs_dir=tmp_path, overrides={"device": "cpu"}), None, None, None, tmp_path, tmp_path,
+                 "secret")
+    config = app.config("", "GPEN-BFR-256", 1.0, False, "h264", 2, skip=(3,))
+    assert config.upscale == 2 and config.skip_tracks == (3,) and config.device == "cpu"
+    assert app.config("", "GPEN-BFR-256", 1.0, False, "h264").upscale == 1
+    app.build()  # the page, with its Upscale control, is made
+
+
 # --- errors ---
 
 

@@ -138,11 +138,11 @@ class WebApp:
 
     # ------------------------------------------------------------------ settings
 
-    def config(self, preset: str, model: str, strength: float, only_largest: bool, codec: str,
+    def config(self, preset: str, model: str, strength: float, only_largest: bool, codec: str, upscale: int = 1,
                skip: tuple[int, ...] = ()) -> Config:
         """The job's settings: the preset, the command line's flags, then the page's choices."""
         chosen = dict(strength=float(strength), only_largest_face=bool(only_largest), codec=codec,
-                      skip_tracks=tuple(sorted(skip)))
+                      upscale=int(upscale), skip_tracks=tuple(sorted(skip)))
         if not self.pinned_model:
             chosen["model"] = model
         return config_from_options(preset or None, {**self.options.overrides, **chosen})
@@ -151,8 +151,8 @@ class WebApp:
         try:
             c = config_from_options(preset or None, self.options.overrides)
         except GpenVideoError as exc:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), _error(str(exc))
-        return c.model, c.strength, c.only_largest_face, c.codec, _error(None)
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), _error(str(exc))
+        return c.model, c.strength, c.only_largest_face, c.codec, c.upscale, _error(None)
 
     # ------------------------------------------------------------------ faces found
 
@@ -368,6 +368,9 @@ class WebApp:
                     only_largest = gr.Checkbox(base.only_largest_face, label="Only the largest face",
                                                elem_id="only-largest-face")
                     codec = gr.Dropdown(CODECS, value=base.codec, label="Output codec", elem_id="codec")
+                    upscale = gr.Radio([("1×", 1), ("2×", 2), ("3×", 3), ("4×", 4)], value=base.upscale,
+                                       label="Upscale", elem_id="upscale",
+                                       info="Make the result larger; faces are restored at the new size.")
                 with gr.Column(scale=2):
                     error = gr.HTML("", elem_id="error", visible=False)
                     summary = gr.Markdown("", elem_id="analysis")
@@ -385,7 +388,7 @@ class WebApp:
                     video = gr.Video(label="Result", elem_id="output-video", interactive=False)
                     result = gr.File(label="Download", elem_id="output-file", interactive=False)
 
-            settings = [preset, model, strength, only_largest, codec]
+            settings = [preset, model, strength, only_largest, codec, upscale]
             found_outputs = [analysis, error, summary, gallery, faces, frame, before_after, restore]
             job_outputs = [shown, timer, progress, error, video, result, cancel]
             models_lane = {"concurrency_limit": 1, "concurrency_id": "models"}
@@ -421,7 +424,7 @@ class WebApp:
             upload.clear(from_upload, [upload, analysis, *settings], found_outputs)
             media.input(from_media, [media, analysis, *settings], found_outputs, **models_lane).then(
                 show_preview, preview_inputs, preview_outputs, **models_lane)
-            preset.input(self.preset_values, [preset], [model, strength, only_largest, codec, error]).then(
+            preset.input(self.preset_values, [preset], [model, strength, only_largest, codec, upscale, error]).then(
                 again, [analysis, *settings], found_outputs, **models_lane).then(
                 show_preview, preview_inputs, preview_outputs, **models_lane)
             only_largest.input(again, [analysis, *settings], found_outputs, **models_lane).then(
