@@ -122,6 +122,15 @@ def test_upscaling_is_part_of_the_job_identity_only_when_it_is_on(detector):
     assert two["upscale_dtype"] == "torch.float32"
 
 
+def test_auto_batch_size_counts_the_upscaled_frames(detector):
+    """The frames held on the device are the enlarged ones: a 2× pipeline fits the batch a
+    plain one fits for frames twice as large."""
+    plain, double = (pipeline_for(detector, upscale=n, warp="torch") for n in (1, 2))
+    fit = dict(free_bytes=1 << 29, face_bytes=24 << 20)
+    assert double.fit_batch(576, 720, np.uint8, **fit) == plain.fit_batch(1152, 1440, np.uint8, **fit)
+    assert double.fit_batch(576, 720, np.uint8, **fit) < plain.fit_batch(576, 720, np.uint8, **fit)
+
+
 # --- videos ---
 
 
@@ -223,6 +232,17 @@ def test_a_resume_with_another_scale_starts_afresh(detector, face_clip, tmp_path
     assert result.resumed_frames == 0 and "the settings changed" in caplog.text
     with av.open(str(out)) as c:
         assert (c.streams.video[0].width, c.streams.video[0].height) == (960, 540)
+
+
+def test_ray_gives_the_bytes_of_a_local_upscaled_run(ray_runtime, face_clip, gpen256_file, tmp_path, capsys):
+    args = [str(face_clip), "--upscale", "2", "--segment-seconds", "0.64", "--model", "GPEN-BFR-256",
+            "--weights", str(gpen256_file), "--device", "cpu", "--detect-size", "320", "-q"]
+    here, there = tmp_path / "here.mp4", tmp_path / "there.mp4"
+    assert main(["restore", "-o", str(here), *args]) == 0, capsys.readouterr().err
+    assert main(["restore", "-o", str(there), *args, "--ray"]) == 0, capsys.readouterr().err
+    assert there.read_bytes() == here.read_bytes()
+    with av.open(str(there)) as c:
+        assert (c.streams.video[0].width, c.streams.video[0].height) == (640, 360)
 
 
 def test_upscale_3_of_an_odd_size_is_three_times_it_in_full_chroma(detector, tmp_path):
