@@ -172,10 +172,11 @@ class FramePipeline:
     def fit_batch(self, height: int, width: int, dtype: np.dtype, *, free_bytes: int, face_bytes: int) -> int:
         """The batch size that fits ``free_bytes`` of device memory for input frames of this
         size, counting the frames the pipeline holds on the device (``frames_on_device``),
-        which are the upscaled ones."""
+        which are the upscaled ones, and what the upscaler needs."""
         scale = self.config.upscale
+        upscaler_bytes = self.upscale.device_bytes(height, width) if self.upscale is not None else 0
         return fit_batch_size(
-            free_bytes=free_bytes,
+            free_bytes=free_bytes - upscaler_bytes,
             per_face_bytes=face_bytes,
             frame_bytes=self.warp.held_bytes(height * scale, width * scale, dtype),
             frames_held=self.frames_on_device,

@@ -24,7 +24,7 @@ from gpen_video.jobs.workfolder import work_dir_for
 from gpen_video.records import Frame
 from gpen_video.restore.restorer import Restorer
 from gpen_video.upscale.stage import UpscaleStage, resolve_upscaler, scale_face
-from gpen_video.upscale.upscaler import LanczosUpscaler
+from gpen_video.upscale.upscaler import LanczosUpscaler, NetworkUpscaler
 from samples.make_demo import render_clip
 from tests.clips import make_clip, read_packets
 
@@ -129,6 +129,16 @@ def test_auto_batch_size_counts_the_upscaled_frames(detector):
     fit = dict(free_bytes=1 << 29, face_bytes=24 << 20)
     assert double.fit_batch(576, 720, np.uint8, **fit) == plain.fit_batch(1152, 1440, np.uint8, **fit)
     assert double.fit_batch(576, 720, np.uint8, **fit) < plain.fit_batch(576, 720, np.uint8, **fit)
+
+
+def test_a_network_upscaler_reserves_its_tile_memory():
+    from gpen_video.upscale.networks import SRVGGConfig, build_network
+
+    network = build_network(SRVGGConfig(scale=4, num_conv=2, num_feat=8))
+    stage = UpscaleStage(NetworkUpscaler(network, 4, tile=64, tile_pad=8), name="test", batch_size=2)
+    assert stage.device_bytes(576, 720) == 2 * 3 * 8 * 16 * 80 * 80 * 4  # a padded 64 px tile, fp32
+    assert stage.device_bytes(32, 720) == 2 * 3 * 8 * 16 * 48 * 80 * 4  # a frame lower than a tile
+    assert UpscaleStage(LanczosUpscaler(2), name="lanczos").device_bytes(576, 720) == 0
 
 
 # --- videos ---

@@ -109,6 +109,17 @@ class UpscaleStage:
         """What the upscaler computes in (part of a job's identity)."""
         return self.upscaler.dtype if isinstance(self.upscaler, NetworkUpscaler) else torch.float32
 
+    def device_bytes(self, height: int, width: int) -> int:
+        """An upper bound of the device memory one call on frames of this size takes besides
+        the frames: for a network, three feature maps of its width over a padded tile at its
+        native output scale, per frame of a batch; nothing for Lanczos (it runs on the CPU)."""
+        up = self.upscaler
+        if not isinstance(up, NetworkUpscaler):
+            return 0
+        h, w = (min(side, up.tile or side) + 2 * up.tile_pad for side in (height, width))
+        itemsize = torch.finfo(up.dtype).bits // 8
+        return self.batch_size * 3 * up.config.num_feat * up.config.scale ** 2 * h * w * itemsize
+
     def enlarge(self, frames: Sequence[Frame]) -> list[Frame]:
         """The frames (all of one size and dtype) ``scale``× larger, without decoder pictures."""
         rgb = np.stack([f.rgb for f in frames])  # [NHW3]
