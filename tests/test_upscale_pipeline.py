@@ -26,7 +26,7 @@ from gpen_video.restore.restorer import Restorer
 from gpen_video.upscale.stage import UpscaleStage, resolve_upscaler, scale_face
 from gpen_video.upscale.upscaler import LanczosUpscaler, NetworkUpscaler
 from samples.make_demo import render_clip
-from tests.clips import make_clip, read_packets
+from tests.clips import ffprobe_streams, make_clip, read_packets
 
 BRIGHTER = 0.3
 """What the test restorer adds to GPEN's [-1, 1] output: +0.15 of full scale, ~38 levels."""
@@ -255,16 +255,37 @@ def test_ray_gives_the_bytes_of_a_local_upscaled_run(ray_runtime, face_clip, gpe
         assert (c.streams.video[0].width, c.streams.video[0].height) == (640, 360)
 
 
-def test_upscale_3_of_an_odd_size_is_three_times_it_in_full_chroma(detector, tmp_path):
-    """3 × 61 × 3 × 45 = 183 × 135: H.264 cannot code an odd size in 4:2:0, so the writer
-    keeps the exact size and stores it as 4:4:4 (as for any odd-size input)."""
-    clip = make_clip(tmp_path / "odd.mp4", frames=4, size=(61, 45), pix_fmt="yuv444p")
+@pytest.mark.parametrize("size, stored", [((61, 45), "yuv444p"), ((80, 45), "yuv422p")])
+def test_upscale_3_of_an_odd_size_is_exactly_three_times_it(detector, tmp_path, size, stored):
+    """3 × 61 × 3 × 45 = 183 × 135 from a 4:2:0 source: H.264 cannot code an odd side in 4:2:0,
+    so the writer keeps the exact size and stores 4:4:4 (4:2:2 when only the height is odd),
+    as for any input of that size."""
+    clip = make_clip(tmp_path / "odd.mkv", frames=4, size=size, pix_fmt="yuv420p", codec="ffv1")
     out = tmp_path / "odd.out.mp4"
     pipeline_for(detector, upscale=3).restore_video(clip, out)
     with av.open(str(out)) as c:
         stream = c.streams.video[0]
-        assert (stream.width, stream.height, stream.codec_context.pix_fmt) == (183, 135, "yuv444p")
+        assert (stream.width, stream.height, stream.codec_context.pix_fmt) == (3 * size[0], 3 * size[1], stored)
     assert len(decoded(out)) == 4
+
+
+def test_rotation_and_ten_bits_are_kept(detector, tmp_path):
+    """A 10-bit 4:2:2 clip shown turned by 90°: the stored picture is twice as large, still
+    turned and still 10-bit (frames are enlarged as 16-bit RGB)."""
+    clip = make_clip(tmp_path / "turned.mov", frames=4, size=(48, 32), pix_fmt="yuv422p10le", rotation=90)
+    out = tmp_path / "turned.out.mov"
+    pipeline_for(detector).restore_video(clip, out)
+    with av.open(str(out)) as b:
+        sb = b.streams.video[0]
+        assert (sb.width, sb.height) == (96, 64) and sb.codec_context.pix_fmt == "yuv422p10le"
+    before, after = (ffprobe_streams(p)[0] for p in (clip, out))
+    assert after["side_data_list"][0]["rotation"] == before["side_data_list"][0]["rotation"] != 0
+    src = [f.to_ndarray(format="rgb48le") for f in decoded(clip)]
+    dst = [f.to_ndarray(format="rgb48le") for f in decoded(out)]
+    assert dst[0].dtype == np.uint16 and dst[0].shape == (64, 96, 3)
+    plain = np.stack([LanczosUpscaler(2)(torch.from_numpy(s.astype(np.float32)).permute(2, 0, 1)[None] / 65535)[0]
+                      .permute(1, 2, 0).numpy() * 65535 for s in src])
+    assert luma_difference(np.stack(dst), plain).mean() < 1.5 * 257  # within 1.5 8-bit levels
 
 
 # --- images ---
