@@ -227,6 +227,28 @@ def test_an_interrupted_upscaled_job_resumes_to_the_same_bytes(detector, face_cl
         assert (c.streams.video[0].width, c.streams.video[0].height) == (640, 360)
 
 
+def test_kill_9_then_the_same_upscaled_command_resumes_to_the_same_bytes(face_clip, gpen256_file, tmp_path):
+    """SIGKILL inside the second segment of a `--upscale 2` run; the same command then gives the
+    uninterrupted run's bytes, rendering only the unfinished segment again."""
+    import signal
+
+    from tests.test_resume import run_cli
+
+    args = [face_clip, "--upscale", "2", "--segment-seconds", "0.64", "--model", "GPEN-BFR-256", "--weights",
+            gpen256_file, "--device", "cpu", "--detect-size", "320"]
+    reference = tmp_path / "reference.mp4"
+    code, err, _ = run_cli(["restore", "-o", reference, *args], tmp_path / "reference.json")
+    assert code == 0, err
+    out = tmp_path / "out.mp4"
+    code, _, _ = run_cli(["restore", "-o", out, *args], tmp_path / "killed.json", "inside", kill=True)
+    assert code == -signal.SIGKILL and not out.exists()
+    code, err, seen = run_cli(["restore", "-o", out, *args], tmp_path / "resumed.json")
+    assert code == 0, err
+    assert "resuming tape.mp4 at segment 2 of 2 (16 of 35 frames done)" in err
+    assert seen["segments"] == ["segment-00001.mp4"]
+    assert out.read_bytes() == reference.read_bytes()
+
+
 def test_a_resume_with_another_scale_starts_afresh(detector, face_clip, tmp_path, caplog):
     """Segments made at 2× are not mixed into a 3× output."""
     out = tmp_path / "out.mp4"
