@@ -3,8 +3,8 @@
 
 ``FramePipeline`` holds a job's models (built once, reused for any number of streams) and
 wires them: the planner holds each frame back until its faces are final (the smoother's
-look-ahead), the upscaler (``upscale.stage``) enlarges frames and moves their faces in one
-thread, crops run in another, GPEN fills whole batches from consecutive frames,
+look-ahead), the upscaler (``upscale.stage``) enlarges frames in one thread, crops (of the
+faces moved to the enlarged frame) run in another, GPEN fills whole batches from consecutive frames,
 paste-back runs in another thread, and frames come out in order (``render``). New stages of
 the frame stream (upscaling, temporal filtering) go here, between the planner and the
 writer. Files, segments, resuming and Ray are the job layer's (``gpen_video.jobs``), which
@@ -59,37 +59,13 @@ FRAMES_RATE = Fraction(25)
 
 
 @dataclass(frozen=True)
-class Scaled:
-    """A planned frame and the frame its faces are restored into.
-
-    Attributes:
-        planned: the frame as planned, at the input's size (what logs and the report see).
-        frame: ``planned.frame`` itself, or a copy ``upscale``× larger without a decoder
-            picture (the writer cannot splice the decoder's samples into another size).
-        faces: ``planned.faces`` in ``frame``'s pixels.
-    """
+class _Restored:
+    """One planned frame, the frame it is restored into (``planned.frame``, or its copy
+    ``upscale``× larger, without a decoder picture), its crops and their restored faces
+    ([M,3,S,S] in [0, 1]), or no faces."""
 
     planned: PlannedFrame
     frame: Frame
-    faces: tuple[TrackedFace, ...]
-
-    @classmethod
-    def unscaled(cls, planned: PlannedFrame) -> Scaled:
-        return cls(planned, planned.frame, planned.faces)
-
-    @classmethod
-    def enlarged(cls, planned: PlannedFrame, frame: Frame) -> Scaled:
-        """``planned`` with ``frame``, its enlarged copy, and its faces moved onto that."""
-        scale = frame.rgb.shape[0] // planned.frame.rgb.shape[0]
-        return cls(planned, frame, tuple(scale_face(face, scale) for face in planned.faces))
-
-
-@dataclass(frozen=True)
-class _Restored:
-    """One planned frame (and the frame it is restored into), its crops and their restored
-    faces ([M,3,S,S] in [0, 1]), or no faces."""
-
-    scaled: Scaled
     crops: FaceCrops | None
     restored: torch.Tensor | None = None
 
@@ -202,10 +178,13 @@ class FramePipeline:
     def _max_held(batch_size: int) -> int:
         return max(STAGE_DEPTH, 2 * batch_size)
 
-    def _crop(self, scaled: Scaled) -> _Restored:
-        if not scaled.faces:
-            return _Restored(scaled, None)
-        return _Restored(scaled, self.warp.crop(scaled.frame, scaled.faces))
+    def _crop(self, item: tuple[PlannedFrame, Frame]) -> _Restored:
+        planned, frame = item
+        if not planned.faces:
+            return _Restored(planned, frame, None)
+        scale = self.config.upscale
+        faces = planned.faces if scale == 1 else tuple(scale_face(face, scale) for face in planned.faces)
+        return _Restored(planned, frame, self.warp.crop(frame, faces))
 
     def _restore_in_batches(self, items: Iterable[_Restored], stages: Stages,
                             segment_of: Callable[[Frame], int] | None = None) -> Iterator[_Restored]:
@@ -243,7 +222,7 @@ class FramePipeline:
 
         for work in items:
             if segment_of is not None:
-                segment, previous = segment_of(work.scaled.frame), segment
+                segment, previous = segment_of(work.frame), segment
                 if held and segment != previous:
                     yield from flush()
             held.append(work)
@@ -255,8 +234,8 @@ class FramePipeline:
 
     def _paste(self, work: _Restored) -> tuple[PlannedFrame, Frame]:
         if work.crops is None:
-            return work.scaled.planned, work.scaled.frame
-        return work.scaled.planned, self._pasted(work.crops, work.restored)
+            return work.planned, work.frame
+        return work.planned, self._pasted(work.crops, work.restored)
 
     def _pasted(self, crops: FaceCrops, restored: torch.Tensor) -> Frame:
         masks = self.masker.masks(restored) if self.masker is not None else None
@@ -268,11 +247,11 @@ class FramePipeline:
         ``config.upscale``×), in order, in the threads of ``stages``; batches never span two
         segments of ``segment_of``."""
         if self.upscale is None:
-            scaled: Iterable[Scaled] = map(Scaled.unscaled, planned)
+            framed: Iterable[tuple[PlannedFrame, Frame]] = ((p, p.frame) for p in planned)
         else:
-            enlarged = self.upscale.run(planned, _frame_of, stages, segment_of)
-            scaled = stages.prefetch((Scaled.enlarged(*pair) for pair in enlarged), STAGE_DEPTH, name="upscale")
-        cropped = stages.map(self._crop, scaled, name="crop", depth=STAGE_DEPTH)
+            framed = stages.prefetch(self.upscale.run(planned, _frame_of, stages, segment_of), STAGE_DEPTH,
+                                     name="upscale")
+        cropped = stages.map(self._crop, framed, name="crop", depth=STAGE_DEPTH)
         restored = self._restore_in_batches(cropped, stages, segment_of)
         return stages.map(self._paste, restored, name="paste", depth=STAGE_DEPTH)
 
@@ -297,7 +276,8 @@ class FramePipeline:
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
     ) -> Iterator[np.ndarray]:
-        """Restore a stream of frames: (H, W, 3) uint8 RGB arrays in, restored arrays out, in order.
+        """Restore a stream of frames: (H, W, 3) uint8 RGB arrays in, restored arrays out (``config.upscale``
+        times larger), in order.
 
         Frames are tracked and smoothed as in a video, so each output comes after the
         planner's look-ahead (about 2 x smooth_window + max_gap frames) has been read.

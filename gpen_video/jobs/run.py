@@ -311,6 +311,9 @@ def run_job(renderer: Renderer, pipeline: FramePipeline, src: str | Path, dst: P
     plan = open_job(src, deinterlace=c.deinterlace, segment_seconds=c.segment_seconds, index_file=work.index_path,
                     check=check)
     info, layout = plan.info, plan.layout
+    if info.interlaced and c.upscale > 1:
+        log.warning("%s: its frames stay interlaced (--deinterlace %s), and enlarging a frame mixes its two "
+                    "fields; use --deinterlace auto with --upscale", src.name, c.deinterlace)
     pipeline.fit_cuda_batch(info.height, info.width, info.dtype)
     expected = job_identity(renderer, plan.identity, layout)
     with work.lock():
