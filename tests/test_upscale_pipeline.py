@@ -311,6 +311,25 @@ def test_rotation_and_ten_bits_are_kept(detector, tmp_path):
     assert luma_difference(np.stack(dst), plain).mean() < 1.5 * 257  # within 1.5 8-bit levels
 
 
+def test_a_folder_is_upscaled_and_a_second_run_skips_it(vfr_clip, gpen256_file, tmp_path, capsys):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    (folder / "clip.mp4").write_bytes(vfr_clip.read_bytes())
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (30, 40, 3), np.uint8)).save(folder / "photo.png")
+    args = ["restore", str(folder), "-o", str(out), "--upscale", "2", "--model", "GPEN-BFR-256", "--weights",
+            str(gpen256_file), "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0, capsys.readouterr().err
+    assert Image.open(out / "photo.restored.png").size == (80, 60)
+    with av.open(str(out / "clip.restored.mp4")) as c:
+        assert (c.streams.video[0].width, c.streams.video[0].height) == (128, 96)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().err.count("restored before with the same settings; skipped") == 2
+    assert main([*args[:5], "3", *args[6:], "-y"]) == 0  # another scale is another job
+    assert "2 restored, 0 failed" in capsys.readouterr().err
+    assert Image.open(out / "photo.restored.png").size == (120, 90)
+
+
 # --- images ---
 
 
