@@ -352,6 +352,19 @@ def test_an_image_is_twice_the_size_with_its_exif_and_icc(detector, tmp_path):
         assert b.info["dpi"] == pytest.approx((144, 144))
 
 
+def test_a_png_keeps_its_alpha_enlarged_with_it(detector, tmp_path):
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[..., :3] = 120
+    rgba[5:15, 10:20, 3] = 255  # an opaque block on a transparent ground
+    src, out = tmp_path / "logo.png", tmp_path / "logo.out.png"
+    Image.fromarray(rgba, "RGBA").save(src)
+    pipeline_for(detector).restore_image(src, out)
+    alpha = np.asarray(Image.open(out))[..., 3]
+    assert alpha.shape == (40, 60)
+    block = np.repeat(np.repeat(rgba[..., 3] > 127, 2, 0), 2, 1)
+    assert np.array_equal(alpha > 127, block)  # the same shape, twice as large
+
+
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
 def test_a_network_upscaler_enlarges_an_image_as_the_library_stage_does(detector, tmp_path, precision):
     """realesr-animevideov3 from the shipped ncnn files: a photo without faces comes out as the
