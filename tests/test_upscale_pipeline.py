@@ -152,14 +152,15 @@ def vfr_clip(tmp_path_factory) -> Path:
                      color={"range": 1, "primaries": 1, "trc": 1, "space": 1}, sample_aspect_ratio=Fraction(16, 15))
 
 
-def test_cli_upscale_2_keeps_frames_pts_audio_and_tags(vfr_clip, gpen256_file, tmp_path, capsys):
+@pytest.mark.parametrize("n", [2, 4])
+def test_cli_upscale_keeps_frames_pts_audio_and_tags(vfr_clip, gpen256_file, tmp_path, capsys, n):
     out = tmp_path / "out.mp4"
-    code = main(["restore", str(vfr_clip), "-o", str(out), "--upscale", "2", "--model", "GPEN-BFR-256",
+    code = main(["restore", str(vfr_clip), "-o", str(out), "--upscale", str(n), "--model", "GPEN-BFR-256",
                  "--weights", str(gpen256_file), "--device", "cpu", "-q"])
     assert code == 0, capsys.readouterr().err
     with av.open(str(vfr_clip)) as a, av.open(str(out)) as b:
         va, vb = a.streams.video[0], b.streams.video[0]
-        assert (vb.width, vb.height) == (2 * va.width, 2 * va.height) == (128, 96)
+        assert (vb.width, vb.height) == (n * va.width, n * va.height) == (64 * n, 48 * n)
         ca, cb = va.codec_context, vb.codec_context
         assert (cb.color_range, cb.color_primaries, cb.color_trc, cb.colorspace) == (1, 1, 1, 1)
         assert cb.sample_aspect_ratio == ca.sample_aspect_ratio == Fraction(16, 15)
@@ -167,7 +168,7 @@ def test_cli_upscale_2_keeps_frames_pts_audio_and_tags(vfr_clip, gpen256_file, t
     src, dst = decoded(vfr_clip), decoded(out)
     assert [f.pts for f in dst] == [f.pts for f in src] and len(dst) == 12
     assert read_packets(out)[1] == read_packets(vfr_clip)[1]  # the audio, packet for packet
-    lanczos = LanczosUpscaler(2).upscale_rgb(np.stack([f.to_ndarray(format="rgb24") for f in src]))
+    lanczos = LanczosUpscaler(n).upscale_rgb(np.stack([f.to_ndarray(format="rgb24") for f in src]))
     got = np.stack([f.to_ndarray(format="rgb24") for f in dst])
     assert luma_difference(got, lanczos).mean() < 1.5  # no face here: the frame is the Lanczos upscale
 
