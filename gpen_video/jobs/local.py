@@ -131,8 +131,8 @@ class SegmentSink:
             self.writer = writer
         self._named(self.writer.write, frame)
         self.observations.append(planned.observation.without_pixels())  # a segment's frames would fill memory
-        if len(self.observations) == layout.frame_counts[k]:
-            self._close(until=k + 1)
+        if k + 1 < len(layout) and len(self.observations) == layout.frame_counts[k]:
+            self._close(until=k + 1)  # the last one is finished by ``finish``
 
     def finish(self) -> None:
         """Record the segment being written and any later one no frame reached (a damaged
