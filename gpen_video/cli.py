@@ -77,6 +77,22 @@ def _track_ids(value: str) -> tuple[int, ...]:
     return ids
 
 
+def _on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
+    return value == "on"
+
+
+def _degrees(value: str) -> float:
+    try:
+        degrees = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected degrees of head turn, e.g. 55, got {value!r}") from None
+    if not 15 < degrees <= 90:
+        raise argparse.ArgumentTypeError(f"degrees of head turn must be over 15 and at most 90, got {value!r}")
+    return degrees
+
+
 def _keep_days(value: str) -> float:
     try:
         days = float(value)
@@ -124,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(d, "--max-gap", type=int, help="frames a face may be missed and still keep its track (default 8)")
     _flag(d, "--strength", type=float, help="0 keeps the original face, 1 the restored one (default 1)")
     _flag(d, "--mask", choices=["plain", "parse"], help="blend mask (parse downloads a face parser)")
+    _flag(d, "--temporal", type=_on_off, metavar="on|off",
+          help="steady faces: average each face over time where it holds still, keep the source's colour, "
+               "fade out profiles and 1-2 frame tracks (default on)")
+    _flag(d, "--max-yaw", type=_degrees, metavar="DEG",
+          help="head turn at which restoration has faded out (default 55; with --temporal on)")
     u = r.add_argument_group("upscaling")
     _flag(u, "--upscale", type=int, choices=[1, 2, 3, 4], metavar="N",
           help="make the output N times larger (1, 2, 3 or 4; default 1), faces restored at the new size")

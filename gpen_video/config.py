@@ -108,6 +108,28 @@ class Config:
     """How the frame is made larger: lanczos (fast, faithful, soft), realesr-animevideov3 (a
     small network: sharp, smooth skin), realesrgan-x4plus (sharpest, slowest); auto = lanczos
     on the CPU, realesr-animevideov3 on CUDA. Unused with upscale = 1."""
+    # --- temporal ---
+    temporal: bool = True
+    """Steady restored faces: each track's restored crops averaged over time where its face holds
+    still, colour kept from the source, profiles and short tracks faded out (README, Temporal
+    stabilisation). False: every frame restored on its own, as the original demo does."""
+    temporal_reach: int = 4
+    """Frames either side a restored face is averaged with. Higher: steadier (flicker falls
+    about as 1/(reach + 1)), flatter invented texture, more frames held."""
+    motion_threshold: float = 0.03
+    """Source change (0–1 scale) at which a neighbour stops counting. Higher: averages through
+    small movements too (steadier, may smear); lower: follows smaller changes (more flicker)."""
+    colour_grid: int = 16
+    """Grid below which colour and shading come from the source face. Higher: more of the
+    source's mid frequencies (its blur) kept; lower: more of GPEN's own colour; 0: no colour fix."""
+    max_yaw: float = 55.0
+    """Head turn (degrees) at which restoration has faded out: GPEN paints frontal features onto
+    profiles. Higher: more turned faces restored; lower: more left as they are."""
+    fade_frames: int = 9
+    """Frames a face takes to fade in or out (turning away, starting or ending mid-shot).
+    Longer: gentler, but faces near max_yaw stay faded longer."""
+    min_track_frames: int = 3
+    """Tracks seen for fewer frames are not restored (likely false detections, would only flash)."""
 
     # --- output ---
     codec: Codec = "h264"
@@ -152,6 +174,12 @@ class Config:
             "segment_seconds": self.segment_seconds > 0,
             "retries": self.retries >= 0,
             "upscale": self.upscale in (1, 2, 3, 4),
+            "temporal_reach": 0 <= self.temporal_reach <= 32,
+            "motion_threshold": self.motion_threshold > 0,
+            "colour_grid": self.colour_grid >= 0,
+            "max_yaw": 15.0 < self.max_yaw <= 90.0,
+            "fade_frames": 1 <= self.fade_frames <= 61,
+            "min_track_frames": self.min_track_frames >= 1,
         }
         if any(not isinstance(t, int) or t < 0 for t in self.skip_tracks):
             raise ConfigError(f"skip_tracks must be track ids (whole numbers >= 0), got {self.skip_tracks!r}")

@@ -1,12 +1,13 @@
-"""Wire the stages of one frame stream: plan (detect, track, smooth, select) → upscale (with
-``--upscale N``) → crop → restore → paste.
+"""Wire the stages of one frame stream: plan (detect, track, smooth, select, fade) → upscale
+(with ``--upscale N``) → crop → restore → stabilise → paste.
 
 ``FramePipeline`` holds a job's models (built once, reused for any number of streams) and
 wires them: the planner holds each frame back until its faces are final (the smoother's
 look-ahead), the upscaler (``upscale.stage``) enlarges frames in one thread, crops (of the
-faces moved to the enlarged frame) run in another, GPEN fills whole batches from consecutive frames,
-paste-back runs in another thread, and frames come out in order (``render``). New stages of
-the frame stream (upscaling, temporal filtering) go here, between the planner and the
+faces moved to the enlarged frame) run in another, GPEN fills whole batches from consecutive
+frames, the temporal stabiliser averages each track's restored crops over ``reach`` frames
+(reset at each segment of a job), paste-back runs in another thread, and frames come out in
+order (``render``). New stages of the frame stream go here, between the planner and the
 writer. Files, segments, resuming and Ray are the job layer's (``gpen_video.jobs``), which
 also gives the public ``FacePipeline``: this class with ``restore_video`` and ``restore_image``.
 
@@ -21,6 +22,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -38,8 +40,10 @@ from gpen_video.io.decode import VideoInfo
 from gpen_video.plan import PlannedFrame, Planner
 from gpen_video.records import Frame, TrackedFace
 from gpen_video.restore.restorer import Restorer, build_restorer, fit_batch_size, measure_face_bytes
+from gpen_video.restore.temporal import TemporalSettings, TrackStabiliser, colour_fix
 from gpen_video.upscale.stage import UpscaleStage, build_upscale_stage, scale_face, scaled_info
 from gpen_video.warp import FaceCrops, Warp, create_warp
+from gpen_video.warp.masks import face_mask
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +110,8 @@ class FramePipeline:
             mirror=config.mirror,
             progress=download_progress,
         )
-        self.planner = Planner(
-            self.detector,
-            smooth_window=config.smooth_window,
-            max_gap=config.max_gap,
-            min_face=config.min_face,
-            only_largest_face=config.only_largest_face,
-            skip_tracks=config.skip_tracks,
-        )
+        self.temporal = TemporalSettings.of(config)
+        self.planner = self._planner(self.temporal)
         self.upscale = upscale if upscale is not None else build_upscale_stage(config, self.device,
                                                                               progress=download_progress)
         self.warp: Warp = create_warp(config.warp, size=self.restorer.size, device=self.device)
@@ -128,6 +126,17 @@ class FramePipeline:
                 mirror=config.mirror,
                 progress=download_progress,
             )
+
+    def _planner(self, temporal: TemporalSettings | None) -> Planner:
+        c = self.config
+        return Planner(self.detector, smooth_window=c.smooth_window, max_gap=c.max_gap, min_face=c.min_face,
+                       only_largest_face=c.only_largest_face, skip_tracks=c.skip_tracks, temporal=temporal)
+
+    @cached_property
+    def still_planner(self) -> Planner:
+        """The planner of a still image: no fades (a photo's face is one frame, not a short
+        track); the stabiliser still gives it the colour fix."""
+        return self._planner(None)
 
     def _build_restorer(self, download_progress: bool) -> Restorer:
         from gpen_video.restore.weights import get_spec, load_gpen
@@ -172,7 +181,8 @@ class FramePipeline:
     def frames_on_device(self, batch_size: int) -> int:
         """Most frames the torch warp holds on the device at once with ``batch_size``: the
         crop queue, the frames waiting for a full batch, and the paste queue."""
-        return STAGE_DEPTH + self._max_held(batch_size) + STAGE_DEPTH + 2
+        reach = self.temporal.reach if self.temporal is not None else 0
+        return STAGE_DEPTH + self._max_held(batch_size) + reach + STAGE_DEPTH + 2
 
     @staticmethod
     def _max_held(batch_size: int) -> int:
@@ -199,7 +209,6 @@ class FramePipeline:
         max_held = self._max_held(batch)
         held: list[_Restored] = []
         faces = 0
-        segment = None
 
         def flush() -> Iterator[_Restored]:
             nonlocal faces
@@ -220,11 +229,9 @@ class FramePipeline:
             held.clear()
             faces = 0
 
-        for work in items:
-            if segment_of is not None:
-                segment, previous = segment_of(work.frame), segment
-                if held and segment != previous:
-                    yield from flush()
+        for work, new_segment in _segment_starts(items, segment_of):
+            if held and new_segment:
+                yield from flush()
             held.append(work)
             faces += len(work.crops.faces) if work.crops else 0
             if faces >= batch or len(held) >= max_held:
@@ -232,13 +239,53 @@ class FramePipeline:
         if held:
             yield from flush()
 
+    def _stabilise(self, items: Iterable[_Restored], stages: Stages,
+                   segment_of: Callable[[Frame], int] | None = None) -> Iterator[_Restored]:
+        """Each frame's restored faces stabilised over their tracks (``TrackStabiliser``: source =
+        the crops given to the restorer), on their device, in order, ``reach`` frames later.
+        It starts afresh at each segment of ``segment_of``, as at a track's end, so that a
+        segment's output never depends on another's restorations (resume and Ray are exact)."""
+        if self.temporal is None:
+            yield from items
+            return
+        stabiliser = TrackStabiliser(self.temporal)
+        held: deque[_Restored] = deque()
+
+        def released(done: list[tuple[int, dict[int, torch.Tensor]]]) -> Iterator[_Restored]:
+            for index, faces in done:
+                work = held.popleft()
+                if work.planned.frame.index != index:
+                    raise AssertionError(f"stabilised frame {index} but held frame {work.planned.frame.index}")
+                if work.crops is None:
+                    yield work
+                else:
+                    yield dataclasses.replace(work, restored=torch.stack([faces[f.track_id] for f in work.crops.faces]))
+
+        for work, new_segment in _segment_starts(items, segment_of):
+            if new_segment:
+                yield from released(stabiliser.finish())
+            start = time.perf_counter()
+            crops = work.crops
+            faces = {} if crops is None else {
+                f.track_id: (crops.pixels[i], work.restored[i]) for i, f in enumerate(crops.faces)}
+            held.append(work)
+            done = stabiliser.push(work.planned.frame.index, faces)
+            stages.time("temporal", time.perf_counter() - start)
+            yield from released(done)
+        yield from released(stabiliser.finish())
+
     def _paste(self, work: _Restored) -> tuple[PlannedFrame, Frame]:
         if work.crops is None:
             return work.planned, work.frame
         return work.planned, self._pasted(work.crops, work.restored)
 
     def _pasted(self, crops: FaceCrops, restored: torch.Tensor) -> Frame:
+        """Paste ``restored``, each face's mask times its weight (the planner's fades)."""
         masks = self.masker.masks(restored) if self.masker is not None else None
+        weights = np.array([f.weight for f in crops.faces], np.float32)
+        if np.any(weights != 1.0):
+            plain = face_mask(self.warp.size)[None] if masks is None else masks
+            masks = plain * weights[:, None, None]  # (M,S,S)
         return self.warp.paste(crops, restored, strength=self.config.strength, masks=masks)
 
     def render(self, planned: Iterable[PlannedFrame], stages: Stages,
@@ -253,6 +300,7 @@ class FramePipeline:
                                      name="upscale")
         cropped = stages.map(self._crop, framed, name="crop", depth=STAGE_DEPTH)
         restored = self._restore_in_batches(cropped, stages, segment_of)
+        restored = self._stabilise(restored, stages, segment_of)
         return stages.map(self._paste, restored, name="paste", depth=STAGE_DEPTH)
 
     @cached_property
@@ -301,12 +349,17 @@ class FramePipeline:
 
     def restore_faces(self, rgb: np.ndarray, faces: Sequence[TrackedFace]) -> np.ndarray:
         """Restore the given faces of one frame (a preview: faces come from an earlier plan,
-        e.g. a report or ``Planner.plan``), returning the frame with them pasted back."""
+        e.g. a report or ``Planner.plan``), returning the frame with them pasted back. With
+        ``temporal`` on, the colour fix and the faces' weights apply; one frame cannot be
+        averaged over time."""
         frame = Frame(0, 0, Fraction(1), rgb)
+        faces = tuple(f for f in faces if f.weight > 0)
         if not faces:
             return rgb
-        crops = self.warp.crop(frame, tuple(faces))
+        crops = self.warp.crop(frame, faces)
         restored = self.restorer.restore_tensor(crops.pixels)
+        if self.temporal is not None:
+            restored = colour_fix(restored, crops.pixels, self.temporal.colour_grid)
         return self._pasted(crops, restored).rgb
 
     def reconfigured(self, config: Config) -> FramePipeline:
@@ -326,6 +379,18 @@ class FramePipeline:
 
 def _frame_of(planned: PlannedFrame) -> Frame:
     return planned.frame
+
+
+def _segment_starts(items: Iterable[_Restored], segment_of: Callable[[Frame], int] | None
+                    ) -> Iterator[tuple[_Restored, bool]]:
+    """Each item, and whether its frame starts another segment than the item before's."""
+    segment = None
+    for n, work in enumerate(items):
+        if segment_of is None:
+            yield work, False
+            continue
+        segment, previous = segment_of(work.planned.frame), segment
+        yield work, n > 0 and segment != previous
 
 
 def _tick(progress: Progress | None, cancel: threading.Event | None, done: int, total: int | None) -> None:

@@ -43,10 +43,13 @@ import numpy as np
 
 from gpen_video.engine import Stages
 from gpen_video.faces.detect import FaceDetector
+from gpen_video.faces.fade import TrackFader
+from gpen_video.faces.pose import fade_reach
 from gpen_video.faces.scenes import CutFeatures, SceneCutDetector, cut_features
 from gpen_video.faces.smooth import LookaheadSmoother
 from gpen_video.faces.track import Tracker
 from gpen_video.records import Detections, Frame, TrackedFace
+from gpen_video.restore.temporal import TemporalSettings
 
 
 class ReportSink(Protocol):
@@ -94,7 +97,8 @@ class PlannedFrame:
 
     Attributes:
         observation: the frame as read (not modified) and what detection found in it.
-        faces: the faces to restore, smoothed (gaps filled), by track id.
+        faces: the faces to restore, smoothed (gaps filled), by track id, each with its paste
+            weight (> 0; faces faded out to 0 are not listed).
         tracked: every tracked face of the frame, restored or not, by track id.
     """
 
@@ -129,7 +133,6 @@ class _TrackState:
     """What the selection knows of one live track."""
 
     on: bool = False
-    restored: bool = False
 
 
 class Planner:
@@ -149,6 +152,8 @@ class Planner:
             held.
         chunk: frames smoothed per call. Higher: less smoothing work per frame, more frames
             held.
+        temporal: the pose and track fades of ``TemporalSettings`` (``faces.fade``), which hold
+            ``fade_reach`` more frames; None: every selected face has weight 1.
 
     Example:
         >>> import numpy as np
@@ -175,6 +180,7 @@ class Planner:
         skip_tracks: Iterable[int] = (),
         detect_batch: int = 8,
         chunk: int = 16,
+        temporal: TemporalSettings | None = None,
     ) -> None:
         if smooth_window < 1:
             raise ValueError(f"smooth_window must be >= 1, got {smooth_window}")
@@ -190,13 +196,20 @@ class Planner:
         self.skip_tracks = frozenset(skip_tracks)
         self.detect_batch = detect_batch
         self.chunk = chunk
+        self.temporal = temporal
         self._lookahead = LookaheadSmoother(window=smooth_window, max_gap=max_gap, chunk=chunk)
 
     @property
     def delay(self) -> int:
         """Most frames the planner holds at once (read, not yet released): the look-ahead,
         plus the detection queue and the batch being detected."""
-        return self._lookahead.delay + 3 * self.detect_batch
+        return self._lookahead.delay + 3 * self.detect_batch + self.fade_reach
+
+    @property
+    def fade_reach(self) -> int:
+        """Frames a frame is held after the smoother released it, until its weights are final."""
+        t = self.temporal
+        return 0 if t is None else max(fade_reach(t.fade_frames), t.min_track_frames - 1)
 
     @property
     def context(self) -> int:
@@ -289,6 +302,9 @@ class Plan(Iterator[PlannedFrame]):
         self._sizes: dict[int, deque[tuple[int, float]]] = {}
         self._live: dict[int, _TrackState] = {}
         self._chosen: int | None = None
+        self._restored_live: set[int] = set()  # live tracks restored in some frame so far
+        fade = planner.temporal
+        self._fader = None if fade is None else TrackFader(fade.fade, planner.fade_reach)
         self._frames = self._cuts = self._tracks = self._restored = 0
         self._run = self._planned(replay, frames)
 
@@ -309,7 +325,7 @@ class Plan(Iterator[PlannedFrame]):
 
     def _planned(self, replay: Iterable[Observation], frames: Iterable[Frame]) -> Iterator[PlannedFrame]:
         detect_batch = self._planner.detect_batch
-        held: deque[Observation] = deque()
+        held: deque[tuple[Observation, bool]] = deque()
         cuts = SceneCutDetector()
         try:
             observed = self._planner.observe(frames, segment_of=self._segment_of, stages=self._stages)
@@ -317,7 +333,8 @@ class Plan(Iterator[PlannedFrame]):
             for n, seen in enumerate(itertools.chain(replay, detected)):
                 start = time.perf_counter()
                 frame = seen.frame
-                if cuts.update_features(seen.cut) and n > 0:
+                cut = cuts.update_features(seen.cut) and n > 0
+                if cut:
                     self._tracker.reset()
                     self._cuts += 1
                     if self._report is not None:
@@ -325,17 +342,40 @@ class Plan(Iterator[PlannedFrame]):
                 faces = self._tracker.update(frame.index, seen.detections)
                 for face in faces:
                     self._sizes.setdefault(face.track_id, deque()).append((face.frame_index, face.size))
-                held.append(seen)
-                ready = [self._release(held.popleft(), i, fs) for i, fs in self._smoother.push(frame.index, faces)]
+                held.append((seen, cut or n == 0))
+                ready = self._faded(self._release(*held.popleft(), i, fs) for i, fs in self._smoother.push(frame.index, faces))
                 self._stages.time("plan", time.perf_counter() - start)
                 yield from ready
             start = time.perf_counter()
-            ready = [self._release(held.popleft(), i, fs) for i, fs in self._smoother.finish()]
+            ready = self._faded([self._release(*held.popleft(), i, fs) for i, fs in self._smoother.finish()], end=True)
             self._stages.time("plan", time.perf_counter() - start)
             yield from ready
         finally:
             if self._own_stages:
                 self._stages.close()
+
+    def _faded(self, selected: Iterable[tuple[PlannedFrame, bool]], end: bool = False) -> list[PlannedFrame]:
+        """Planned frames with their faces' paste weights, once final (``faces.fade``): faces of
+        weight 0 dropped; the report and the counts fed."""
+        fader = self._fader
+        if fader is None:
+            return [self._final(p, {f.track_id: 1.0 for f in p.faces}) for p, _ in selected]
+        ready = [r for p, shot_start in selected
+                 for r in fader.push(p, p.frame.index, p.tracked, [f.track_id for f in p.faces], shot_start)]
+        if end:
+            ready += fader.finish()
+        return [self._final(p, weights) for p, weights in ready]
+
+    def _final(self, planned: PlannedFrame, weights: dict[int, float]) -> PlannedFrame:
+        faces = tuple(dataclasses.replace(f, weight=weights[f.track_id]) if weights[f.track_id] != 1.0 else f
+                      for f in planned.faces if weights[f.track_id] > 0.0)
+        restored = {f.track_id for f in faces}
+        self._restored += len(restored - self._restored_live)
+        self._restored_live = {f.track_id for f in planned.tracked} & (self._restored_live | restored)
+        self._frames += 1
+        if self._report is not None:
+            self._report.add_frame(planned.frame, planned.tracked, restored)
+        return dataclasses.replace(planned, faces=faces)
 
     def _median_size(self, track_id: int, index: int) -> float:
         """Median size of the track's detections within ``context`` frames of ``index``."""
@@ -351,7 +391,10 @@ class Plan(Iterator[PlannedFrame]):
             if not sizes:
                 del self._sizes[track_id]
 
-    def _release(self, seen: Observation, index: int, faces: list[TrackedFace]) -> PlannedFrame:
+    def _release(self, seen: Observation, shot_start: bool, index: int,
+                 faces: list[TrackedFace]) -> tuple[PlannedFrame, bool]:
+        """The frame with the faces the selection restores (weights not yet applied), and
+        whether it starts a shot."""
         frame = seen.frame
         if frame.index != index:
             raise AssertionError(f"released frame {index} but held frame {frame.index}")
@@ -374,12 +417,4 @@ class Plan(Iterator[PlannedFrame]):
                 best = max(chosen, key=lambda f: (self._median_size(f.track_id, index), -f.track_id), default=None)
                 self._chosen = None if best is None else best.track_id
             chosen = [f for f in chosen if f.track_id == self._chosen]
-        for face in chosen:
-            state = live[face.track_id]
-            if not state.restored:
-                state.restored = True
-                self._restored += 1
-        self._frames += 1
-        if self._report is not None:
-            self._report.add_frame(frame, tracked, {f.track_id for f in chosen})
-        return PlannedFrame(seen, tuple(chosen), tracked)
+        return PlannedFrame(seen, tuple(chosen), tracked), shot_start

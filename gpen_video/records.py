@@ -106,6 +106,8 @@ class TrackedFace:
         landmarks: (5, 2) float32 used for alignment (smoothed / interpolated).
         score: detector confidence, or None where interpolated.
         interpolated: True where the detector missed and the face was filled in.
+        weight: how much of the restored face to paste, in [0, 1] (the planner's pose and
+            track fades; 0 is never restored).
     """
 
     track_id: int
@@ -115,9 +117,12 @@ class TrackedFace:
     landmarks: np.ndarray
     score: float | None
     interpolated: bool = False
+    weight: float = 1.0
 
     def __post_init__(self) -> None:
         check_shape("TrackedFace.box", self.box, (4,))
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"TrackedFace.weight must be in [0, 1], got {self.weight}")
         check_shape("TrackedFace.landmarks", self.landmarks, (5, 2))
         if self.landmarks_raw is not None:
             check_shape("TrackedFace.landmarks_raw", self.landmarks_raw, (5, 2))

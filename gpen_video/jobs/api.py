@@ -106,7 +106,7 @@ class FacePipeline(FramePipeline):
         frame = Frame(0, 0, Fraction(1), image.rgb)
         before, reruns = self.restorer.stats.faces, self.restorer.stats.fp32_reruns
         with Stages() as stages:
-            plan = self.planner.plan([frame], stages=stages)
+            plan = self.still_planner.plan([frame], stages=stages)
             ((_, out),) = list(self.render(plan, stages))
         faces = self.restorer.stats.faces - before
         if self.upscale is not None:

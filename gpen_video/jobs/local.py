@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from gpen_video.engine import Stages
-from gpen_video.errors import OutputError
+from gpen_video.errors import DecodeError, OutputError
 from gpen_video.io.decode import VideoInfo
 from gpen_video.io.encode import VideoWriter
 from gpen_video.jobs.logs import write_log
@@ -114,10 +114,16 @@ class SegmentSink:
         self.observations: list[Observation] = []
 
     def write(self, planned: PlannedFrame, frame: Frame) -> None:
-        k = self.job.plan.layout.segment_of(frame)
+        """Write one frame; a segment is finished as soon as it has all its planned frames (the
+        stabiliser holds the next segment's first frames back), or when a later one starts."""
+        layout = self.job.plan.layout
+        k = layout.segment_of(frame)
         if self.current is None or k > self.current:
             self._close(until=k)
             self.current = k
+        elif k in self.job.manifest.finished:
+            raise DecodeError(f"{self.job.plan.src.name}: {layout.describe(k)} decoded more frames than its index "
+                              "holds; run again with --restart")
         if self.writer is None:
             c = self.config
             writer = VideoWriter(self.job.tasks[self.current].output, self.info, codec=c.codec, crf=c.crf,
@@ -126,6 +132,8 @@ class SegmentSink:
             self.writer = writer
         self._named(self.writer.write, frame)
         self.observations.append(planned.observation.without_pixels())  # a segment's frames would fill memory
+        if k + 1 < len(layout) and len(self.observations) == layout.frame_counts[k]:
+            self._close(until=k + 1)  # the last one is finished by ``finish``
 
     def finish(self) -> None:
         """Record the segment being written and any later one no frame reached (a damaged

@@ -81,7 +81,7 @@ def write_plan(path: Path, planned: Iterable[tuple[int, Sequence[TrackedFace]]])
     """Save the faces to restore in each frame of a segment (``(frame index, faces)``), exactly,
     for a worker that renders the segment without planning it (``read_plan``)."""
     rows: dict[str, list] = {name: [] for name in ("frame", "track", "box", "landmarks", "raw", "has_raw", "score",
-                                                   "has_score", "interpolated")}
+                                                   "has_score", "interpolated", "weight")}
     dtypes: dict[str, np.dtype] = {}
     for index, faces in planned:
         for face in faces:
@@ -94,6 +94,7 @@ def write_plan(path: Path, planned: Iterable[tuple[int, Sequence[TrackedFace]]])
             rows["score"].append(0.0 if face.score is None else face.score)
             rows["has_score"].append(face.score is not None)
             rows["interpolated"].append(face.interpolated)
+            rows["weight"].append(face.weight)
             for name, value in (("box", face.box), ("landmarks", face.landmarks), ("raw", rows["raw"][-1])):
                 dtypes.setdefault(name, value.dtype)
     shapes = {"box": (0, 4), "landmarks": (0, 5, 2), "raw": (0, 5, 2)}
@@ -103,7 +104,8 @@ def write_plan(path: Path, planned: Iterable[tuple[int, Sequence[TrackedFace]]])
     }
     arrays.update(frame=np.array(rows["frame"], np.int64), track=np.array(rows["track"], np.int64),
                   has_raw=np.array(rows["has_raw"], bool), score=np.array(rows["score"], np.float64),
-                  has_score=np.array(rows["has_score"], bool), interpolated=np.array(rows["interpolated"], bool))
+                  has_score=np.array(rows["has_score"], bool), interpolated=np.array(rows["interpolated"], bool),
+                  weight=np.array(rows["weight"], np.float64))
     save_npz(path, arrays)
 
 
@@ -117,5 +119,6 @@ def read_plan(path: Path) -> dict[int, tuple[TrackedFace, ...]]:
         faces.setdefault(index, []).append(TrackedFace(
             track_id=int(a["track"][n]), frame_index=index, box=a["box"][n],
             landmarks_raw=a["raw"][n] if a["has_raw"][n] else None, landmarks=a["landmarks"][n],
-            score=float(a["score"][n]) if a["has_score"][n] else None, interpolated=bool(a["interpolated"][n])))
+            score=float(a["score"][n]) if a["has_score"][n] else None, interpolated=bool(a["interpolated"][n]),
+            weight=float(a["weight"][n])))
     return {index: tuple(found) for index, found in faces.items()}

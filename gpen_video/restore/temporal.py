@@ -30,18 +30,13 @@ What it does, per track (``stabilise``):
 Locality: a frame's output depends only on its track's frames within ``reach`` of it (fewer
 at the ends of a track), and every operation is elementwise or a fixed-size per-frame
 operation, so the result is bit-identical however frames are batched or chunked
-(``TrackStabiliser`` streams; tests check chunkings against one call). For the pipeline this
-means (wiring, a later step): stabilisation runs after the restorer, in the planner's order,
-holding ``reach`` frames; a segmented or resumed job reproduces the frames after a segment
-start exactly by re-restoring the ``reach`` frames before it (their crops only, not their
-pastes), and a frame is final once ``reach`` later frames are restored or its track ended.
-Bit-exactness then also needs those re-restored crops to equal the first run's: the wiring
-must restore them in the same batches as the previous segment did (a batch's company can
-change a network's output in the last bits), or let each segment's frames near its start
-come from the segment before. The fade needs ``faces.pose.fade_reach`` frames of landmarks
-either side, well inside the planner's look-ahead.
-The pose fade (``faces.pose.fade_weights``) multiplies each face's paste mask, so a
-faded-out face is the untouched frame.
+(``TrackStabiliser`` streams; tests check chunkings against one call). In the pipeline
+(``restore.stabilise_stage``) it runs after the restorer, in the planner's order, holding
+``reach`` frames, and starts afresh at each segment of a job: a window ends at a segment edge as
+at a track's end, so a segment's frames never depend on another segment's restorations, and a
+resumed or ``--ray`` job gives the bytes of an uninterrupted one. The pose and track fades
+(``faces.pose.fade_weights``, streamed by ``faces.fade.TrackFader`` in the planner) multiply
+each face's paste mask, so a faded-out face is the untouched frame.
 
 Tensors: ``[N,3,S,S]`` float RGB in [0, 1], on any device; nothing is copied to the host.
 """
@@ -56,13 +51,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpen_video.config import Config
 from gpen_video.faces.pose import fade_weights
 from gpen_video.records import check_shape
 
 
 @dataclass(frozen=True)
 class TemporalSettings:
-    """The stage's settings (to become ``Config`` fields with the pipeline wiring).
+    """The stage's settings (``of`` reads them from a ``Config``).
 
     Attributes:
         reach: frames either side of a frame that its output averages (L). Higher: steadier
@@ -106,6 +102,21 @@ class TemporalSettings:
             raise ValueError(f"motion_threshold must be > 0, got {self.motion_threshold}")
         if self.motion_grid < 1 or self.colour_grid < 0:
             raise ValueError(f"need motion_grid >= 1 and colour_grid >= 0, got {self.motion_grid}, {self.colour_grid}")
+
+    @classmethod
+    def of(cls, config: Config) -> TemporalSettings | None:
+        """The settings of ``config`` (its ``temporal_*``, ``motion_threshold``, ``colour_grid``,
+        ``max_yaw``, ``fade_frames``, ``min_track_frames``); None when ``config.temporal`` is off.
+
+        >>> from gpen_video.config import load_config
+        >>> TemporalSettings.of(load_config(None, max_yaw=40.0)).max_yaw, TemporalSettings.of(load_config(None, temporal=False))
+        (40.0, None)
+        """
+        if not config.temporal:
+            return None
+        return cls(reach=config.temporal_reach, motion_threshold=config.motion_threshold,
+                   colour_grid=config.colour_grid, max_yaw=config.max_yaw, fade_frames=config.fade_frames,
+                   min_track_frames=config.min_track_frames)
 
     def fade(self, landmarks: np.ndarray, wanted: np.ndarray | None = None, *,
              fade_start: bool = False, fade_end: bool = False) -> np.ndarray:

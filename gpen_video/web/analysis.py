@@ -171,7 +171,7 @@ def analyse(
     restorable: set[int] = set()
     samples: list[Sample] = []
     done = 0
-    plan = pipeline.planner.plan(frames)
+    plan = (pipeline.still_planner if image else pipeline.planner).plan(frames)
     try:
         for planned in plan:
             frame = planned.frame
