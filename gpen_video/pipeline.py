@@ -18,11 +18,9 @@ restores a stream of (H, W, 3) uint8 RGB arrays, in order.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -39,8 +37,10 @@ from gpen_video.faces.detect import FaceDetector, create_detector
 from gpen_video.io.decode import VideoInfo
 from gpen_video.plan import PlannedFrame, Planner
 from gpen_video.records import Frame, TrackedFace
-from gpen_video.restore.restorer import Restorer, build_restorer, fit_batch_size, measure_face_bytes
-from gpen_video.restore.temporal import TemporalSettings, TrackStabiliser, colour_fix
+from gpen_video.restore.restorer import (Restorer, build_restorer, fit_batch_size, measure_face_bytes,
+                                         restored_in_batches)
+from gpen_video.restore.temporal import TemporalSettings, colour_fix, stabilised_stream
+from gpen_video.restore.precision import module_digest
 from gpen_video.upscale.stage import UpscaleStage, build_upscale_stage, scale_face, scaled_info
 from gpen_video.warp import FaceCrops, Warp, create_warp
 from gpen_video.warp.masks import face_mask
@@ -198,81 +198,33 @@ class FramePipeline:
 
     def _restore_in_batches(self, items: Iterable[_Restored], stages: Stages,
                             segment_of: Callable[[Frame], int] | None = None) -> Iterator[_Restored]:
-        """Fill whole batches from consecutive frames (and every track in them), keep order.
-
-        A partial batch waits for more faces; it is flushed when the frames held back behind
-        it would stall the encoder, at the end, and before a frame of another segment (a
-        batch's company can change results in the last bits, and a resumed job must restore
-        each segment alike).
-        """
-        batch = self.restorer.batch_size
-        max_held = self._max_held(batch)
-        held: list[_Restored] = []
-        faces = 0
-
-        def flush() -> Iterator[_Restored]:
-            nonlocal faces
-            if faces:
-                start = time.perf_counter()
-                restored = self.restorer.restore_tensor(torch.cat([w.crops.pixels for w in held if w.crops]))
-                stages.time("restore", time.perf_counter() - start)
-                offset = 0
-                for work in held:
-                    if work.crops is None:
-                        yield work
-                        continue
-                    n = len(work.crops.faces)
-                    yield dataclasses.replace(work, restored=restored[offset : offset + n])
-                    offset += n
-            else:
-                yield from held
-            held.clear()
-            faces = 0
-
-        for work, new_segment in _segment_starts(items, segment_of):
-            if held and new_segment:
-                yield from flush()
-            held.append(work)
-            faces += len(work.crops.faces) if work.crops else 0
-            if faces >= batch or len(held) >= max_held:
-                yield from flush()
-        if held:
-            yield from flush()
+        """Whole batches from consecutive frames (``restored_in_batches``), never spanning two
+        segments of ``segment_of`` (a batch's company can change results in the last bits, and a
+        resumed job must restore each segment alike)."""
+        for work, restored in restored_in_batches(
+            self.restorer, _segment_starts(items, segment_of), lambda w: w.crops and w.crops.pixels,
+            max_held=self._max_held(self.restorer.batch_size), timed=lambda seconds: stages.time("restore", seconds),
+        ):
+            yield work if restored is None else dataclasses.replace(work, restored=restored)
 
     def _stabilise(self, items: Iterable[_Restored], stages: Stages,
                    segment_of: Callable[[Frame], int] | None = None) -> Iterator[_Restored]:
-        """Each frame's restored faces stabilised over their tracks (``TrackStabiliser``: source =
-        the crops given to the restorer), on their device, in order, ``reach`` frames later.
-        It starts afresh at each segment of ``segment_of``, as at a track's end, so that a
-        segment's output never depends on another's restorations (resume and Ray are exact)."""
+        """Each frame's restored faces stabilised over their tracks (``stabilised_stream``),
+        afresh at each segment of ``segment_of``, so a segment's output never depends on
+        another's restorations (resume and Ray are exact)."""
         if self.temporal is None:
             yield from items
             return
-        stabiliser = TrackStabiliser(self.temporal)
-        held: deque[_Restored] = deque()
-
-        def released(done: list[tuple[int, dict[int, torch.Tensor]]]) -> Iterator[_Restored]:
-            for index, faces in done:
-                work = held.popleft()
-                if work.planned.frame.index != index:
-                    raise AssertionError(f"stabilised frame {index} but held frame {work.planned.frame.index}")
-                if work.crops is None:
-                    yield work
-                else:
-                    yield dataclasses.replace(work, restored=torch.stack([faces[f.track_id] for f in work.crops.faces]))
-
-        for work, new_segment in _segment_starts(items, segment_of):
-            if new_segment:
-                yield from released(stabiliser.finish())
-            start = time.perf_counter()
-            crops = work.crops
-            faces = {} if crops is None else {
-                f.track_id: (crops.pixels[i], work.restored[i]) for i, f in enumerate(crops.faces)}
-            held.append(work)
-            done = stabiliser.push(work.planned.frame.index, faces)
-            stages.time("temporal", time.perf_counter() - start)
-            yield from released(done)
-        yield from released(stabiliser.finish())
+        for work, faces in stabilised_stream(
+            _segment_starts(items, segment_of), self.temporal, index=lambda w: w.planned.frame.index,
+            faces=lambda w: {} if w.crops is None else {
+                f.track_id: (w.crops.pixels[i], w.restored[i]) for i, f in enumerate(w.crops.faces)},
+            timed=lambda seconds: stages.time("temporal", seconds),
+        ):
+            if work.crops is None:
+                yield work
+            else:
+                yield dataclasses.replace(work, restored=torch.stack([faces[f.track_id] for f in work.crops.faces]))
 
     def _paste(self, work: _Restored) -> tuple[PlannedFrame, Frame]:
         if work.crops is None:
@@ -307,15 +259,7 @@ class FramePipeline:
     def weights_hash(self) -> str:
         """SHA-256 of the restoring networks' weights as loaded (GPEN, and the face parser of
         ``mask="parse"``): part of a job's identity, computed once per pipeline."""
-        digest = hashlib.sha256()
-        modules = [self.restorer.model] + ([self.masker.net] if self.masker is not None else [])
-        for module in modules:
-            digest.update(type(module).__qualname__.encode())
-            for name, tensor in module.state_dict().items():
-                values = tensor.detach().cpu().contiguous().reshape(-1)
-                digest.update(f"{name} {values.dtype} {tuple(tensor.shape)}".encode())
-                digest.update(values.view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        return module_digest(self.restorer.model, *([self.masker.net] if self.masker is not None else []))
 
     def restore_frames(
         self,

@@ -95,13 +95,16 @@ def check_faces(size: int) -> torch.Tensor:
     return faces.clamp(0, 1)
 
 
-def module_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's class, parameter names, shapes, dtypes and values."""
-    digest = hashlib.sha256(type(module).__qualname__.encode())
-    for name, tensor in module.state_dict().items():
-        values = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name} {values.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(values.view(torch.uint8).numpy().tobytes())
+def module_digest(*modules: torch.nn.Module) -> str:
+    """SHA-256 of modules' classes, parameter names, shapes, dtypes and values, in order: what
+    makes their outputs differ (precision-check caches, a job's identity)."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(type(module).__qualname__.encode())
+        for name, tensor in module.state_dict().items():
+            values = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name} {values.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(values.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

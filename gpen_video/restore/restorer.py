@@ -17,8 +17,10 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from time import perf_counter
+from typing import TypeVar
 
 import torch
 
@@ -295,3 +297,54 @@ def fit_cuda_batch_size(
         limit=limit,
         headroom=headroom,
     )
+
+
+Item = TypeVar("Item")
+
+
+def restored_in_batches(
+    restorer: Restorer,
+    items: Iterable[tuple[Item, bool]],
+    crops: Callable[[Item], torch.Tensor | None],
+    *,
+    max_held: int,
+    timed: Callable[[float], None] | None = None,
+) -> Iterator[tuple[Item, torch.Tensor | None]]:
+    """Restore the crops of consecutive items in whole batches, in order: each ``(item,
+    flush_first)`` in, each item with its restored faces ([M,3,S,S], or None where
+    ``crops(item)`` is None) out. A partial batch waits for more faces; it is run when
+    ``max_held`` items wait behind it (so the stages after it do not stall), at the end, and
+    before an item whose ``flush_first`` is true (a segment edge)."""
+    held: list[Item] = []
+    faces = 0
+
+    def flush() -> Iterator[tuple[Item, torch.Tensor | None]]:
+        nonlocal faces
+        pixels = [c for c in map(crops, held) if c is not None]
+        restored = None
+        if pixels:
+            start = perf_counter()
+            restored = restorer.restore_tensor(torch.cat(pixels))
+            if timed is not None:
+                timed(perf_counter() - start)
+        offset = 0
+        for item in held:
+            c = crops(item)
+            if c is None:
+                yield item, None
+            else:
+                yield item, restored[offset : offset + len(c)]
+                offset += len(c)
+        held.clear()
+        faces = 0
+
+    for item, flush_first in items:
+        if held and flush_first:
+            yield from flush()
+        held.append(item)
+        c = crops(item)
+        faces += 0 if c is None else len(c)
+        if faces >= restorer.batch_size or len(held) >= max_held:
+            yield from flush()
+    if held:
+        yield from flush()

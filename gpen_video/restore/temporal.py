@@ -44,8 +44,10 @@ Tensors: ``[N,3,S,S]`` float RGB in [0, 1], on any device; nothing is copied to 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from time import perf_counter
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -335,6 +337,44 @@ class TrackStabiliser:
             if not held or (max(held) == index and index < self._last):  # emptied, or ended here
                 del self._held[track_id]
         return index, out
+
+
+Item = TypeVar("Item")
+
+
+def stabilised_stream(
+    items: Iterable[tuple[Item, bool]],
+    settings: TemporalSettings,
+    *,
+    index: Callable[[Item], int],
+    faces: Callable[[Item], Mapping[int, tuple[torch.Tensor, torch.Tensor]]],
+    timed: Callable[[float], None] | None = None,
+) -> Iterator[tuple[Item, dict[int, torch.Tensor]]]:
+    """A ``TrackStabiliser`` over a stream of frames: each ``(item, starts_afresh)`` in, each
+    item with its stabilised faces (``{track_id: [3,S,S]}``) out, in order, ``reach`` items
+    later. ``starts_afresh`` releases everything held first and starts a new stabiliser (a
+    segment edge: nothing on one side reaches the other). ``index(item)`` is the frame index,
+    ``faces(item)`` its ``{track_id: (source, restored)}``; ``timed(seconds)`` gets the time spent."""
+    stabiliser = TrackStabiliser(settings)
+    held: deque = deque()
+
+    def released(done: list[tuple[int, dict[int, torch.Tensor]]]) -> Iterator[tuple[Item, dict[int, torch.Tensor]]]:
+        for frame_index, stable in done:
+            item = held.popleft()
+            if index(item) != frame_index:
+                raise AssertionError(f"stabilised frame {frame_index} but held frame {index(item)}")
+            yield item, stable
+
+    for item, afresh in items:
+        if afresh:
+            yield from released(stabiliser.finish())
+        start = perf_counter()
+        held.append(item)
+        done = stabiliser.push(index(item), faces(item))
+        if timed is not None:
+            timed(perf_counter() - start)
+        yield from released(done)
+    yield from released(stabiliser.finish())
 
 
 # ------------------------------------------------------------------ measures

@@ -594,3 +594,4 @@ __all__ = [
     "list_models", "load_checkpoint", "load_gpen", "load_state", "modelscope_url", "resolve_weights", "spec_for",
     "with_url",
 ]
+
