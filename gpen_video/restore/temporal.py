@@ -228,13 +228,27 @@ def stabilise(
     start, stop = (0, n) if output is None else output
     if not 0 <= start <= stop <= n:
         raise ValueError(f"output must be a range within 0..{n}, got {output}")
-    device = restored.device
     lo, hi = max(0, start - settings.reach), min(n, stop + settings.reach)
-    src = source[lo:hi].to(device)
-    fixed = colour_fix(restored[lo:hi], src, settings.colour_grid)  # [M3SS]
+    fixed, pooled = _prepared(source[lo:hi], restored[lo:hi], settings)
+    return _averaged(fixed, pooled, settings, start - lo, stop - lo)
+
+
+def _prepared(source: torch.Tensor, restored: torch.Tensor, settings: TemporalSettings
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-frame half of ``stabilise``: colour-fixed crops [M,3,S,S] and pooled sources
+    [M,3,g,g]. Per frame, so computed once per frame however many windows it serves."""
+    src = source.to(restored.device)
+    return colour_fix(restored, src, settings.colour_grid), _pooled(src, settings.motion_grid)
+
+
+def _averaged(fixed: torch.Tensor, pooled: torch.Tensor, settings: TemporalSettings, start: int, stop: int
+              ) -> torch.Tensor:
+    """The temporal half of ``stabilise``: frames ``start..stop−1`` of the prepared frames
+    averaged with their neighbours among them."""
     if settings.reach == 0 or stop == start:
-        return fixed[start - lo : stop - lo]
-    pooled = _pooled(src, settings.motion_grid)  # [M3gg]
+        return fixed[start:stop]
+    device, size = fixed.device, fixed.shape[-1]
+    lo, hi = 0, len(fixed)
     taper = time_taper(settings.reach)
     reach, m = settings.reach, stop - start
     # weights on the motion grid, normalised there (cheap), then interpolated to full size:
@@ -287,7 +301,7 @@ class TrackStabiliser:
 
     def __init__(self, settings: TemporalSettings = TemporalSettings()) -> None:
         self.settings = settings
-        self._held: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # track → frame → crops
+        self._held: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # track → frame → prepared
         self._pending: deque[tuple[int, tuple[int, ...]]] = deque()  # frames not yet released
         self._last: int | None = None
 
@@ -308,7 +322,8 @@ class TrackStabiliser:
         self._last = frame_index
         for track_id, (src, res) in faces.items():
             size = res.shape[-2:]
-            self._held.setdefault(track_id, {})[frame_index] = (src.reshape(1, 3, *size), res.reshape(1, 3, *size))
+            prepared = _prepared(src.reshape(1, 3, *size), res.reshape(1, 3, *size), self.settings)
+            self._held.setdefault(track_id, {})[frame_index] = prepared
         self._pending.append((frame_index, tuple(faces)))
         released = []
         while self._pending and self._pending[0][0] + self.settings.reach <= frame_index:
@@ -328,10 +343,10 @@ class TrackStabiliser:
         for track_id in track_ids:
             held = self._held[track_id]
             window = [i for i in range(index - reach, index + reach + 1) if i in held]
-            src = torch.cat([held[i][0] for i in window])
-            res = torch.cat([held[i][1] for i in window])
+            fixed = torch.cat([held[i][0] for i in window])
+            pooled = torch.cat([held[i][1] for i in window])
             at = window.index(index)
-            out[track_id] = stabilise(src, res, self.settings, output=(at, at + 1))[0]
+            out[track_id] = _averaged(fixed, pooled, self.settings, at, at + 1)[0]
             for i in [i for i in held if i <= index - reach]:  # no later frame reaches back to it
                 del held[i]
             if not held or (max(held) == index and index < self._last):  # emptied, or ended here
