@@ -15,15 +15,18 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 
 from gpen_video.cli import main
-from gpen_video.jobs.cluster import RayWorkers
+from gpen_video.jobs.cluster import RayWorkers, SegmentWorker
 from gpen_video.config import load_config
 from gpen_video.errors import GpenVideoError
 from gpen_video.io import decode, encode
 from gpen_video.io.decode import VideoReader
 from gpen_video.jobs.workfolder import work_dir_for
 from gpen_video.jobs.api import FacePipeline
+from gpen_video.pipeline import FramePipeline
+from gpen_video.restore.restorer import Restorer
 from samples.make_demo import render_clip
 from tests.clips import make_clip, read_packets, truncate
 
@@ -125,6 +128,42 @@ def test_a_worker_that_dies_is_replaced_and_its_segment_retried(ray_runtime, cli
     retried = [r.getMessage() for r in caplog.records if "trying it again" in r.getMessage()]
     assert retried and all("failed on a Ray worker" in line for line in retried), retried
     assert out.read_bytes() == local[0].read_bytes()
+
+
+class NaNInHalf(torch.nn.Module):
+    """Negation in fp32, NaN in half precision: the precision guard reruns every face."""
+
+    def forward(self, x):
+        return -x if x.dtype == torch.float32 else torch.full_like(x, float("nan"))
+
+
+def _nan_in_half(config) -> FramePipeline:
+    return FramePipeline(config, restorer=Restorer(NaNInHalf(), 256, dtype=torch.float16))
+
+
+class NaNInHalfWorker(SegmentWorker):
+    def __init__(self, config) -> None:
+        self.pipeline = _nan_in_half(config)
+
+
+def test_a_ray_job_counts_the_faces_its_workers_reran_in_fp32(ray_runtime, clip, gpen256_file, tmp_path):
+    config = load_config(None, model="GPEN-BFR-256", weights=str(gpen256_file), device="cpu",
+                         segment_seconds=SEGMENT)
+    local = FacePipeline(config, restorer=_nan_in_half(config).restorer).restore_video(
+        clip, tmp_path / "local.mp4", report=tmp_path / "local.json")
+    assert local.faces_restored > 0 and local.fp32_reruns == local.faces_restored
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
+    with RayWorkers(config) as workers:
+        for actor in workers.actors:
+            ray.kill(actor)
+        workers._actor = ray.remote(num_cpus=1)(NaNInHalfWorker)
+        workers.actors = [workers._actor.remote(config) for _ in workers.actors]
+        driver = FacePipeline(config, restorer=_nan_in_half(config).restorer)
+        result = driver.restore_video(clip, tmp_path / "ray.mp4", report=tmp_path / "ray.json", workers=workers)
+    assert driver.restorer.stats.fp32_reruns == 0  # the workers restored every face
+    assert (result.faces_restored, result.fp32_reruns) == (local.faces_restored, local.fp32_reruns)
+    assert json.loads((tmp_path / "ray.json").read_text())["precision"]["fp32_reruns"] == local.fp32_reruns
+    assert (tmp_path / "ray.mp4").read_bytes() == (tmp_path / "local.mp4").read_bytes()
 
 
 def test_a_persistent_failure_names_the_segment_and_a_local_run_resumes_it(ray_runtime, clip, gpen256_file, gpen_args,

@@ -33,6 +33,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from gpen_video.config import Config
 from gpen_video.errors import Cancelled, ConfigError, EncodeError
@@ -75,9 +76,11 @@ class SegmentWorker:
         with task.reader() as reader:
             return write_log(task.log, self.pipeline.planner.observe(task.frames(reader)))
 
-    def render(self, task: SegmentTask) -> int:
-        """Phase 3: restore the planned faces and encode the segment file; returns the frames."""
+    def render(self, task: SegmentTask) -> tuple[int, int]:
+        """Phase 3: restore the planned faces and encode the segment file; returns the frames
+        and the faces run again in fp32 (the precision guard's reruns)."""
         faces = read_plan(task.plan)
+        reruns = self.pipeline.restorer.stats.fp32_reruns
         with task.reader() as reader:
             logged = read_log(task.log, reader.info)
 
@@ -88,7 +91,8 @@ class SegmentWorker:
                                           f"its log has frame {seen.frame.index}; the input changed")
                     yield PlannedFrame(dataclasses.replace(seen, frame=frame), faces.get(frame.index, ()), ())
 
-            return render_segment(self.pipeline, planned(), reader.info, task.output)
+            frames = render_segment(self.pipeline, planned(), reader.info, task.output)
+        return frames, self.pipeline.restorer.stats.fp32_reruns - reruns
 
 
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -197,12 +201,17 @@ class RayWorkers:
         self._run(job, "observe", tasks, lambda k, frames: None)
         faces, stats = self._plan(job, tasks)
 
-        def finished(k: int, frames: int) -> None:
+        reruns = 0
+
+        def finished(k: int, result: tuple[int, int]) -> None:
+            nonlocal reruns
+            frames, segment_reruns = result
+            reruns += segment_reruns
             job.finished(SegmentDone(k, tasks[k].output if frames else None, frames, tasks[k].log))
             job.ticker.add(frames)
 
         self._run(job, "render", tasks, finished)
-        return Rendered(faces, stats)
+        return Rendered(faces, stats, reruns)
 
     def _plan(self, job: Job, tasks: dict[int, SegmentTask]) -> tuple[int, object]:
         """Phase 2: replay every segment's log through one planner; write the plans of ``tasks``."""
@@ -232,9 +241,10 @@ class RayWorkers:
             write_plan(tasks[k].plan, [])
         return faces, plan.stats
 
-    def _run(self, job: Job, phase: str, tasks: dict[int, SegmentTask], done: Callable[[int, int], None]) -> None:
+    def _run(self, job: Job, phase: str, tasks: dict[int, SegmentTask], done: Callable[[int, Any], None]) -> None:
         """Run ``phase`` of every task on the workers, a failed one again as ``job.retries``
-        allows; ``done(k, frames)`` as each finishes, in the order they finish."""
+        allows; ``done(k, result)`` with the worker's return value as each finishes, in the
+        order they finish."""
         ray = self.ray
         waiting = sorted(tasks)
         free = list(range(len(self.actors)))
@@ -249,7 +259,7 @@ class RayWorkers:
                 for ref in ready:
                     k, n = running.pop(ref)
                     try:
-                        frames = ray.get(ref)
+                        result = ray.get(ref)
                     except ray.exceptions.RayActorError as exc:
                         self.actors[n] = self._actor.remote(self.config)  # a new worker in its place
                         job.retries.failed(k, exc, on="Ray worker")
@@ -258,7 +268,7 @@ class RayWorkers:
                         job.retries.failed(k, exc.cause if exc.cause is not None else exc, on="Ray worker")
                         waiting.insert(0, k)
                     else:
-                        done(k, frames)
+                        done(k, result)
                     free.append(n)
         finally:
             for ref in running:

@@ -42,6 +42,7 @@ class LocalRenderer:
         finished = frozenset(job.manifest.finished)
         sink = SegmentSink(job, pipeline)
         counted = _Counted()
+        reruns = pipeline.restorer.stats.fp32_reruns
         job.ticker.done = job.manifest.frames_done
         try:
             with Stages(job.timer) as stages:
@@ -62,7 +63,7 @@ class LocalRenderer:
         except BaseException:
             sink.abort()
             raise
-        return Rendered(counted.faces, plan.stats)
+        return Rendered(counted.faces, plan.stats, pipeline.restorer.stats.fp32_reruns - reruns)
 
 
 def render_segment(pipeline: FramePipeline, planned: Iterable[PlannedFrame], info: VideoInfo, path: Path) -> int:

@@ -165,6 +165,8 @@ class Rendered:
 
     faces: int
     stats: PlanStats
+    fp32_reruns: int = 0
+    """Faces the renderer's restorers ran again in fp32 (``RestoreStats.fp32_reruns``)."""
 
 
 class Renderer(Protocol):
@@ -300,7 +302,6 @@ def run_job(renderer: Renderer, pipeline: FramePipeline, src: str | Path, dst: P
     src = Path(src)
     check_output(src, dst, overwrite=overwrite)
     started = time.perf_counter()
-    reruns = pipeline.restorer.stats.fp32_reruns
     c = pipeline.config
     work = WorkFolder(work_dir_for(dst, Path(c.work_dir) if c.work_dir else None))
 
@@ -337,7 +338,7 @@ def run_job(renderer: Renderer, pipeline: FramePipeline, src: str | Path, dst: P
                 assemble(plan.source_info, files, dst, overwrite=overwrite, strict=c.strict)
                 if job.report is not None:
                     job.report.precision = pipeline.restorer.precision.as_report() | {
-                        "fp32_reruns": pipeline.restorer.stats.fp32_reruns - reruns}
+                        "fp32_reruns": rendered.fp32_reruns}
                     job.report.write(report)
             finally:
                 if job.report is not None:
@@ -351,7 +352,7 @@ def run_job(renderer: Renderer, pipeline: FramePipeline, src: str | Path, dst: P
         input=src, output=dst, frames=frames, faces_restored=rendered.faces, tracks=rendered.stats.restored_tracks,
         seconds=time.perf_counter() - started, damaged_frames=max(0, plan.expected_frames - frames),
         stage_seconds=dict(job.timer.busy), resumed_frames=resumed,
-        fp32_reruns=pipeline.restorer.stats.fp32_reruns - reruns,
+        fp32_reruns=rendered.fp32_reruns,
     )
 
 
