@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import av
@@ -392,6 +393,25 @@ def test_gpu_check_script_is_valid_and_exits_cleanly_without_cuda(tmp_path):
                                "HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert "auto -> torch." in done.stdout and "no CUDA device" in done.stdout
+
+
+def test_every_step_of_the_gpu_script_runs_on_the_cpu(tmp_path):
+    """``--cpu-smoke`` runs each step's command at toy sizes: a GPU lent for minutes is not
+    spent on a typo."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script), "--cpu-smoke"], capture_output=True, text=True, timeout=300,
+                          env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "PYTHON": sys.executable,
+                               "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert ": exit " not in done.stdout, done.stdout  # no step failed
+    out = done.stdout
+    assert re.search(r"GPEN-BFR-256 +bf16 +pass", out)  # the guard's verdict
+    assert re.search(r"GPEN-BFR-256 +1 +bf16 +NCHW +\d+\.\d+", out)  # forward faces/s
+    assert re.search(r"e2e 1f +pipeline, 1 face\(s\) +10 +10 ", out)  # end to end: 10 frames, 10 faces
+    assert re.search(r"realesr-animevideov3 +bf16 +\d+\.\d+", out)  # upscaler frames/s
 
 
 # ---------------------------------------------------------------------------- the face parser
