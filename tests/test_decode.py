@@ -191,6 +191,40 @@ def test_truncated_file_keeps_going_and_counts(tmp_path, caplog):
     assert len(warnings) == 1 and f"{reader.damaged_frames} of about 50" in warnings[0].message
 
 
+def avi_with_gaps(path, pts: list[int], size: tuple[int, int] = (64, 48)):
+    """An MPEG-4 AVI whose pictures are at ``pts`` (frames at 25 fps): the muxer fills each
+    gap with an empty chunk, which the file declares as a frame."""
+    w, h = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in pts:
+            frame = av.VideoFrame.from_ndarray(pattern(i, w, h), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def test_avi_gaps_are_repeated_pictures_not_lost_frames(tmp_path, caplog):
+    path = avi_with_gaps(tmp_path / "gaps.avi", [0, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert probe(path).frame_count == 10  # the empty chunk at 1 is declared as a frame
+    with caplog.at_level(logging.WARNING, logger="gpen_video.io.decode"):
+        with VideoReader(path) as reader:
+            frames = list(reader.frames())
+    assert [f.pts for f in frames] == [0, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert reader.damaged_frames == 0 and not caplog.records
+
+
+def test_a_truncated_avi_still_counts_its_lost_frames(tmp_path):
+    path = avi_with_gaps(tmp_path / "cut.avi", [0, *range(2, 50)], size=(96, 64))
+    truncate(path, 0.6)
+    with VideoReader(path) as reader:
+        frames = list(reader.frames())
+    assert 0 < len(frames) < 49
+    assert reader.damaged_frames == 50 - (frames[-1].pts + 1) > 0  # the frames after the last one read
+
+
 @pytest.mark.parametrize(("suffix", "packet"), [(".ts", 188), (".m2ts", 192)])
 def test_cut_transport_stream_says_it_ends_early(tmp_path, caplog, suffix, packet):
     """MPEG-TS records no length: a file that ends inside a transport packet (188 bytes; 192

@@ -116,3 +116,11 @@ def test_damaged_frames_of_a_local_job_are_those_a_decode_counts(detector, damag
     path, lost = damaged
     result = pipeline_for(detector).restore_video(path, tmp_path / "out.mkv")
     assert result.damaged_frames == lost
+
+
+def test_a_job_on_an_avi_with_repeated_pictures_counts_no_damage(detector, tmp_path):
+    from tests.test_decode import avi_with_gaps
+
+    path = avi_with_gaps(tmp_path / "gaps.avi", [0, *range(2, 12)])
+    result = pipeline_for(detector).restore_video(path, tmp_path / "out.mkv")
+    assert (result.frames, result.damaged_frames) == (11, 0)

@@ -152,6 +152,18 @@ TS_PACKET_SIZES = (188, 192, 204)
 parity. A whole transport stream is a whole number of its packets."""
 
 
+def frames_missing(declared: int, present: int, last_pts: int | None, time_base: Fraction,
+                   rate: Fraction | None) -> int:
+    """Frames a stream declares but does not hold: ``declared - present``, except where the pts
+    count frames (time base 1/rate, as in AVI) only the frames after the last pts count. AVI
+    declares its empty "show the previous picture again" chunks (FFmpeg writes them for gaps
+    in the timeline) as frames, though they hold no picture and lose nothing."""
+    short = declared - present
+    if short > 0 and last_pts is not None and rate and time_base == 1 / rate:
+        short = min(short, declared - (last_pts + 1))
+    return max(0, short)
+
+
 def _cut_transport_stream(container: av.container.InputContainer, path: Path) -> bool:
     """True when ``path`` is an MPEG-TS that ends inside a transport packet: a file cut short.
     MPEG-TS records no duration, so this is the one sign that frames are missing at its end."""
@@ -522,11 +534,12 @@ class VideoReader:
                      last_pts: int | None, last_duration: int) -> int:
         """Frames lost, counted only from evidence, never from duration x average rate (which
         is wrong for variable frame rate): packets that failed to decode, fewer frames than
-        the container declares, or frames that end well before the stream's declared length
-        (a truncated file)."""
+        the container declares (``frames_missing``), or frames that end well before the
+        stream's declared length (a truncated file)."""
         lost = error_packets
         if stream.frames:
-            return max(lost, int(stream.frames) - decoded)
+            return max(lost, frames_missing(int(stream.frames), decoded, last_pts, stream.time_base,
+                                            stream.average_rate))
         duration = _stream_duration(stream)
         if not duration or first_pts is None or last_pts is None:
             return lost

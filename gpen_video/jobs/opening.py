@@ -23,7 +23,8 @@ import av
 
 from gpen_video.errors import InputError
 from gpen_video.io.decode import (
-    Deinterlace, VideoIndex, VideoInfo, VideoReader, deinterlaced_info, describe, open_input, probe_and_index,
+    Deinterlace, VideoIndex, VideoInfo, VideoReader, deinterlaced_info, describe, frames_missing, open_input,
+    probe_and_index,
 )
 from gpen_video.io.files import check_input_file
 from gpen_video.jobs.manifest import InputIdentity
@@ -117,7 +118,9 @@ def _expected_frames(source_info: VideoInfo, info: VideoInfo, index: VideoIndex 
     scale = 2 if info.time_base != source_info.time_base else 1
     packets = 0 if index is None else int(index.pts.size)
     if source_info.frame_count:
-        return scale * max(source_info.frame_count, packets)
+        last_pts = int(index.pts[-1]) if index is not None else None
+        return scale * (packets + frames_missing(source_info.frame_count, packets, last_pts, source_info.time_base,
+                                                 source_info.average_rate))
     if index is None or packets < 2 or not source_info.duration:
         return scale * packets
     tb = index.time_base
