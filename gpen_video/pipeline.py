@@ -293,13 +293,16 @@ class FramePipeline:
 
     def restore_faces(self, rgb: np.ndarray, faces: Sequence[TrackedFace]) -> np.ndarray:
         """Restore the given faces of one frame (a preview: faces come from an earlier plan,
-        e.g. a report or ``Planner.plan``), returning the frame with them pasted back. With
-        ``temporal`` on, the colour fix and the faces' weights apply; one frame cannot be
-        averaged over time."""
+        e.g. a report or ``Planner.plan``, in ``rgb``'s pixels), returning the frame with them
+        pasted back, ``config.upscale``× larger as the job's frames are. With ``temporal`` on,
+        the colour fix and the faces' weights apply; one frame cannot be averaged over time."""
         frame = Frame(0, 0, Fraction(1), rgb)
         faces = tuple(f for f in faces if f.weight > 0)
+        if self.upscale is not None:
+            frame = self.upscale.enlarge([frame])[0]
+            faces = tuple(scale_face(face, self.config.upscale) for face in faces)
         if not faces:
-            return rgb
+            return frame.rgb
         crops = self.warp.crop(frame, faces)
         restored = self.restorer.restore_tensor(crops.pixels)
         if self.temporal is not None:

@@ -211,6 +211,22 @@ def test_faces_are_restored_into_the_upscaled_frame(detector, face_clip, tmp_pat
     assert checked >= 3
 
 
+def test_the_preview_of_an_upscaled_job_is_its_frame(detector, face_clip):
+    """The web page's preview (``restore_faces``) of a planned frame equals the frame the
+    upscaled job makes of it: same size, faces restored at the same place."""
+    frames = rgb_frames(face_clip)
+    pipeline = pipeline_for(detector, Brighter(), temporal=False)
+    planned = list(pipeline.planner.plan(Frame(i, i, Fraction(1, 25), f) for i, f in enumerate(frames)))
+    whole = list(pipeline.restore_frames(iter(frames)))
+    shown = [i for i in (0, 17, 34) if planned[i].faces]
+    assert shown
+    for i in shown:
+        preview = pipeline.restore_faces(frames[i], planned[i].faces)
+        assert preview.shape == (2 * frames[i].shape[0], 2 * frames[i].shape[1], 3)
+        np.testing.assert_array_equal(preview, whole[i])
+    np.testing.assert_array_equal(pipeline.restore_faces(frames[3], ()), LanczosUpscaler(2).upscale_rgb(frames[3]))
+
+
 def test_an_interrupted_upscaled_job_resumes_to_the_same_bytes(detector, face_clip, tmp_path):
     reference = tmp_path / "reference.mp4"
     pipeline_for(detector, segment_seconds=0.64).restore_video(face_clip, reference)
@@ -400,6 +416,31 @@ def test_the_web_page_passes_its_upscale_choice_into_the_job(tmp_path):
     assert config.upscale == 2 and config.skip_tracks == (3,) and config.device == "cpu"
     assert app.config("", "GPEN-BFR-256", 1.0, False, "h264").upscale == 1
     app.build()  # the page, with its Upscale control, is made
+
+
+def test_the_web_preview_shows_the_upscaled_frame_beside_its_source(detector, face_clip, tmp_path):
+    pytest.importorskip("gradio")
+    from gpen_video.web.analysis import analyse
+    from gpen_video.web.app import WebApp, WebOptions
+
+    pipeline = pipeline_for(detector, Brighter(), temporal=False)
+    found = analyse(pipeline, face_clip, tmp_path / "frames")
+    sample = next(s for s in found.samples if s.faces)
+
+    class Pipelines:
+        def get(self, config):
+            assert config.upscale == 2
+            return pipeline
+
+    app = WebApp(WebOptions(jobs_dir=tmp_path, overrides={"device": "cpu"}), Pipelines(), None, None, tmp_path,
+                 tmp_path, "secret")
+    (before, after), _ = app.preview(found, sample.index, [f.track_id for f in sample.faces],
+                                     ("", "GPEN-BFR-256", 1.0, False, "h264", 2))
+    source = sample.rgb()
+    assert before.shape == after.shape == (2 * source.shape[0], 2 * source.shape[1], 3)
+    np.testing.assert_array_equal(before[::2, ::2], source)  # the source as it is, each pixel shown 2x2
+    np.testing.assert_array_equal(after, pipeline.restore_faces(source, sample.faces))
+    assert np.abs(after.astype(int) - LanczosUpscaler(2).upscale_rgb(source)).max() > 20  # a face restored
 
 
 # --- errors ---

@@ -223,7 +223,9 @@ class WebApp:
             after = pipeline.restore_faces(rgb, [f for f in sample.faces if f.track_id in set(checked or [])])
         except Exception as exc:  # noqa: BLE001 - one line in the page, the traceback in the log
             return None, _error(_message(exc, "the preview"))
-        return (_display(rgb), _display(after)), _error(None)
+        scale = after.shape[0] // rgb.shape[0]  # --upscale: before shown at the same size, pixels repeated
+        before = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1) if scale > 1 else rgb
+        return (_display(before), _display(after)), _error(None)
 
     # ------------------------------------------------------------------ jobs
 
