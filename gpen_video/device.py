@@ -125,3 +125,24 @@ def free_memory(device: torch.device) -> int:
         raise ValueError(f"free memory is only measured on CUDA devices, not {device}")
     free, _ = torch.cuda.mem_get_info(device)
     return int(free)
+
+
+def keep_freed_heap() -> bool:
+    """Ask glibc's malloc to keep freed memory in the process instead of returning it.
+
+    Without this each large tensor (above 32 MiB, every GPEN-BFR-512 activation) is a fresh
+    ``mmap`` whose pages fault on first write: on a 2-core CPU that cost GPEN-BFR-512 bf16 about
+    40 % of a forward. The price is a resident size that stays at its peak. Process-wide, and
+    idempotent; returns False where the C library is not glibc (nothing changed).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**30))

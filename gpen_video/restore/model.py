@@ -397,22 +397,28 @@ class ModulatedConv2d(_Derived):
             a = a * torch.rsqrt(s.square() @ wsq.t() + 1e-8)
         b = None if bias is None else bias.to(dtype)
         if self.folds_style(x):
-            w32 = self._derive("w32", [self.weight], lambda: self.weight[0].float() * self.scale)  # [OIkk]
-            w = (w32 * s.view(1, self.in_ch, 1, 1) * a.view(self.out_ch, 1, 1, 1)).to(dtype)  # [OIkk]
+            poly = self.upsample and _polyphase(x)
+            w32 = self._derive(
+                "w32", [self.weight],
+                lambda: (polyphase_weight if poly else lambda w: w)(self.weight[0].float() * self.scale), poly,
+            )  # [OIkk] or [(4O)I22] fp32
+            a = a.view(-1).repeat_interleave(len(w32) // self.out_ch)
+            w = (w32 * s.view(1, self.in_ch, 1, 1) * a.view(-1, 1, 1, 1)).to(dtype)
             if not self.upsample:
                 return F.conv2d(x, w.contiguous(memory_format=fmt), b, padding=self.padding)  # [NOHW]
-            out = F.conv_transpose2d(x, w.transpose(0, 1).contiguous(memory_format=fmt), stride=2)
-            return self.blur.padded(out, b)  # [NO(2H)(2W)]
+            return self._upsampled(x, w if poly else w.transpose(0, 1), b, fmt)
         xs = x * s.to(dtype).view(n, self.in_ch, 1, 1)  # [NIHW]
         a = a.to(dtype).view(n, self.out_ch, 1, 1)
         if self.upsample:
+            poly = _polyphase(x)
             w = self._derive(
                 "wt", [self.weight],
-                lambda: (self.weight[0] * self.scale).transpose(0, 1).to(dtype).contiguous(memory_format=fmt),
-                dtype, fmt,
-            )  # [IOkk]
-            out = F.conv_transpose2d(xs, w, stride=2).mul_(a)  # [NO(2H+1)(2W+1)]
-            return self.blur.padded(out, b)  # the blur is per channel: it commutes with the scaling
+                lambda: (polyphase_weight if poly else lambda w: w.transpose(0, 1))(
+                    (self.weight[0] * self.scale).to(dtype)
+                ).contiguous(memory_format=fmt),
+                dtype, fmt, poly,
+            )  # [(4O)I22] or [IOkk]
+            return self._upsampled(xs, w, b, fmt, a)  # the blur is per channel: it commutes with ``a``
         w = self._derive(
             "w", [self.weight],
             lambda: (self.weight[0] * self.scale).to(dtype).contiguous(memory_format=fmt),
@@ -420,6 +426,24 @@ class ModulatedConv2d(_Derived):
         )  # [OIkk]
         out = F.conv2d(xs, w, padding=self.padding)  # [NOHW]
         return out.mul_(a) if b is None else torch.addcmul(b.view(1, -1, 1, 1), out, a)
+
+    def _upsampled(
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, fmt: torch.memory_format,
+        a: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """blur(conv_transpose(x, w, stride 2) · a) + b, from a polyphase weight [(4O)I22]
+        (``polyphase_weight``) or a transposed-convolution weight [IOkk]."""
+        w = w.contiguous(memory_format=fmt)
+        if w.shape[0] == 4 * self.out_ch:
+            # Its last row and column are zero: the blur's padding then yields one extra
+            # row and column of output, cropped below.
+            out = F.pixel_shuffle(F.conv2d(x, w, padding=1), 2)  # [NO(2H+2)(2W+2)]
+        else:
+            out = F.conv_transpose2d(x, w, stride=2)  # [NO(2H+1)(2W+1)]
+        if a is not None:
+            out.mul_(a)
+        out = self.blur.padded(out, b)
+        return out[:, :, : 2 * x.shape[2], : 2 * x.shape[3]]  # [NO(2H)(2W)]
 
     def _grouped(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         n, _, h, w_ = x.shape
@@ -436,6 +460,34 @@ class ModulatedConv2d(_Derived):
         else:
             out = F.conv2d(xg, weight.reshape(n * self.out_ch, self.in_ch, k, k), padding=self.padding, groups=n)
         return out.reshape(n, self.out_ch, out.shape[2], out.shape[3])
+
+
+# Which of a 3-tap transposed convolution's taps feeds each phase of its stride-2 output:
+# [phase, tap of the 2x2 polyphase kernel] -> 3x3 tap, 3 meaning none (zero).
+_POLYPHASE_TAPS = torch.tensor([[2, 0], [3, 1]])
+
+
+def _polyphase(x: torch.Tensor) -> bool:
+    """oneDNN's transposed convolutions run at a third of its convolutions' rate (measured,
+    bf16 and fp32); cuDNN's do not, so the polyphase form is for the CPU only."""
+    return x.device.type == "cpu"
+
+
+def polyphase_weight(w: torch.Tensor) -> torch.Tensor:
+    """The stride-2 transposed convolution by ``w`` [OI33] as an ordinary 2x2 convolution with
+    4·O outputs (padding 1) followed by ``pixel_shuffle(·, 2)``: [OI33] → [(4O)I22].
+
+    Output channel ``4o + 2p + q`` is phase (p, q) of channel o (its output pixel (2m+p,
+    2n+q)); the result equals ``conv_transpose2d(x, w.transpose(0, 1), stride=2)`` padded
+    with one zero row and column at the end.
+    """
+    o, i, k, _ = w.shape
+    if k != 3:
+        raise ValueError(f"polyphase_weight needs a 3x3 kernel, got {k}x{k}")
+    idx = _POLYPHASE_TAPS.to(w.device)
+    wz = F.pad(w, [0, 1, 0, 1])  # [OI44], tap 3 is zero
+    wp = wz[:, :, idx[:, None, :, None], idx[None, :, None, :]]  # [OI(p)(q)(ky)(kx)]
+    return wp.permute(0, 2, 3, 1, 4, 5).reshape(4 * o, i, 2, 2)
 
 
 class NoiseInjection(nn.Module):
@@ -476,7 +528,7 @@ class StyledConv(nn.Module):
         bias = bias[o:].to(out.dtype).view(1, o, 1, 1)
         if torch.is_grad_enabled():  # ``out=`` does not record autograd
             return torch.cat([F.leaky_relu(out, 0.2), F.leaky_relu(torch.addcmul(bias, feature, gain), 0.2)], 1)
-        y = torch.empty((n, 2 * o, h, w), dtype=out.dtype, device=out.device, memory_format=_layout_of(out))
+        y = torch.empty((n, 2 * o, h, w), dtype=out.dtype, device=out.device, memory_format=_layout_of(x))
         lrelu_into(y[:, :o], out)
         affine_lrelu_into(y[:, o:], feature, gain, bias)
         return y  # [N(2O)HW]
