@@ -115,12 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed forwards first (default 3 CUDA, 1 CPU)")
     parser.add_argument("--precision", default=None, help="comma list of fp32,fp16,bf16 (default fp32,fp16 on "
                         "CUDA, fp32,bf16 on CPU)")
-    parser.add_argument("--channels-last", choices=["auto", "on", "off", "both"], default="auto",
-                        help="auto: both on CUDA, off on CPU")
+    parser.add_argument("--channels-last", choices=["on", "off", "both"], default="both",
+                        help="NHWC rows, NCHW rows, or both")
     parser.add_argument("--no-grouped", action="store_true", help="skip the grouped reference (large batches)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--against", metavar="REV", default=None,
                         help="also time the network as it was at this git revision (before/after)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile(model) (inductor); its first call, the compilation, is "
+                             "printed on a line of its own")
     parser.add_argument("--malloc-default", action="store_true",
                         help="CPU: leave malloc returning freed memory (see device.keep_freed_heap)")
     args = parser.parse_args(argv)
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     iters = args.iters or (20 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     precisions = (args.precision or ("fp32,fp16" if cuda else "fp32,bf16")).split(",")
-    layouts = {"auto": [False, True], "on": [True], "off": [False], "both": [False, True]}[args.channels_last]
+    layouts = {"on": [True], "off": [False], "both": [False, True]}[args.channels_last]
     heap = "" if cuda else ", freed heap kept" if not args.malloc_default and keep_freed_heap() else ", malloc default"
     old = model_at(args.against) if args.against else None
 
@@ -174,9 +177,17 @@ def main(argv: list[str] | None = None) -> int:
                     runs["before"] = old_fp32 if dtype == torch.float32 else _converted(old_fp32, config, dtype, old)
                 if not args.no_grouped:
                     runs["grouped"] = lambda x, model=model: model(x, impl="grouped")
+                if args.compile:
+                    runs["compiled"] = torch.compile(model, dynamic=False)
                 for channels_last in layouts:
                     fmt = torch.channels_last if channels_last else torch.contiguous_format
                     x = x32.to(dtype).contiguous(memory_format=fmt)
+                    compile_s = math.nan
+                    if args.compile:
+                        start = time.perf_counter()
+                        with torch.inference_mode():
+                            runs["compiled"](x)
+                        compile_s = time.perf_counter() - start
                     timed = time_runs(runs, x, iters, warmup)
                     t_b, out_b = timed["batched"]
                     rate = batch * flops[preset] / t_b
@@ -191,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
                         diff = (out_b.float() - out_g.float()).abs().max().item()
                     print(row + f" {batch / t_g:>11.2f} {t_g / t_b:>6.2f}x {diff:>9.2e} {psnr(out_b, ref32):>12.1f}",
                           flush=True)
+                    if "compiled" in timed:
+                        t_c, out_c = timed["compiled"]
+                        print(f"{'':<13} torch.compile: first call (compiling) {compile_s:.1f} s, then "
+                              f"{batch / t_c:.2f} f/s ({t_b / t_c:.2f}x eager), max|c-b| "
+                              f"{(out_c.float() - out_b.float()).abs().max().item():.2e}", flush=True)
                 del model, runs
         del fp32_model, old_fp32
         if cuda:
