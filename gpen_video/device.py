@@ -133,7 +133,8 @@ def keep_freed_heap() -> bool:
     Without this each large tensor (above 32 MiB, every GPEN-BFR-512 activation) is a fresh
     ``mmap`` whose pages fault on first write: on a 2-core CPU that cost GPEN-BFR-512 bf16 about
     40 % of a forward. The price is a resident size that stays at its peak. Process-wide, and
-    idempotent; returns False where the C library is not glibc (nothing changed).
+    idempotent; call it before the threads that run the network start. Returns False where
+    the C library is not glibc (nothing changed).
     """
     import ctypes
     import ctypes.util
@@ -144,5 +145,8 @@ def keep_freed_heap() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**30))
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+    # One arena: a thread's own arena is capped at 64 MiB and would mmap larger blocks anyway
+    # (threads that have already allocated keep theirs).
+    return all(mallopt(option, value) for option, value in
+               ((m_mmap_max, 0), (m_trim_threshold, 2**30), (m_arena_max, 1)))
