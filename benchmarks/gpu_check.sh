@@ -41,7 +41,7 @@ step "precision guard: verdict, PSNR against fp32, load cost, per-batch cost, fa
 timeout 150 "$PYTHON" benchmarks/bench_precision.py --device cuda --presets "$PRESETS" --precisions fp16,bf16 \
     --batches "$BATCHES" --iters 10 || echo "bench_precision: exit $? (1: the guard took >= 1 % of a batch)"
 
-step "GPEN forward faces/s per batch size, fp32/fp16/bf16, NCHW and channels-last"
+step "GPEN forward faces/s per batch size, fp32/fp16/bf16, NCHW and channels-last, share of the matmul peak"
 timeout 200 "$PYTHON" benchmarks/bench_model.py --device cuda --presets "$PRESETS" --precision fp32,fp16,bf16 \
     --batches "$BATCHES" --iters 10 --warmup 2 --no-grouped || echo "bench_model: exit $?"
 

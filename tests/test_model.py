@@ -216,7 +216,8 @@ def test_conv_layer_fused_equals_its_modules_one_by_one(downsample: bool, channe
     layer = ConvLayer(4, 6, 3, downsample=downsample)
     with torch.no_grad():
         layer[-1].bias.normal_()
-    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=fmt)
     with torch.inference_mode():
         got, ref = layer(x), torch.nn.Sequential.forward(layer, x)
     assert got.shape == ref.shape == (2, 6, 4 if downsample else 8, 4 if downsample else 8)
