@@ -2,7 +2,7 @@
 # The first run on a GPU, every figure the README lacks, in under 8 minutes on one GPU:
 #   1. what --precision auto picks there;
 #   2. the precision guard: verdict and PSNR against fp32 for fp16 and bf16, its cost per batch;
-#   3. GPEN-BFR-256/512 forward faces/s per batch size and peak memory, fp32/fp16/bf16;
+#   3. GPEN-BFR-256/512 forward faces/s per batch size, peak memory and share of the matmul peak, fp32/fp16/bf16;
 #   4. end to end at 1080p with one and four faces (benchmarks/run.py: fps, faces/s, peak memory);
 #   5. the upscaler networks' frames/s on SD frames, per precision, and their peak memory;
 #   6. the precision tests on that machine.
@@ -57,7 +57,7 @@ step "precision guard: verdict, PSNR against fp32, load cost, per-batch cost, fa
 timeout 100 "$PYTHON" benchmarks/bench_precision.py --device "$DEVICE" --presets "$PRESETS" --precisions "$HALF" \
     --batches "$BATCHES" --iters 10 || echo "bench_precision: exit $? (1: the guard took >= 1 % of a batch)"
 
-step "GPEN forward faces/s per batch size, fp32/fp16/bf16, NCHW and channels-last"
+step "GPEN forward faces/s per batch size, fp32/fp16/bf16, NCHW and channels-last, share of the matmul peak"
 timeout 120 "$PYTHON" benchmarks/bench_model.py --device "$DEVICE" --presets "$PRESETS" --precision "$PRECISIONS" \
     --batches "$BATCHES" --iters 10 --warmup 2 --no-grouped || echo "bench_model: exit $?"
 

@@ -9,17 +9,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import random_state_dict
 from scipy.signal import convolve2d
 
+from gpen_video.restore import model as model_module
 from gpen_video.restore.model import (
     GPEN,
     PRESET_CONFIGS,
+    ConvLayer,
     ModelConfig,
+    ModulatedConv2d,
+    affine_lrelu_into,
     build_model,
     expected_layout,
     identify_preset,
     layout_mismatch,
+    lrelu_into,
+    polyphase_weight,
     upfirdn2d,
 )
 from gpen_video.restore.weights import REGISTRY
@@ -169,3 +176,81 @@ def test_half_precision_close_to_fp32(reference_64: dict, device: str, dtype: to
     for layout, out in outs.items():
         assert out.dtype == dtype and torch.isfinite(out).all(), layout
         assert psnr_pm1(out.float(), ref) >= 40.0, layout
+
+
+# ---------------------------------------------------------------------------- fused fast paths
+
+
+def test_polyphase_weight_equals_the_transposed_convolution() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 6, 7, generator=gen, dtype=torch.float64)
+    w = torch.randn(4, 5, 3, 3, generator=gen, dtype=torch.float64)  # [OIkk]
+    ref = F.conv_transpose2d(x, w.transpose(0, 1), stride=2)  # [NO(2H+1)(2W+1)]
+    got = F.pixel_shuffle(F.conv2d(x, polyphase_weight(w), padding=1), 2)  # [NO(2H+2)(2W+2)]
+    assert got.shape == (2, 4, 14, 16)
+    torch.testing.assert_close(got[:, :, :13, :15], ref, rtol=1e-12, atol=1e-12)
+    assert got[:, :, 13].abs().max() == 0 and got[:, :, :, 15].abs().max() == 0
+    with pytest.raises(ValueError, match="3x3 kernel, got 1x1"):
+        polyphase_weight(w[:, :, :1, :1])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_activations_equal_the_unfused_reference(channels_last: bool) -> None:
+    """Written into the halves of a concatenation, equal to sqrt(2)·leaky_relu(x·a + b) to fp32 rounding."""
+    gen = torch.Generator().manual_seed(4)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, f = (torch.randn(2, 3, 5, 6, generator=gen).contiguous(memory_format=fmt) for _ in range(2))
+    a, b = torch.randn(1, 3, 1, 1, generator=gen), torch.randn(1, 3, 1, 1, generator=gen)
+    y = torch.empty(2, 6, 5, 6, memory_format=fmt)
+    lrelu_into(y[:, :3], x)
+    affine_lrelu_into(y[:, 3:], f, a * math.sqrt(2), b * math.sqrt(2))
+    ref = torch.cat([F.leaky_relu(x, 0.2), F.leaky_relu(f * a + b, 0.2) * math.sqrt(2)], 1)
+    torch.testing.assert_close(y, ref, rtol=2e-6, atol=2e-6)
+    assert (y < 0).any()  # the negative slope was exercised
+
+
+@pytest.mark.parametrize("downsample", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_layer_fused_equals_its_modules_one_by_one(downsample: bool, channels_last: bool) -> None:
+    torch.manual_seed(5)
+    layer = ConvLayer(4, 6, 3, downsample=downsample)
+    with torch.no_grad():
+        layer[-1].bias.normal_()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        got, ref = layer(x), torch.nn.Sequential.forward(layer, x)
+    assert got.shape == ref.shape == (2, 6, 4 if downsample else 8, 4 if downsample else 8)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+@pytest.mark.parametrize("demodulate", [False, True])
+@pytest.mark.parametrize(("batch", "side", "folds"), [(1, 8, True), (1, 2, False), (3, 8, False)])
+@pytest.mark.parametrize("polyphase", [True, False])
+def test_modulated_conv_fast_paths_equal_the_grouped_reference(
+    monkeypatch: pytest.MonkeyPatch, upsample: bool, demodulate: bool, batch: int, side: int, folds: bool,
+    polyphase: bool,
+) -> None:
+    """Style in the weight (batch 1, large maps) or on the activations, polyphase (CPU) or
+    transposed upsampling (CUDA's choice, forced here), each with gain and bias."""
+    monkeypatch.setattr(model_module, "_polyphase", lambda x: polyphase)
+    torch.manual_seed(6)
+    conv = ModulatedConv2d(5, 4, 3, 16, demodulate=demodulate, upsample=upsample).eval()
+    x, latent, bias = torch.randn(batch, 5, side, side), torch.randn(batch, 16), torch.randn(4)
+    assert conv.folds_style(x) is folds
+    with torch.inference_mode():
+        got = conv(x, latent, "batched", gain=1.5, bias=bias)
+        ref = conv(x, latent, "grouped", gain=1.5, bias=bias)
+    assert got.shape == ref.shape == (batch, 4, side * (1 + upsample), side * (1 + upsample))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_path_records_autograd_and_matches_inference(reference_64: dict) -> None:
+    model = _reference_model(reference_64)
+    x = reference_64["input"][:1].clone().requires_grad_(True)
+    out = model(x)
+    out.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.inference_mode():
+        torch.testing.assert_close(out.detach(), model(x.detach()), rtol=1e-5, atol=1e-5)

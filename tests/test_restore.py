@@ -4,6 +4,8 @@ device and precision choice, and the face-parsing masker."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -165,8 +167,9 @@ def test_channels_last_reaches_the_model_on_cpu(tiny_gpen_state):
     got = restorer.restore_tensor(x)
     assert seen == [True, True]
     # another memory layout picks other convolution kernels: same values to 5 digits of their scale
-    assert_close_to_scale(got, tiny_restorer(tiny_gpen_state).restore_tensor(x), rel=1e-5, what="restored faces")
-    assert not Restorer(Negate(), 8).channels_last  # default off on the CPU
+    nchw = tiny_restorer(tiny_gpen_state, channels_last=False).restore_tensor(x)
+    assert_close_to_scale(got, nchw, rel=1e-5, what="restored faces")
+    assert Restorer(Negate(), 8).channels_last  # default on, the CPU included (faster there too)
 
 
 # ---------------------------------------------------------------------------- batch size
@@ -319,3 +322,31 @@ def test_parse_masker_rejects_other_checkpoints(tmp_path: Path) -> None:
     torch.save({"conv.weight": torch.zeros(3, 3)}, path)
     with pytest.raises(WeightsError, match="ParseNet"):
         ParsingMasker(path)
+
+
+_REUSE_PROBE = """
+import resource, sys, torch
+from gpen_video.device import keep_freed_heap
+if sys.argv[1] == "keep":
+    assert keep_freed_heap()
+def step():  # like a network's activations: 64, 64 and 128 MiB, freed at once
+    a = torch.ones(2**24); b = a * 2; return float(torch.cat([a, b])[-1])
+for _ in range(4):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_restorer_process_reuses_freed_activation_memory():
+    """keep_freed_heap (called by Restorer on the CPU): repeated large activations reuse freed
+    pages instead of faulting fresh ones (measured: 0 or 32768 faults against 262156)."""
+    faults = {
+        mode: int(subprocess.run([sys.executable, "-c", _REUSE_PROBE, mode], capture_output=True, text=True,
+                                 check=True).stdout)
+        for mode in ("default", "keep")
+    }
+    assert faults["default"] > 100_000 and faults["keep"] * 4 < faults["default"], faults
