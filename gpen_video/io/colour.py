@@ -129,6 +129,31 @@ def to_rgb(frame: av.VideoFrame, layout: PictureLayout,
     return rgb
 
 
+SCALE_SWS_FLAGS = Interpolation.AREA
+"""Area averaging when downscaling for detection and scene cuts: every source sample counts,
+as with OpenCV's INTER_AREA, and it costs less than the exact full-size conversion."""
+
+
+def to_small_rgb(frame: av.VideoFrame, layout: PictureLayout, width: int, height: int,
+                 reformatter: VideoReformatter | None = None) -> np.ndarray:
+    """Stored picture -> upright (height, width, 3) uint8 RGB, downscaled by swscale straight
+    from the stored samples with ``layout``'s matrix and range (no full-size RGB is made)."""
+    reformatter = reformatter or VideoReformatter()
+    kwargs = {}
+    if not frame.format.is_rgb:
+        kwargs = dict(
+            src_colorspace=SWS_MATRIX[layout.matrix],
+            src_color_range=AVCOL_RANGE_JPEG if layout.full_range else AVCOL_RANGE_MPEG,
+        )
+    turned = layout.rotation in (90, 270)
+    stored_w, stored_h = (height, width) if turned else (width, height)
+    small = reformatter.reformat(frame, width=stored_w, height=stored_h, format="rgb24",
+                                 interpolation=SCALE_SWS_FLAGS, threads=1, **kwargs).to_ndarray()  # [HWC] stored
+    if layout.rotation:
+        small = np.ascontiguousarray(np.rot90(small, k=layout.rotation // 90))
+    return small
+
+
 def to_rgb_reference(frame: av.VideoFrame, layout: PictureLayout) -> np.ndarray:
     """Slow numpy reference of ``to_rgb`` for 8-bit planar YUV (tests compare the two).
 
