@@ -161,8 +161,11 @@ class FollowingDetector:
             return None
         corners = []
         for b in boxes:
-            x0 = int(round(min(max((b[0] + b[2] - side) / 2, 0.0), width - side)))
-            y0 = int(round(min(max((b[1] + b[3] - side) / 2, 0.0), height - side)))
+            # on the whole picture's grid of the coarsest stride, so the network's anchors fall
+            # where they fall in a full detection, and the landmarks agree with it
+            x0 = min(MIN_CROP * round((b[0] + b[2] - side) / 2 / MIN_CROP), width - side)
+            y0 = min(MIN_CROP * round((b[1] + b[3] - side) / 2 / MIN_CROP), height - side)
+            x0, y0 = max(int(x0), 0), max(int(y0), 0)
             if (x0, y0) not in corners:
                 corners.append((x0, y0))
         results = self.detector.detect([picture[y0:y0 + side, x0:x0 + side] for x0, y0 in corners])
