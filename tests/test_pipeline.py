@@ -359,7 +359,8 @@ def test_frames_without_faces_reach_the_encoder_unconverted(detector, tmp_path, 
     render_clip(clip, seconds=2.4, size=SIZE, paths=[path], visible=lambda k, i: i >= 30, audio=False)
     made, compared = [], []
     to_rgb, same_pixels = decode.to_rgb, colour.same_pixels
-    monkeypatch.setattr(decode, "to_rgb", lambda frame, *a: made.append(frame.pts) or to_rgb(frame, *a))
+    monkeypatch.setattr(decode, "to_rgb", lambda frame, *a, size=None: (size is None and made.append(frame.pts))
+                        or to_rgb(frame, *a, size=size))  # full-size conversions only
     monkeypatch.setattr(colour, "same_pixels", lambda a, b: compared.append(1) or same_pixels(a, b))
     # detected on a smaller copy, as 720p and up are at the default detect_size (a frame no larger
     # than detect_size is detected in its own RGB)

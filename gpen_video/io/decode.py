@@ -28,7 +28,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from gpen_video.errors import DecodeError, InputError
-from gpen_video.io.colour import AVCOL_RANGE_JPEG, chroma_location, matrix_for, to_rgb, to_small_rgb
+from gpen_video.io.colour import AVCOL_RANGE_JPEG, chroma_location, matrix_for, to_rgb
 from gpen_video.io.files import check_input_file
 from gpen_video.records import Frame, check_shape
 
@@ -454,8 +454,8 @@ class SourcePicture:
 
     def scaled(self, width: int, height: int) -> np.ndarray:
         """(height, width, 3) uint8 upright RGB, area-downscaled from the stored samples
-        (``colour.to_small_rgb``): what detection and scene cuts look at."""
-        return to_small_rgb(self.picture, self.layout, width, height, self._reformatter((width, height)))
+        (``colour.to_rgb`` with a ``size``): what detection and scene cuts look at."""
+        return to_rgb(self.picture, self.layout, self._reformatter((width, height)), size=(width, height))
 
     @classmethod
     def _reformatter(cls, size: tuple[int, int] | None) -> VideoReformatter:
