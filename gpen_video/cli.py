@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = r.add_argument_group("faces")
     _flag(d, "--detector", choices=["retinaface-mobile", "retinaface-r50"])
     _flag(d, "--detect-size", type=int, help="long side the detector sees (default 1024)")
+    _flag(d, "--detect-every", type=int, metavar="K",
+          help="detect the whole frame at least every K frames, only crops around the faces between "
+               "(default 12; 0 or 1: every frame)")
     _flag(d, "--score-threshold", type=float, help="detector confidence threshold (default 0.9)")
     _flag(d, "--min-face", type=int, help="leave faces smaller than this many pixels alone (default 24)")
     _flag(d, "--only-largest-face", action="store_const", const=True,

@@ -78,6 +78,10 @@ class Config:
     detector: Detector = "retinaface-mobile"
     detect_size: int = 1024
     """Long side of the copy the detector sees. Higher: finds smaller faces, slower."""
+    detect_every: int = 12
+    """K: the whole frame is detected at least every K frames (and at scene cuts, and when a
+    followed face is lost); between, only crops around the faces being followed. Higher:
+    cheaper, but a face entering is found up to K frames late. 0 or 1: every frame whole."""
     score_threshold: float = 0.9
     """Detections below this confidence are ignored. Lower: more faces, more false ones."""
     min_face: int = 24
@@ -166,6 +170,7 @@ class Config:
             "strength": 0.0 <= self.strength <= 1.0,
             "score_threshold": 0.0 < self.score_threshold <= 1.0,
             "detect_size": self.detect_size >= 64,
+            "detect_every": self.detect_every >= 0,
             "min_face": self.min_face >= 0,
             "crf": 0 <= self.crf <= 51,
             "smooth_window": self.smooth_window >= 1,

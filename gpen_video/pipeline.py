@@ -130,7 +130,8 @@ class FramePipeline:
     def _planner(self, temporal: TemporalSettings | None) -> Planner:
         c = self.config
         return Planner(self.detector, smooth_window=c.smooth_window, max_gap=c.max_gap, min_face=c.min_face,
-                       only_largest_face=c.only_largest_face, skip_tracks=c.skip_tracks, temporal=temporal)
+                       only_largest_face=c.only_largest_face, skip_tracks=c.skip_tracks, temporal=temporal,
+                       detect_every=c.detect_every, detect_size=c.detect_size)
 
     @cached_property
     def still_planner(self) -> Planner:

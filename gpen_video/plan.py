@@ -45,7 +45,9 @@ from gpen_video.engine import Stages
 from gpen_video.faces.detect import FaceDetector
 from gpen_video.faces.fade import TrackFader
 from gpen_video.faces.pose import fade_reach
-from gpen_video.faces.scenes import CutFeatures, SceneCutDetector, cut_features
+from gpen_video.faces.follow import FollowingDetector, to_frame_pixels
+from gpen_video.faces.pictures import scaled_picture
+from gpen_video.faces.scenes import CutFeatures, SceneCutDetector, frame_cut_features
 from gpen_video.faces.smooth import LookaheadSmoother
 from gpen_video.faces.track import Tracker
 from gpen_video.records import Detections, Frame, TrackedFace
@@ -79,9 +81,9 @@ class Observation:
     def without_pixels(self) -> Observation:
         """This observation with a placeholder frame: what a log of many frames may keep."""
         f = self.frame
-        height, width = f.rgb.shape[:2]
+        height, width = f.shape[:2]
         return dataclasses.replace(self, frame=placeholder_frame(f.index, f.pts, f.time_base, height, width,
-                                                                 f.rgb.dtype))
+                                                                 f.dtype))
 
 
 def placeholder_frame(index: int, pts: int | None, time_base, height: int, width: int, dtype) -> Frame:
@@ -148,8 +150,13 @@ class Planner:
         min_face: smallest median face size (pixels, shorter box side) of a restored track.
         only_largest_face: restore one track at a time (see the module docstring).
         skip_tracks: track ids never restored.
-        detect_batch: frames per detector call. Higher: better accelerator use, more frames
-            held.
+        detect_batch: frames per detector call when every frame is detected whole
+            (``detect_every`` <= 1). Higher: better accelerator use, more frames held.
+        detect_every: K, most frames between two full-frame detections; between them the
+            detector sees only crops around the faces it follows (``faces.follow``). Higher:
+            cheaper, a new face found up to K frames late. 0 or 1: every frame whole.
+        detect_size: long side of the copy of each frame the detector sees (made from the
+            decoded samples, ``faces.pictures``); None: the frame itself.
         chunk: frames smoothed per call. Higher: less smoothing work per frame, more frames
             held.
         temporal: the pose and track fades of ``TemporalSettings`` (``faces.fade``), which hold
@@ -179,6 +186,8 @@ class Planner:
         only_largest_face: bool = False,
         skip_tracks: Iterable[int] = (),
         detect_batch: int = 8,
+        detect_every: int = 1,
+        detect_size: int | None = None,
         chunk: int = 16,
         temporal: TemporalSettings | None = None,
     ) -> None:
@@ -195,6 +204,10 @@ class Planner:
         self.only_largest_face = only_largest_face
         self.skip_tracks = frozenset(skip_tracks)
         self.detect_batch = detect_batch
+        if detect_every < 0:
+            raise ValueError(f"detect_every must be >= 0, got {detect_every}")
+        self.detect_every = detect_every
+        self.detect_size = detect_size
         self.chunk = chunk
         self.temporal = temporal
         self._lookahead = LookaheadSmoother(window=smooth_window, max_gap=max_gap, chunk=chunk)
@@ -260,18 +273,21 @@ class Planner:
             segment_of: as for ``plan``: batches never span two segments.
             stages: where the detector's time goes ("detect"); None: not timed.
         """
-        batch: list[tuple[Frame, CutFeatures]] = []
+        if self.detect_every > 1:
+            yield from self._followed(frames, segment_of, stages)
+            return
+        batch: list[tuple[Frame, np.ndarray, float, float, CutFeatures]] = []
         segment = None
 
         def detect() -> Iterator[Observation]:
             start = time.perf_counter()
-            found = self.detector.detect([frame.rgb for frame, _ in batch])
+            found = self.detector.detect([picture for _, picture, _, _, _ in batch])
             if stages is not None:
                 stages.time("detect", time.perf_counter() - start)
             if len(found) != len(batch):
                 raise ValueError(f"the detector returned {len(found)} results for {len(batch)} images")
-            for (frame, cut), detections in zip(batch, found):
-                yield Observation(frame, detections, cut)
+            for (frame, _, sx, sy, cut), detections in zip(batch, found):
+                yield Observation(frame, to_frame_pixels(detections, (0.0, 0.0), sx, sy), cut)
 
         for frame in frames:
             if segment_of is not None:
@@ -279,12 +295,33 @@ class Planner:
                 if batch and segment != previous:
                     yield from detect()
                     batch = []
-            batch.append((frame, cut_features(frame.rgb)))
+            batch.append((frame, *scaled_picture(frame, self.detect_size), frame_cut_features(frame)))
             if len(batch) == self.detect_batch:
                 yield from detect()
                 batch = []
         if batch:
             yield from detect()
+
+    def _followed(self, frames: Iterable[Frame], segment_of: Callable[[Frame], int] | None,
+                  stages: Stages | None) -> Iterator[Observation]:
+        """``observe`` with ``detect_every`` > 1: a ``FollowingDetector``, and scene cuts of its
+        own (both reset at each segment, so a segment is detected alike wherever it starts)."""
+        follow = FollowingDetector(self.detector, every=self.detect_every, detect_size=self.detect_size,
+                                   keep=self.max_gap)
+        cuts = SceneCutDetector()
+        segment = None
+        for frame in frames:
+            start = time.perf_counter()
+            if segment_of is not None:
+                segment, previous = segment_of(frame), segment
+                if segment != previous:
+                    follow.reset()
+                    cuts.reset()
+            cut = frame_cut_features(frame)
+            detections = follow.update(frame, shot_start=cuts.update_features(cut))
+            if stages is not None:
+                stages.time("detect", time.perf_counter() - start)
+            yield Observation(frame, detections, cut)
 
 
 class Plan(Iterator[PlannedFrame]):

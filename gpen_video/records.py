@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,6 +28,25 @@ def check_shape(name: str, array: np.ndarray, shape: tuple[int | None, ...]) -> 
         raise ValueError(f"{name} must have shape {want}, got {actual}")
 
 
+class PixelSource(Protocol):
+    """The decoder's picture behind a frame (``io.decode.SourcePicture`` is one): its RGB, made
+    on first use, and small copies made straight from the stored samples."""
+
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """(H, W, 3) the upright RGB, converted once on first read (the same array every time)."""
+
+    @property
+    def rgb_made(self) -> bool:
+        """Whether ``rgb`` has been converted yet."""
+
+    def scaled(self, width: int, height: int) -> np.ndarray:
+        """(height, width, 3) uint8 upright RGB, downscaled from the stored samples."""
+
+
 @dataclass(frozen=True)
 class Frame:
     """One decoded video frame, upright as a player shows it.
@@ -36,11 +55,14 @@ class Frame:
         index: position in decode output order, counting from 0.
         pts: presentation timestamp in ``time_base`` units (None if the stream has none).
         time_base: the stream's time base.
-        rgb: (H, W, 3) RGB image, uint8 or uint16.
+        rgb: (H, W, 3) RGB image, uint8 or uint16. A frame built with ``rgb=None`` and a
+            ``source`` takes it from ``source.rgb`` on first read: the decoder's frames do,
+            so a frame no stage reads the pixels of (no face to restore) is never converted
+            to RGB, and the writer passes its picture to the encoder as it is.
         source: what the writer may pass through where ``rgb`` is unchanged: the decoder's
-            own picture behind the frame (``io.decode.SourcePicture``), or None. Stages that
-            derive a frame (``dataclasses.replace``) keep it, so it travels with the frame
-            instead of being looked up in the reader.
+            own picture behind the frame (a ``PixelSource``: ``io.decode.SourcePicture``),
+            or None. Stages that derive a frame (``dataclasses.replace``) keep it, so it
+            travels with the frame instead of being looked up in the reader.
     """
 
     index: int
@@ -50,9 +72,36 @@ class Frame:
     source: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check_shape("Frame.rgb", self.rgb, (None, None, 3))
-        if self.rgb.dtype not in (np.uint8, np.uint16):
-            raise ValueError(f"Frame.rgb must be uint8 or uint16, got {self.rgb.dtype}")
+        if self.__dict__["rgb"] is None:
+            if self.source is None:
+                raise ValueError("a Frame without rgb needs a source to take it from")
+            del self.__dict__["rgb"]  # read through __getattr__, from the source
+        if len(self.shape) != 3 or self.shape[2] != 3:
+            raise ValueError(f"Frame.rgb must have shape (n, n, 3), got {self.shape}")
+        if self.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"Frame.rgb must be uint8 or uint16, got {self.dtype}")
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "rgb" or "source" not in self.__dict__:  # not a lazy frame's pixels
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        rgb = self.source.rgb
+        object.__setattr__(self, "rgb", rgb)
+        return rgb
+
+    @property
+    def rgb_made(self) -> bool:
+        """Whether ``rgb`` exists yet: False for a decoded frame no stage has read the pixels of."""
+        return "rgb" in self.__dict__
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``rgb.shape``, known without converting a decoded frame's pixels."""
+        return tuple(self.__dict__["rgb"].shape) if self.rgb_made else tuple(self.source.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """``rgb.dtype``, known without converting a decoded frame's pixels."""
+        return np.dtype(self.__dict__["rgb"].dtype if self.rgb_made else self.source.dtype)
 
     @property
     def time(self) -> float:

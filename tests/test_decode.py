@@ -69,6 +69,24 @@ def test_rotation_gives_upright_frames(tmp_path, rotation):
     assert np.array_equal(np.rot90(stored, k=rotation // 90), upright)
 
 
+@pytest.mark.parametrize("rotation,pix_fmt", [(0, "yuv420p"), (90, "yuv420p"), (270, "yuv420p10le")])
+def test_small_pictures_come_upright_from_the_samples_without_full_rgb(tmp_path, rotation, pix_fmt):
+    """``SourcePicture.scaled`` (what detection and scene cuts see) is the upright frame
+    area-downscaled, uint8 whatever the depth, and makes no full-size RGB."""
+    import cv2
+
+    from gpen_video.faces.pictures import to_uint8
+
+    path = make_clip(tmp_path / "in.mp4", frames=2, size=(128, 96), rotation=rotation, pix_fmt=pix_fmt)
+    with VideoReader(path) as reader:
+        frame = next(reader.frames())
+    height, width = frame.shape[:2]
+    small = frame.source.scaled(width // 4, height // 4)
+    assert not frame.rgb_made and small.shape == (height // 4, width // 4, 3) and small.dtype == np.uint8
+    expected = cv2.resize(to_uint8(frame.rgb), (width // 4, height // 4), interpolation=cv2.INTER_AREA)
+    assert np.abs(small.astype(int) - expected).mean() < 5  # chroma is upsampled differently
+
+
 def test_ten_bit_422_is_uint16_full_scale(tmp_path):
     path = make_clip(tmp_path / "in.mov", frames=3, pix_fmt="yuv422p10le", audio_tracks=0)
     info = probe(path)

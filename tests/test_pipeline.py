@@ -182,9 +182,12 @@ def two_faces_that_hide(path: Path, **kwargs) -> Path:
     return path
 
 
-def test_faces_entering_leaving_and_short_misses(detector, tmp_path):
+@pytest.mark.parametrize("every", [1, 12])
+def test_faces_entering_leaving_and_short_misses(detector, tmp_path, every):
+    """Every frame detected whole (1), and followed in crops with a full detection at least
+    every 12 frames: the face coming back is found within 12 frames."""
     clip = two_faces_that_hide(tmp_path / "enter.mp4", audio=False)
-    _, _, report = run(make_pipeline(detector, max_gap=8), clip, tmp_path)
+    _, _, report = run(make_pipeline(detector, max_gap=8, detect_every=every), clip, tmp_path)
     by_side = {0: [], 1: []}
     for track in report["tracks"]:
         x = np.mean([f["box"][0] for f in track["frames"]])
@@ -195,7 +198,8 @@ def test_faces_entering_leaving_and_short_misses(detector, tmp_path):
     assert all(f["landmarks_raw"] is None and f["score"] is None for f in filled)
     assert len(by_side[1]) == 2, "a face gone for 20 frames comes back as a new track"
     first, second = sorted(by_side[1], key=lambda t: t["frames"][0]["index"])
-    assert first["frames"][-1]["index"] == 19 and second["frames"][0]["index"] == 40
+    assert first["frames"][-1]["index"] == 19
+    assert 40 <= second["frames"][0]["index"] < 40 + every
     assert first["id"] != second["id"]
 
 
@@ -341,3 +345,26 @@ def test_interrupted_run_leaves_no_output_and_no_temporary_file(one_face, detect
     with pytest.raises(KeyboardInterrupt):
         pipeline.restore_video(clip, out_dir / "out.mp4", report=out_dir / "report.json")
     assert list(out_dir.iterdir()) == []
+
+
+def test_frames_without_faces_reach_the_encoder_unconverted(detector, tmp_path, monkeypatch):
+    """A face enters at frame 30 of 60: the frames before it are passed to the encoder as the
+    decoder's pictures (no full-size RGB made, nothing compared); only
+    the frames with a face are converted to RGB, and the face is found within K = 12 frames."""
+    import gpen_video.io.colour as colour
+    import gpen_video.io.decode as decode
+
+    path = FacePath(centre=(240, 136), amplitude=(20, 6), scale=0.45)
+    clip = tmp_path / "enters.mp4"
+    render_clip(clip, seconds=2.4, size=SIZE, paths=[path], visible=lambda k, i: i >= 30, audio=False)
+    made, compared = [], []
+    to_rgb, same_pixels = decode.to_rgb, colour.same_pixels
+    monkeypatch.setattr(decode, "to_rgb", lambda frame, *a, size=None: (size is None and made.append(frame.pts))
+                        or to_rgb(frame, *a, size=size))  # full-size conversions only
+    monkeypatch.setattr(colour, "same_pixels", lambda a, b: compared.append(1) or same_pixels(a, b))
+    # detected on a smaller copy, as 720p and up are at the default detect_size (a frame no larger
+    # than detect_size is detected in its own RGB)
+    result, out, report = run(make_pipeline(detector, temporal=False, detect_size=400), clip, tmp_path)
+    assert result.frames == 60
+    restored = sorted({f["index"] for t in report["tracks"] for f in t["frames"] if f["restored"]})
+    assert 30 <= restored[0] < 30 + 12 and len(made) == len(restored) == len(compared)

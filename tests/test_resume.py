@@ -306,11 +306,14 @@ def test_work_dir_elsewhere_and_removed_after_success(detector, clip, reference,
 def test_segments_give_the_pictures_and_pts_of_one_segment(detector, clip, tmp_path):
     """Lossless output: three segments and one give the same pictures with the same pts.
     (Temporal stabilisation off: it restarts at each segment edge, so there the frames within
-    its reach of an edge differ; ``tests/test_temporal_pipeline.py`` checks that.)"""
+    its reach of an edge differ; ``tests/test_temporal_pipeline.py`` checks that. Every frame
+    detected whole: detection that follows the faces also restarts at each segment edge, with a
+    full detection, so its landmarks there can differ in the last digits.)"""
     outputs = {}
     for seconds in (SEGMENT, 30):
         out = tmp_path / f"out-{seconds}.mkv"
-        pipeline_for(detector, codec="ffv1", segment_seconds=seconds, temporal=False).restore_video(clip, out)
+        pipeline_for(detector, codec="ffv1", segment_seconds=seconds, temporal=False,
+                     detect_every=1).restore_video(clip, out)
         with av.open(str(out)) as container:
             outputs[seconds] = [(f.pts, f.to_ndarray(format="rgb24").tobytes()) for f in container.decode(video=0)]
         audio = [(data for _, _, data in read_packets(path)[1]) for path in (out, clip)]

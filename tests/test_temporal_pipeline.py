@@ -73,7 +73,8 @@ def still_frames(n: int = N, sigma: float = 0.0, seed: int = 0) -> list[np.ndarr
 
 
 def pipeline(model: torch.nn.Module, script, **overrides) -> FramePipeline:
-    config = load_config(None, device="cpu", warp="opencv", **overrides)
+    # every frame detected whole: the script gives the faces of the i-th frame detected
+    config = load_config(None, device="cpu", warp="opencv", **{"detect_every": 1, **overrides})
     detector = ScriptedDetector(None if script is None else lambda i: script(i % N))  # each plan counts from 0
     return FramePipeline(config, restorer=Restorer(model, 256), detector=detector)
 

@@ -26,6 +26,7 @@ import torch
 from gpen_video.device import resolve_device
 from gpen_video.errors import ConfigError, WeightsError
 from gpen_video.faces import retinaface
+from gpen_video.faces.pictures import to_uint8
 from gpen_video.records import Detections
 
 log = logging.getLogger(__name__)
@@ -46,15 +47,6 @@ class FaceDetector(Protocol):
     """Finds faces in RGB images (H, W, 3) uint8 or uint16; one Detections per image."""
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]: ...
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """An 8-bit copy of a uint8 or uint16 RGB image (16-bit full scale, rounded)."""
-    if image.dtype == np.uint8:
-        return image
-    if image.dtype == np.uint16:
-        return ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    raise ValueError(f"images must be uint8 or uint16, got {image.dtype}")
 
 
 def largest_first(det: Detections) -> Detections:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 
 from gpen_video.errors import WeightsError
 from gpen_video.records import Detections
@@ -128,6 +127,8 @@ def postprocess(
         boxes, points = decode(
             loc[i, keep].cpu().double(), landms[i, keep].cpu().double(), torch.from_numpy(priors[rows.numpy()]).double()
         )
+        import torchvision  # here, not at the top: its import (1.4 s, torch._dynamo) waits for a first face
+
         kept = torchvision.ops.nms(boxes, kept_scores.double(), nms_threshold)  # highest score first
         results.append(
             Detections(boxes[kept].float().numpy(), points[kept].float().numpy(), kept_scores[kept].numpy())

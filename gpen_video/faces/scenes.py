@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from gpen_video.records import check_shape
+from gpen_video.faces.pictures import scaled_picture
+from gpen_video.records import Frame, check_shape
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,13 @@ def cut_features(rgb: np.ndarray) -> CutFeatures:
     """The features ``SceneCutDetector.update_features`` takes, of an (H, W, 3) uint8 or uint16
     RGB frame (reduced with ``cut_signature`` first, so any size is cheap)."""
     return CutFeatures(*_features(cut_signature(rgb)))
+
+
+def frame_cut_features(frame: Frame) -> CutFeatures:
+    """``cut_features`` of a frame, from its small picture (``faces.pictures.scaled_picture``):
+    a decoded frame's full-size RGB is not made for it."""
+    small, _, _ = scaled_picture(frame, SIGNATURE_SIZE)
+    return CutFeatures(*_features(small))
 
 
 def _hellinger(p: np.ndarray, q: np.ndarray) -> float:

@@ -110,20 +110,32 @@ def chroma_location(container: av.container.InputContainer, stream_index: int) -
     return next((name for name in names if name in CHROMA_LOCATIONS), None)
 
 
-def to_rgb(frame: av.VideoFrame, layout: PictureLayout,
-           reformatter: VideoReformatter | None = None) -> np.ndarray:
-    """Stored YUV/RGB picture -> upright (H, W, 3) RGB, uint8 or uint16, with ``layout``'s matrix."""
+SCALE_SWS_FLAGS = Interpolation.AREA
+"""Area averaging when downscaling for detection and scene cuts: every source sample counts,
+as with OpenCV's INTER_AREA, and it costs less than the exact full-size conversion."""
+
+
+def to_rgb(frame: av.VideoFrame, layout: PictureLayout, reformatter: VideoReformatter | None = None, *,
+           size: tuple[int, int] | None = None) -> np.ndarray:
+    """Stored YUV/RGB picture -> upright (H, W, 3) RGB with ``layout``'s matrix and range.
+
+    Args:
+        size: None: full size, exact (``EXACT_SWS_FLAGS``), uint8 or uint16 (``layout``'s
+            ``rgb_format``). (width, height): an upright uint8 copy of that size, area-scaled by
+            swscale straight from the stored samples (no full-size RGB is made): what detection
+            and scene cuts look at.
+    """
     reformatter = reformatter or VideoReformatter()
-    kwargs = {}
+    kwargs: dict = dict(format=layout.rgb_format, interpolation=EXACT_SWS_FLAGS)
+    if size is not None:
+        width, height = size[::-1] if layout.rotation in (90, 270) else size  # stored orientation
+        kwargs = dict(width=width, height=height, format="rgb24", interpolation=SCALE_SWS_FLAGS, threads=1)
     if not frame.format.is_rgb:
-        kwargs = dict(
+        kwargs.update(
             src_colorspace=SWS_MATRIX[layout.matrix],
             src_color_range=AVCOL_RANGE_JPEG if layout.full_range else AVCOL_RANGE_MPEG,
         )
-    rgb_frame = reformatter.reformat(
-        frame, format=layout.rgb_format, interpolation=EXACT_SWS_FLAGS, **kwargs
-    )
-    rgb = rgb_frame.to_ndarray()  # [HWC] stored orientation
+    rgb = reformatter.reformat(frame, **kwargs).to_ndarray()  # [HWC] stored orientation
     if layout.rotation:
         rgb = np.ascontiguousarray(np.rot90(rgb, k=layout.rotation // 90))
     return rgb

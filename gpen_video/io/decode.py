@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -425,21 +426,57 @@ class _Deinterlacer:
                 return out
 
 
-@dataclass(frozen=True)
 class SourcePicture:
-    """The decoder's own picture behind a frame, carried with it (``Frame.source``).
+    """The decoder's own picture behind a frame, carried with it (``Frame.source``): a
+    ``records.PixelSource``.
 
     ``encode.VideoWriter`` passes its samples to the encoder wherever the frame's RGB still
-    equals ``rgb`` (the RGB as decoded), so untouched pixels are never converted back.
+    equals ``rgb`` (the RGB as decoded), so untouched pixels are never converted back, and
+    passes the picture itself, unexamined, for a frame whose RGB was never made.
 
     Attributes:
         picture: the decoded picture, in the stored orientation and pixel format.
-        rgb: (H, W, 3) the upright RGB as the reader yielded it (the same array, not a copy:
-            stages never write into a frame's pixels, they make new ones).
+        layout: how its samples map to upright RGB (the reader's ``info``).
+        shape, dtype: those of ``rgb``, known without converting.
     """
 
-    picture: av.VideoFrame
-    rgb: np.ndarray
+    _local = threading.local()  # each thread's swscale contexts, by output size
+
+    def __init__(self, picture: av.VideoFrame, layout: VideoInfo) -> None:
+        self.picture = picture
+        self.layout = layout
+        turned = layout.rotation in (90, 270)
+        self.shape = (picture.width, picture.height, 3) if turned else (picture.height, picture.width, 3)
+        self.dtype = np.dtype(layout.dtype)
+        self._rgb: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """(H, W, 3) the upright RGB (``colour.to_rgb``), converted once, on first read (the
+        same array every time: stages never write into a frame's pixels, they make new ones)."""
+        with self._lock:
+            if self._rgb is None:
+                self._rgb = to_rgb(self.picture, self.layout, self._reformatter(None))
+            return self._rgb
+
+    @property
+    def rgb_made(self) -> bool:
+        return self._rgb is not None
+
+    def scaled(self, width: int, height: int) -> np.ndarray:
+        """(height, width, 3) uint8 upright RGB, area-downscaled from the stored samples
+        (``colour.to_rgb`` with a ``size``): what detection and scene cuts look at."""
+        return to_rgb(self.picture, self.layout, self._reformatter((width, height)), size=(width, height))
+
+    @classmethod
+    def _reformatter(cls, size: tuple[int, int] | None) -> VideoReformatter:
+        """This thread's reformatter for one output size (a swscale context is not shared
+        between threads, and switching sizes would rebuild it)."""
+        cache = cls._local.__dict__.setdefault("reformatters", {})
+        if size not in cache:
+            cache[size] = VideoReformatter()
+        return cache[size]
 
 
 def deinterlaced_info(source: VideoInfo, deinterlace: Deinterlace) -> VideoInfo:
@@ -660,7 +697,6 @@ class VideoReader:
             container.seek(seek_pts, stream=stream, backward=True, any_frame=False)
         self.damaged_frames = self.concealed_frames = 0
         info, src_tb = self.info, self.source_info.time_base
-        reformatter = VideoReformatter()
         deinterlacer: _Deinterlacer | None = None
         index = start_index
 
@@ -678,9 +714,8 @@ class VideoReader:
                 return None
             if stop_pts is not None and pts >= stop_pts:
                 raise _Stopped
-            rgb = to_rgb(av_frame, info, reformatter)
-            frame = Frame(index=index, pts=pts, time_base=info.time_base, rgb=rgb,
-                          source=SourcePicture(av_frame, rgb))
+            frame = Frame(index=index, pts=pts, time_base=info.time_base, rgb=None,
+                          source=SourcePicture(av_frame, info))
             index += 1
             return frame
 

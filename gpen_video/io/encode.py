@@ -34,7 +34,7 @@ from gpen_video.io import colour
 from gpen_video.io.decode import SourcePicture, VideoInfo
 from gpen_video.io.files import check_output, create_temp, disk_full, install, write_error
 from gpen_video.io.streams import StreamCopier
-from gpen_video.records import Frame, check_shape
+from gpen_video.records import Frame
 
 log = logging.getLogger(__name__)
 
@@ -331,10 +331,11 @@ class VideoWriter:
         if self._out is None:
             raise RuntimeError("use VideoWriter as a context manager: with VideoWriter(...) as w")
         info = self.info
-        check_shape("Frame.rgb", frame.rgb, (info.height, info.width, 3))
-        if frame.rgb.dtype != info.dtype:
+        if frame.shape != (info.height, info.width, 3):
+            raise ValueError(f"Frame.rgb must have shape ({info.height}, {info.width}, 3), got {frame.shape}")
+        if frame.dtype != info.dtype:
             raise ValueError(f"Frame.rgb must be {np.dtype(info.dtype).name} for this source, "
-                             f"got {frame.rgb.dtype}")
+                             f"got {frame.dtype}")
         source = frame.source if self.splice else None
         av_frame = self._spliced(frame, source) if isinstance(source, SourcePicture) else None
         if av_frame is None:
@@ -381,12 +382,17 @@ class VideoWriter:
         serve (another pixel format).
 
         The picture itself is reused (made writable first: the decoder may still reference
-        it), so its field order, interlacing and other per-frame properties survive.
+        it), so its field order, interlacing and other per-frame properties survive. A frame
+        whose RGB was never made (no stage read its pixels), or is the decoded RGB itself,
+        passes the picture with nothing converted or compared.
         """
-        picture, original = source.picture, source.rgb
+        picture = source.picture
         if picture.format.name != self.pix_fmt or not picture.format.is_planar:
             return None
         picture.pict_type = 0  # encoders honour decoded I/P/B types: let ours choose
+        if not frame.rgb_made or (source.rgb_made and frame.rgb is source.rgb):
+            return picture
+        original = source.rgb
         if colour.same_pixels(frame.rgb, original):
             return picture
         changed = np.any(frame.rgb != original, axis=2)  # [HW] upright

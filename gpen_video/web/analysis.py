@@ -32,7 +32,8 @@ MAX_SAMPLES = 60
 """Frames kept for the preview slider. More: finer choice, more disk and analysis time."""
 THUMBNAIL = 128
 """Long side of a track's thumbnail, pixels."""
-TRACKING_SETTINGS = ("detector", "detect_size", "score_threshold", "smooth_window", "max_gap", "deinterlace")
+TRACKING_SETTINGS = ("detector", "detect_size", "detect_every", "score_threshold", "smooth_window", "max_gap",
+                     "deinterlace")
 """Config fields that change which tracks exist and their ids: an analysis made with other
 values does not describe the job."""
 
