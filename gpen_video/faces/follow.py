@@ -30,6 +30,7 @@ import numpy as np
 
 from gpen_video.faces.detect import FaceDetector
 from gpen_video.faces.pictures import scaled_picture
+from gpen_video.faces.track import box_iou
 from gpen_video.records import Detections, Frame
 
 MIN_CROP = 32
@@ -54,14 +55,6 @@ def to_frame_pixels(det: Detections, offset: tuple[float, float], sx: float, sy:
     boxes = (det.boxes + np.array([x0, y0, x0, y0], np.float32)) / np.array([sx, sy, sx, sy], np.float32)
     landmarks = (det.landmarks + np.array([x0, y0], np.float32)) / np.array([sx, sy], np.float32)
     return Detections(boxes.astype(np.float32), landmarks.astype(np.float32), det.scores)
-
-
-def _iou_one(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    x1, y1 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
-    x2, y2 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / np.maximum(area - inter, 1e-9)
 
 
 class FollowingDetector:
@@ -220,6 +213,6 @@ def _suppressed(det: Detections, iou: float = 0.4) -> Detections:
     order = np.argsort(-det.scores, kind="stable")
     keep: list[int] = []
     for i in order:
-        if not keep or _iou_one(det.boxes[i], det.boxes[keep]).max() <= iou:
+        if not keep or box_iou(det.boxes[i:i + 1], det.boxes[keep]).max() <= iou:
             keep.append(int(i))
     return det.select(np.array(keep, np.int64))

@@ -46,7 +46,7 @@ def _box_size(box: np.ndarray) -> float:
     return float(max(min(box[2] - box[0], box[3] - box[1]), 1e-6))
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of every box in ``a`` [T,4] with every box in ``b`` [D,4] -> [T,D].
 
     numpy, not ``torchvision.ops.box_iou``: both give the same tracks, but with a handful of
@@ -237,7 +237,7 @@ class Tracker:
             return np.zeros((n_t, n_d))
         pred = np.stack([self._predict(t, frame_index) for t in self._tracks])  # [T,14]
         dts = np.array([frame_index - t.last_frame for t in self._tracks], np.float64)  # [T]
-        iou = _iou(pred[:, 10:], det_state[:, 10:])  # [T,D]
+        iou = box_iou(pred[:, 10:], det_state[:, 10:])  # [T,D]
         diff = pred[:, None, :10] - det_state[None, :, :10]  # [T,D,10]
         dist = np.linalg.norm(diff.reshape(n_t, n_d, 5, 2), axis=-1).mean(-1)  # [T,D]
         t_size = np.array([t.size for t in self._tracks])  # [T]
