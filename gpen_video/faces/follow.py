@@ -128,17 +128,19 @@ class FollowingDetector:
             return Detections.empty()
         picture, sx, sy = scaled_picture(frame, self.detect_size)
         found = None if due else self._in_crops(picture, sx, sy, live, index)
-        if found is not None and self._lost(live, found, index):
+        matched = None if found is None else self._matches(live, found, index)
+        if matched is not None and _lost(live, matched, index):
             found = None
         if found is None:
             found = to_frame_pixels(self.detector.detect([picture])[0], (0.0, 0.0), sx, sy)
-            new = len(found) - len(self._matches(live, found, index))
+            matched = self._matches(live, found, index)
+            new = len(found) - len(matched)
             self._interval = self.every if new == 0 or fresh else math.ceil(self.every / 2)
             self._since = 0
             self.full_frames += 1
         else:
             self.crop_frames += 1
-        self._known = self._remember(live, found, index)
+        self._known = _remembered(live, found, matched, index)
         return found
 
     def _in_crops(self, picture: np.ndarray, sx: float, sy: float, live: list[_Known],
@@ -189,22 +191,25 @@ class FollowingDetector:
                 matched[i] = j
         return matched
 
-    def _lost(self, live: list[_Known], found: Detections, index: int) -> bool:
-        """Whether a face found in the frame before is missing from ``found``."""
-        matched = set(self._matches(live, found, index).values())
-        return any(k.last == index - 1 and j not in matched for j, k in enumerate(live))
 
-    def _remember(self, live: list[_Known], found: Detections, index: int) -> list[_Known]:
-        matched = self._matches(live, found, index)
-        known = [k for j, k in enumerate(live) if j not in matched.values()]
-        for i, box in enumerate(found.boxes.astype(np.float64)):
-            if i in matched:
-                k = live[matched[i]]
-                step = (box - k.box) / (index - k.last)
-                known.append(_Known(box, 0.5 * (k.velocity + step), index))
-            else:
-                known.append(_Known(box, np.zeros(4), index))
-        return known
+def _lost(live: list[_Known], matched: dict[int, int], index: int) -> bool:
+    """Whether a face found in the frame before has no detection ``matched`` to it."""
+    return any(k.last == index - 1 and j not in matched.values() for j, k in enumerate(live))
+
+
+def _remembered(live: list[_Known], found: Detections, matched: dict[int, int], index: int) -> list[_Known]:
+    """The faces known after ``index``: those found (continuing their ``matched`` known face's
+    motion) and the known ones not found (``update`` drops those ``keep`` frames after they were
+    last found)."""
+    known = [k for j, k in enumerate(live) if j not in matched.values()]
+    for i, box in enumerate(found.boxes.astype(np.float64)):
+        if i in matched:
+            k = live[matched[i]]
+            step = (box - k.box) / (index - k.last)
+            known.append(_Known(box, 0.5 * (k.velocity + step), index))
+        else:
+            known.append(_Known(box, np.zeros(4), index))
+    return known
 
 
 def _suppressed(det: Detections, iou: float = 0.4) -> Detections:
