@@ -6,8 +6,8 @@ wires them: the planner holds each frame back until its faces are final (the smo
 look-ahead), the upscaler (``upscale.stage``) enlarges frames in one thread, crops (of the
 faces moved to the enlarged frame) run in another, GPEN fills whole batches from consecutive
 frames, the temporal stabiliser averages each track's restored crops over ``reach`` frames
-(reset at each segment of a job), paste-back runs in another thread, and frames come out in
-order (``render``). New stages of the frame stream go here, between the planner and the
+(across segment edges: a job renders ``reach`` halo frames beyond them, restored but not
+written), paste-back runs in another thread, and frames come out in order (``render``). New stages of the frame stream go here, between the planner and the
 writer. Files, segments, resuming and Ray are the job layer's (``gpen_video.jobs``), which
 also gives the public ``FacePipeline``: this class with ``restore_video`` and ``restore_image``.
 
@@ -66,12 +66,22 @@ FRAMES_RATE = Fraction(25)
 class _Restored:
     """One planned frame, the frame it is restored into (``planned.frame``, or its copy
     ``upscale``× larger, without a decoder picture), its crops and their restored faces
-    ([M,3,S,S] in [0, 1]), or no faces."""
+    ([M,3,S,S] in [0, 1]), or no faces; ``fp32_reruns``: faces of the restorer's batch that
+    ran again in fp32, counted on the batch's first frame."""
 
     planned: PlannedFrame
     frame: Frame
     crops: FaceCrops | None
     restored: torch.Tensor | None = None
+    fp32_reruns: int = 0
+
+
+@dataclass
+class RenderCounts:
+    """What a ``FramePipeline.render`` did for the frames it gave out (not those it only
+    restored as neighbours): faces the restorer ran again in fp32."""
+
+    fp32_reruns: int = 0
 
 
 class FramePipeline:
@@ -126,6 +136,12 @@ class FramePipeline:
                 mirror=config.mirror,
                 progress=download_progress,
             )
+
+    @property
+    def halo(self) -> int:
+        """Frames beyond a segment's edges whose restored faces its own frames are stabilised
+        with: the stabiliser's ``reach`` (0 with ``temporal`` off)."""
+        return self.temporal.reach if self.temporal is not None else 0
 
     def _planner(self, temporal: TemporalSettings | None) -> Planner:
         c = self.config
@@ -198,26 +214,30 @@ class FramePipeline:
         return _Restored(planned, frame, self.warp.crop(frame, faces))
 
     def _restore_in_batches(self, items: Iterable[_Restored], stages: Stages,
-                            segment_of: Callable[[Frame], int] | None = None) -> Iterator[_Restored]:
+                            group_of: Callable[[Frame], int] | None = None) -> Iterator[_Restored]:
         """Whole batches from consecutive frames (``restored_in_batches``), never spanning two
-        segments of ``segment_of`` (a batch's company can change results in the last bits, and a
-        resumed job must restore each segment alike)."""
+        groups of ``group_of`` (a batch's company can change results in the last bits, and a
+        resumed job must restore each frame alike: ``SegmentPlan.group_of``)."""
+        reruns = self.restorer.stats.fp32_reruns
         for work, restored in restored_in_batches(
-            self.restorer, _segment_starts(items, segment_of), lambda w: w.crops and w.crops.pixels,
+            self.restorer, _group_starts(items, group_of), lambda w: w.crops and w.crops.pixels,
             max_held=self._max_held(self.restorer.batch_size), timed=lambda seconds: stages.time("restore", seconds),
         ):
-            yield work if restored is None else dataclasses.replace(work, restored=restored)
+            now = self.restorer.stats.fp32_reruns
+            if restored is not None or now != reruns:
+                work = dataclasses.replace(work, restored=restored, fp32_reruns=now - reruns)
+            reruns = now
+            yield work
 
-    def _stabilise(self, items: Iterable[_Restored], stages: Stages,
-                   segment_of: Callable[[Frame], int] | None = None) -> Iterator[_Restored]:
+    def _stabilise(self, items: Iterable[_Restored], stages: Stages) -> Iterator[_Restored]:
         """Each frame's restored faces stabilised over their tracks (``stabilised_stream``),
-        afresh at each segment of ``segment_of``, so a segment's output never depends on
-        another's restorations (resume and Ray are exact)."""
+        afresh after a gap in the frames (a job's frames that are neither rendered nor a halo);
+        a frame's window reaches across segment edges into the halo frames."""
         if self.temporal is None:
             yield from items
             return
         for work, faces in stabilised_stream(
-            _segment_starts(items, segment_of), self.temporal, index=lambda w: w.planned.frame.index,
+            _after_gaps(items), self.temporal, index=lambda w: w.planned.frame.index,
             faces=lambda w: {} if w.crops is None else {
                 f.track_id: (w.crops.pixels[i], w.restored[i]) for i, f in enumerate(w.crops.faces)},
             timed=lambda seconds: stages.time("temporal", seconds),
@@ -241,20 +261,27 @@ class FramePipeline:
             masks = plain * weights[:, None, None]  # (M,S,S)
         return self.warp.paste(crops, restored, strength=self.config.strength, masks=masks)
 
-    def render(self, planned: Iterable[PlannedFrame], stages: Stages,
-               segment_of: Callable[[Frame], int] | None = None) -> Iterator[tuple[PlannedFrame, Frame]]:
+    def render(self, planned: Iterable[PlannedFrame], stages: Stages, group_of: Callable[[Frame], int] | None = None,
+               *, keep: Callable[[Frame], bool] | None = None, counts: RenderCounts | None = None,
+               ) -> Iterator[tuple[PlannedFrame, Frame]]:
         """Each planned frame with its faces restored and pasted back (into the frame upscaled
-        ``config.upscale``×), in order, in the threads of ``stages``; batches never span two
-        segments of ``segment_of``."""
+        ``config.upscale``×), in order, in the threads of ``stages``.
+
+        Args:
+            planned: consecutive frames, with gaps only between groups.
+            group_of: batches never span two of its groups (``SegmentPlan.group_of``).
+            keep: which frames come out; the others (a segment's halo) are restored only as
+                their neighbours' company in the stabiliser. None: all.
+            counts: what the frames that come out cost, added up there.
+        """
         if self.upscale is None:
             framed: Iterable[tuple[PlannedFrame, Frame]] = ((p, p.frame) for p in planned)
         else:
-            framed = stages.prefetch(self.upscale.run(planned, _frame_of, stages, segment_of), STAGE_DEPTH,
+            framed = stages.prefetch(self.upscale.run(planned, _frame_of, stages, group_of), STAGE_DEPTH,
                                      name="upscale")
         cropped = stages.map(self._crop, framed, name="crop", depth=STAGE_DEPTH)
-        restored = self._restore_in_batches(cropped, stages, segment_of)
-        restored = self._stabilise(restored, stages, segment_of)
-        return stages.map(self._paste, restored, name="paste", depth=STAGE_DEPTH)
+        restored = self._stabilise(self._restore_in_batches(cropped, stages, group_of), stages)
+        return stages.map(self._paste, _kept(restored, keep, counts), name="paste", depth=STAGE_DEPTH)
 
     @cached_property
     def weights_hash(self) -> str:
@@ -329,16 +356,34 @@ def _frame_of(planned: PlannedFrame) -> Frame:
     return planned.frame
 
 
-def _segment_starts(items: Iterable[_Restored], segment_of: Callable[[Frame], int] | None
-                    ) -> Iterator[tuple[_Restored, bool]]:
-    """Each item, and whether its frame starts another segment than the item before's."""
-    segment = None
+def _group_starts(items: Iterable[_Restored], group_of: Callable[[Frame], int] | None
+                  ) -> Iterator[tuple[_Restored, bool]]:
+    """Each item, and whether its frame starts another group than the item before's."""
+    group = None
     for n, work in enumerate(items):
-        if segment_of is None:
+        if group_of is None:
             yield work, False
             continue
-        segment, previous = segment_of(work.planned.frame), segment
-        yield work, n > 0 and segment != previous
+        group, previous = group_of(work.planned.frame), group
+        yield work, n > 0 and group != previous
+
+
+def _after_gaps(items: Iterable[_Restored]) -> Iterator[tuple[_Restored, bool]]:
+    """Each item, and whether frames are missing between it and the item before."""
+    previous = None
+    for work in items:
+        index = work.planned.frame.index
+        yield work, previous is not None and index != previous + 1
+        previous = index
+
+
+def _kept(items: Iterable[_Restored], keep: Callable[[Frame], bool] | None,
+          counts: RenderCounts | None) -> Iterator[_Restored]:
+    for work in items:
+        if keep is None or keep(work.planned.frame):
+            if counts is not None:
+                counts.fp32_reruns += work.fp32_reruns
+            yield work
 
 
 def _tick(progress: Progress | None, cancel: threading.Event | None, done: int, total: int | None) -> None:

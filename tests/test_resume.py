@@ -205,8 +205,8 @@ def test_detection_batches_stay_inside_segments():
 def test_an_interrupted_job_resumes_to_the_same_bytes(detector, clip, reference, tmp_path, monkeypatch, stop, caplog):
     """Stopped inside the first segment, just after a join, inside later ones, and at the last
     frame: the output and report equal the uninterrupted run's, and only the unfinished
-    segments are encoded and restored again. (A segment is finished once the first frame of
-    the next one, or the end, is reached.)"""
+    segments are encoded, and only they and the halo before them restored again. (A segment
+    is finished once the first frame of the next one, or the end, is reached.)"""
     out, report = tmp_path / "out.mp4", tmp_path / "report.json"
     pipeline = pipeline_for(detector)
     with pytest.raises(Cancelled):
@@ -228,12 +228,38 @@ def test_an_interrupted_job_resumes_to_the_same_bytes(detector, clip, reference,
     assert read_packets(out) == read_packets(reference[0])
     assert report.read_text() == reference[1]
     assert seen.opened == [f"segment-{k:05d}.mp4" for k in range(finished, 3)]
-    assert seen.faces == restored_from(reference[1], first)
+    assert seen.faces == restored_from(reference[1], max(0, first - pipeline.halo))
     assert result.frames == 60 and result.resumed_frames == first
     assert progress == list(range(first or 1, 61))
     if finished:
         assert f"resuming tape.mp4 at segment {finished + 1} of 3 ({first} of 60 frames done)" in caplog.text
     assert not work.exists()
+
+
+class BatchMixing(torch.nn.Module):
+    """Identity plus a trace of the batch's mean: a face's output depends on its batch's
+    company, as the last bits of a real network's can."""
+
+    def forward(self, x):
+        return x + 0.1 * (x.mean(0, keepdim=True) - x.mean())
+
+
+def test_a_resumed_job_restores_its_halo_in_the_batches_of_an_uninterrupted_one(detector, clip, tmp_path):
+    """Batches of 5 faces, segments of 16 frames, a halo of 4: unaligned, the 4 halo frames
+    before segment 2 would be one batch where the uninterrupted run had them in two, and the
+    stabilised frames after the edge would differ. Batches stop where a segment or a halo
+    starts or ends (``SegmentPlan.group_of``), so the bytes are the same."""
+
+    def run(out: Path, **options) -> None:
+        config = load_config(None, device="cpu", segment_seconds=SEGMENT)
+        pipeline = FacePipeline(config, restorer=Restorer(BatchMixing(), 256, batch_size=5), detector=detector)
+        pipeline.restore_video(clip, out, **options)
+
+    run(whole := tmp_path / "whole.mp4")
+    with pytest.raises(Cancelled):
+        run(tmp_path / "out.mp4", progress=stop_at(20))
+    run(tmp_path / "out.mp4")
+    assert (tmp_path / "out.mp4").read_bytes() == whole.read_bytes()
 
 
 def _stopped_after_one_segment(pipeline: FacePipeline, clip: Path, out: Path) -> None:
@@ -265,21 +291,22 @@ def test_a_changed_job_starts_afresh_and_says_why(detector, clip, tmp_path, monk
 
 
 def test_a_failed_segment_is_tried_again(detector, clip, reference, tmp_path, caplog):
-    """GPEN fails on the 20th face (in segment 2): that segment is done again from its start
-    and the output is the uninterrupted one."""
-    model = Flaky({20})
+    """GPEN fails on the 24th face (frame 23, in segment 2; segment 1 is finished once frame 19,
+    the end of its halo, is restored): segment 2 is done again from its read range (its halo
+    from frame 12) and the output is the uninterrupted one."""
+    model = Flaky({24})
     out = tmp_path / "out.mp4"
     result = pipeline_for(detector, model).restore_video(clip, out)
     assert out.read_bytes() == reference[0].read_bytes()
-    assert "segment 2 of 3 (frames 16-31) failed (RuntimeError: simulated failure in call 20); trying it " \
+    assert "segment 2 of 3 (frames 16-31) failed (RuntimeError: simulated failure in call 24); trying it " \
            "again (1 of 2)" in caplog.text
     assert result.faces_restored == restored_from(reference[1], 0)
-    assert model.calls == 60 + 4  # frames 16..19 again, then on
+    assert model.calls == 60 + 12  # frames 12..23 again, then on
 
 
 def test_a_segment_failing_every_time_fails_the_file_and_keeps_the_rest(detector, clip, reference, tmp_path):
     out = tmp_path / "out.mp4"
-    model = Flaky(set(range(20, 1000)))
+    model = Flaky(set(range(24, 1000)))
     with pytest.raises(GpenVideoError) as failed:
         pipeline_for(detector, model, retries=1).restore_video(clip, out)
     message = str(failed.value)
@@ -303,16 +330,17 @@ def test_work_dir_elsewhere_and_removed_after_success(detector, clip, reference,
     assert list(work_root.iterdir()) == []
 
 
-def test_segments_give_the_pictures_and_pts_of_one_segment(detector, clip, tmp_path):
-    """Lossless output: three segments and one give the same pictures with the same pts.
-    (Temporal stabilisation off: it restarts at each segment edge, so there the frames within
-    its reach of an edge differ; ``tests/test_temporal_pipeline.py`` checks that. Every frame
-    detected whole: detection that follows the faces also restarts at each segment edge, with a
-    full detection, so its landmarks there can differ in the last digits.)"""
+@pytest.mark.parametrize("temporal", [True, False])
+def test_segments_give_the_pictures_and_pts_of_one_segment(detector, clip, tmp_path, temporal):
+    """Lossless output: three segments and one give the same pictures with the same pts; with
+    temporal stabilisation too, whose windows reach across the segment edges (each segment
+    restores a halo of frames beyond its edges). (Every frame detected whole: detection that
+    follows the faces restarts at each segment edge, with a full detection, so its landmarks
+    there can differ in the last digits.)"""
     outputs = {}
     for seconds in (SEGMENT, 30):
         out = tmp_path / f"out-{seconds}.mkv"
-        pipeline_for(detector, codec="ffv1", segment_seconds=seconds, temporal=False,
+        pipeline_for(detector, codec="ffv1", segment_seconds=seconds, temporal=temporal,
                      detect_every=1).restore_video(clip, out)
         with av.open(str(out)) as container:
             outputs[seconds] = [(f.pts, f.to_ndarray(format="rgb24").tobytes()) for f in container.decode(video=0)]
@@ -434,7 +462,8 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_bytes(clip, gpen_args,
     assert read_packets(out) == read_packets(cli_reference[0])
     assert report.read_text() == cli_reference[1]
     assert seen["segments"] == [f"segment-{k:05d}.mp4" for k in range(finished, 3)]
-    assert seen["faces"] == restored_from(cli_reference[1], first)
+    halo = 4 if finished < 3 else 0  # the frames before the first unfinished segment (temporal reach 4)
+    assert seen["faces"] == restored_from(cli_reference[1], max(0, first - halo))
     assert sorted(p.name for p in out_dir.iterdir()) == ["out.mov", "r.json"]
     assert len(kept) == 2 * finished  # each finished segment's file and detection log
 

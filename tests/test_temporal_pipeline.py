@@ -88,9 +88,9 @@ def planned(p: FramePipeline, frames: list[np.ndarray]) -> list[PlannedFrame]:
     return list(p.planner.plan(iter(records)))
 
 
-def render(p: FramePipeline, plan: list[PlannedFrame], segment_of=None) -> list[np.ndarray]:
+def render(p: FramePipeline, plan: list[PlannedFrame], group_of=None, keep=None) -> list[np.ndarray]:
     with Stages() as stages:
-        return [f.rgb for _, f in p.render(iter(plan), stages, segment_of)]
+        return [f.rgb for _, f in p.render(iter(plan), stages, group_of, keep=keep)]
 
 
 def changed(a: np.ndarray, b: np.ndarray) -> bool:
@@ -197,20 +197,25 @@ def test_temporal_on_takes_the_flicker_of_a_noisy_restorer_out():
     assert on <= 0.5 * off, (on, off)  # measured: 1.70 off, 0.00 on (calmer than the source's noise)
 
 
-def test_the_stabiliser_starts_afresh_at_each_segment_edge():
-    """Rendered in two segments, the output is each segment's rendered on its own, bit for bit
-    (what makes resume and --ray exact); it differs from one unsegmented render only within
-    ``reach`` frames of the edge, where the window is cut."""
+def test_a_segment_rendered_from_its_read_range_gives_the_uninterrupted_frames():
+    """Each side of a segment edge rendered on its own from its read range (``reach`` halo
+    frames beyond the edge restored as neighbours, not given out) gives, bit for bit, the frames
+    of one uninterrupted render: what makes resume and --ray exact while the stabiliser still
+    averages across the edge. Cut at the edge without a halo, the frames within ``reach`` of it
+    differ."""
     frames = still_frames(sigma=4.0)
     script = lambda i: detections(landmarks())  # noqa: E731
     p = pipeline(Texture(), script)
     plan = planned(p, frames)
     edge, reach = 16, p.temporal.reach
-    segmented = render(p, plan, segment_of=lambda f: int(f.index >= edge))
-    alone = render(p, plan[:edge]) + render(p, plan[edge:])
-    whole = render(p, plan)
-    assert all(np.array_equal(a, b) for a, b in zip(segmented, alone))
-    differs = [i for i in range(N) if changed(segmented[i], whole[i])]
+    groups = lambda f: (f.index >= edge - reach) + (f.index >= edge) + (f.index >= edge + reach)  # noqa: E731
+    whole = render(p, plan, groups)
+    before = render(p, plan[:edge + reach], groups, keep=lambda f: f.index < edge)
+    after = render(p, plan[edge - reach:], groups, keep=lambda f: f.index >= edge)
+    assert len(before) == edge and len(after) == N - edge
+    assert all(np.array_equal(a, b) for a, b in zip(before + after, whole, strict=True))
+    cut = render(p, plan[:edge]) + render(p, plan[edge:])
+    differs = [i for i in range(N) if changed(cut[i], whole[i])]
     assert differs and set(differs) <= set(range(edge - reach, edge + reach)), differs
     off = render(pipeline(Texture(), script, temporal=False), plan)
     assert all(changed(a, b) for a, b in zip(whole[reach:-reach], off[reach:-reach])), "the filter acts"

@@ -8,9 +8,10 @@ three phases:
    in every frame into the job's work folder (``jobs.logs.write_log``);
 2. the driver replays all the logs through one planner, so tracks, their ids and the per-track
    selection are those of one pass over the whole video, and writes each segment's faces to
-   restore (``jobs.logs.write_plan``);
-3. workers decode their segments again, restore the planned faces and encode the segment
-   files, each handed to ``Job.finished`` as it arrives.
+   restore (``jobs.logs.write_plan``), those of its halo frames too;
+3. workers decode their segments' read ranges (``SegmentPlan.read_range``: the segment and its
+   halo either side), restore the planned faces of them all, stabilise, and encode the
+   segment's own frames into the segment file, which is handed to ``Job.finished`` as it arrives.
 
 Everything else is the job engine's (``jobs.run``): the driver opens the job, resumes it,
 counts failures, keeps the progress and the report and assembles the output, as for a local
@@ -31,7 +32,7 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from gpen_video.jobs.local import render_segment
 from gpen_video.jobs.logs import read_log, read_plan, write_log, write_plan
 from gpen_video.jobs.manifest import InputIdentity, Manifest
 from gpen_video.jobs.run import Job, Rendered, SegmentDone, SegmentTask, job_identity, output_settings
-from gpen_video.pipeline import FramePipeline
+from gpen_video.pipeline import FramePipeline, RenderCounts
 from gpen_video.plan import PlannedFrame
 
 log = logging.getLogger(__name__)
@@ -76,23 +77,40 @@ class SegmentWorker:
         with task.reader() as reader:
             return write_log(task.log, self.pipeline.planner.observe(task.frames(reader)))
 
-    def render(self, task: SegmentTask) -> tuple[int, int]:
-        """Phase 3: restore the planned faces and encode the segment file; returns the frames
-        and the faces run again in fp32 (the precision guard's reruns)."""
+    def render(self, task: SegmentTask, logs: Sequence[Path]) -> tuple[int, int]:
+        """Phase 3: restore the planned faces of the segment's read range and encode the
+        segment's frames into its file; ``logs``: the detection logs of the segments the range
+        covers, in order. Returns the frames written and their faces run again in fp32 (the
+        precision guard's reruns)."""
         faces = read_plan(task.plan)
-        reruns = self.pipeline.restorer.stats.fp32_reruns
+        layout, counts = task.layout, RenderCounts()
+        start, stop = layout.read_range(task.segment)
         with task.reader() as reader:
-            logged = read_log(task.log, reader.info)
+            logged = [seen for path in logs for seen in read_log(path, reader.info)
+                      if (start is None or seen.frame.pts >= start) and (stop is None or seen.frame.pts < stop)]
 
             def planned() -> Iterator[PlannedFrame]:
-                for frame, seen in zip(task.frames(reader), logged, strict=True):
+                if not logged:
+                    return
+                first = logged[0].frame
+                decoded = reader.frames(None if start is None else first.pts, start_index=first.index, stop_pts=stop)
+                for frame, seen in zip(decoded, logged, strict=True):
                     if frame.index != seen.frame.index:
                         raise EncodeError(f"segment {task.segment} of {task.src} decoded frame {frame.index} where "
                                           f"its log has frame {seen.frame.index}; the input changed")
                     yield PlannedFrame(dataclasses.replace(seen, frame=frame), faces.get(frame.index, ()), ())
 
-            frames = render_segment(self.pipeline, planned(), reader.info, task.output)
-        return frames, self.pipeline.restorer.stats.fp32_reruns - reruns
+            frames = render_segment(self.pipeline, planned(), reader.info, task.output, group_of=layout.group_of,
+                                    keep=lambda frame: layout.segment_of(frame) == task.segment, counts=counts)
+        return frames, counts.fp32_reruns
+
+
+def _logs_read(job: Job, k: int) -> tuple[Path, ...]:
+    """The detection logs of the segments segment ``k``'s read range covers, in order."""
+    layout = job.plan.layout
+    start, stop = layout.read_range(k)
+    first, last = layout.segment_at(start), len(layout) - 1 if stop is None else layout.segment_at(stop - 1)
+    return tuple(path for j in range(first, last + 1) if (path := job.log_of(j)) is not None)
 
 
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -210,41 +228,43 @@ class RayWorkers:
             job.finished(SegmentDone(k, tasks[k].output if frames else None, frames, tasks[k].log))
             job.ticker.add(frames)
 
-        self._run(job, "render", tasks, finished)
+        self._run(job, "render", tasks, finished, lambda k: (_logs_read(job, k),))
         return Rendered(faces, stats, reruns)
 
     def _plan(self, job: Job, tasks: dict[int, SegmentTask]) -> tuple[int, object]:
-        """Phase 2: replay every segment's log through one planner; write the plans of ``tasks``."""
+        """Phase 2: replay every segment's log through one planner; write the plans of
+        ``tasks``, each with the faces of its whole read range."""
         layout = job.plan.layout
         plan = job.pipeline.planner.plan((), report=job.report, replay=job.replay(range(len(layout))),
                                           segment_of=layout.segment_of)
         faces = 0
-        current: int | None = None
-        chosen: list[tuple[int, tuple]] = []
+        chosen: dict[int, list[tuple[int, tuple]]] = {}
         written: set[int] = set()
 
-        def flush() -> None:
-            if current in tasks:
-                write_plan(tasks[current].plan, chosen)
-                written.add(current)
+        def flush(before: int) -> None:
+            for k in sorted(k for k in chosen if k < before):
+                write_plan(tasks[k].plan, chosen.pop(k))
+                written.add(k)
 
         for planned in plan:
             faces += len(planned.faces)
-            k = layout.segment_of(planned.frame)
-            if k != current:
-                flush()
-                current, chosen = k, []
-            if planned.faces:
-                chosen.append((planned.frame.index, planned.faces))
-        flush()
+            reading = layout.reading(planned.frame)
+            flush(before=reading.start)  # no later frame is in their ranges
+            for k in reading:
+                if k in tasks:
+                    chosen.setdefault(k, [])
+                    if planned.faces:
+                        chosen[k].append((planned.frame.index, planned.faces))
+        flush(before=len(layout))
         for k in tasks.keys() - written:  # segments no frame reached
             write_plan(tasks[k].plan, [])
         return faces, plan.stats
 
-    def _run(self, job: Job, phase: str, tasks: dict[int, SegmentTask], done: Callable[[int, Any], None]) -> None:
+    def _run(self, job: Job, phase: str, tasks: dict[int, SegmentTask], done: Callable[[int, Any], None],
+             more: Callable[[int], tuple] = lambda k: ()) -> None:
         """Run ``phase`` of every task on the workers, a failed one again as ``job.retries``
         allows; ``done(k, result)`` with the worker's return value as each finishes, in the
-        order they finish."""
+        order they finish. ``more(k)``: the phase's arguments after the task."""
         ray = self.ray
         waiting = sorted(tasks)
         free = list(range(len(self.actors)))
@@ -253,7 +273,7 @@ class RayWorkers:
             while waiting or running:
                 while waiting and free:
                     k, n = waiting.pop(0), free.pop(0)
-                    running[getattr(self.actors[n], phase).remote(tasks[k])] = (k, n)
+                    running[getattr(self.actors[n], phase).remote(tasks[k], *more(k))] = (k, n)
                 ready, _ = _signalled(ray.wait, list(running), num_returns=1, timeout=POLL_SECONDS)
                 job.ticker.check()
                 for ref in ready:

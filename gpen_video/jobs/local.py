@@ -1,16 +1,20 @@
 """Render a job's segments in this process, in one pass over the video.
 
-Every frame is decoded once, from the keyframe before the first unfinished segment; the
-segments before it are replayed from their detection logs (``Job.replay``), so the planner
-reaches the state of an uninterrupted run. One planner plans the whole video; each segment's
-frames are encoded into its own file in the work folder (``SegmentSink``), and its detection
-log written beside it, then handed to ``Job.finished``.
+Every frame is decoded once, from the keyframe before the first unfinished segment's read
+range (``SegmentPlan.read_range``: its halo of frames before it); the segments before it are
+replayed from their detection logs (``Job.replay``), so the planner reaches the state of an
+uninterrupted run, and the halo's decoded pictures are put into the replayed frames. One
+planner plans the whole video; the frames of unfinished segments and their halos are
+restored, and each unfinished segment's frames are encoded into its own file in the work
+folder (``SegmentSink``), and its detection log written beside it, then handed to
+``Job.finished``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from gpen_video.engine import Stages
@@ -19,7 +23,7 @@ from gpen_video.io.decode import VideoInfo
 from gpen_video.io.encode import VideoWriter
 from gpen_video.jobs.logs import write_log
 from gpen_video.jobs.run import Job, Rendered, SegmentDone, output_settings
-from gpen_video.pipeline import DECODE_DEPTH, FramePipeline
+from gpen_video.pipeline import DECODE_DEPTH, FramePipeline, RenderCounts
 from gpen_video.plan import Observation, PlannedFrame
 from gpen_video.records import Frame
 
@@ -34,27 +38,28 @@ class LocalRenderer:
         return output_settings(self.pipeline), self.pipeline.weights_hash
 
     def render(self, job: Job) -> Rendered:
-        """One pass from the first unfinished segment to the end."""
+        """One pass from the first unfinished segment's read range to the end."""
         layout, pipeline = job.plan.layout, self.pipeline
         first = job.manifest.first_unfinished
         prefix = len(layout) if first is None else first
-        replayed = sum(job.manifest.finished[k].frame_count for k in range(prefix))
         finished = frozenset(job.manifest.finished)
+        unfinished = frozenset(job.unfinished)
         sink = SegmentSink(job, pipeline)
         counted = _Counted()
-        reruns = pipeline.restorer.stats.fp32_reruns
+        counts = RenderCounts()
         job.ticker.done = job.manifest.frames_done
         try:
             with Stages(job.timer) as stages:
                 frames: Iterable[Frame] = ()
+                halo: dict[int, Frame] = {}
                 if first is not None:
-                    start_pts = layout.starts[first] if first > 0 else None
-                    decoded = job.plan.reader().frames(start_pts, start_index=replayed)
-                    frames = stages.prefetch(decoded, DECODE_DEPTH, name="decode", timed=True)
+                    frames, halo = _decoded(job, first, stages)
                 plan = pipeline.planner.plan(frames, stages=stages, report=job.report, replay=job.replay(range(prefix)),
                                              segment_of=layout.segment_of)
-                todo = (p for p in counted(plan) if layout.segment_of(p.frame) not in finished)
-                for planned, frame in pipeline.render(todo, stages, layout.segment_of):
+                todo = (_with_pixels(p, halo) for p in counted(plan)
+                        if any(k in unfinished for k in layout.reading(p.frame)))
+                for planned, frame in pipeline.render(todo, stages, layout.group_of, counts=counts,
+                                                      keep=lambda f: layout.segment_of(f) not in finished):
                     start = time.perf_counter()
                     sink.write(planned, frame)
                     stages.time("encode", time.perf_counter() - start)
@@ -63,19 +68,56 @@ class LocalRenderer:
         except BaseException:
             sink.abort()
             raise
-        return Rendered(counted.faces, plan.stats, pipeline.restorer.stats.fp32_reruns - reruns)
+        return Rendered(counted.faces, plan.stats, counts.fp32_reruns)
 
 
-def render_segment(pipeline: FramePipeline, planned: Iterable[PlannedFrame], info: VideoInfo, path: Path) -> int:
-    """Restore the planned frames of one segment (faces already chosen: a plan made
-    elsewhere) and encode them into the segment file ``path``, as a local job does. Returns
-    the frames written; with none, no file is made."""
+def _decoded(job: Job, first: int, stages: Stages) -> tuple[Iterator[Frame], dict[int, Frame]]:
+    """The frames to plan from segment ``first`` on (decoded in a thread of ``stages``), and
+    the decoded frames of its halo before it, by index: finished segments' frames, which the
+    planner gets from their logs, so only their pictures are wanted."""
+    layout = job.plan.layout
+    start, _ = layout.read_range(first)
+    before = range(first, first) if start is None else range(layout.segment_at(start), first)
+    logged = [seen.frame for seen in job.replay(before) if seen.frame.pts is not None and seen.frame.pts >= start]
+    if logged:
+        decoded = job.plan.reader().frames(logged[0].pts, start_index=logged[0].index)
+    else:
+        replayed = sum(job.manifest.finished[k].frame_count for k in range(first))
+        decoded = job.plan.reader().frames(layout.starts[first] if first > 0 else None, start_index=replayed)
+    frames = stages.prefetch(decoded, DECODE_DEPTH, name="decode", timed=True)
+    halo: dict[int, Frame] = {}
+    for expected in logged:
+        frame = next(frames, None)
+        if frame is None or (frame.index, frame.pts) != (expected.index, expected.pts):
+            got = "nothing" if frame is None else f"frame {frame.index} (pts {frame.pts})"
+            raise DecodeError(f"{job.plan.src.name}: decoding {layout.describe(first - 1)} again gave {got} where "
+                              f"its log has frame {expected.index} (pts {expected.pts}); the input changed: run "
+                              "again with --restart")
+        halo[frame.index] = frame
+    return frames, halo
+
+
+def _with_pixels(planned: PlannedFrame, halo: dict[int, Frame]) -> PlannedFrame:
+    """``planned`` with its decoded picture where it is a replayed frame of the halo."""
+    frame = halo.pop(planned.frame.index, None)
+    if frame is None:
+        return planned
+    return dataclasses.replace(planned, observation=dataclasses.replace(planned.observation, frame=frame))
+
+
+def render_segment(pipeline: FramePipeline, planned: Iterable[PlannedFrame], info: VideoInfo, path: Path, *,
+                   group_of: Callable[[Frame], int] | None = None, keep: Callable[[Frame], bool] | None = None,
+                   counts: RenderCounts | None = None) -> int:
+    """Restore the planned frames of one segment and its halo (faces already chosen: a plan
+    made elsewhere) and encode the segment's (``keep``) into the segment file ``path``, as a
+    local job does, batched by ``group_of``. Returns the frames written; with none, no file is
+    made."""
     c = pipeline.config
     writer: VideoWriter | None = None
     written = 0
     try:
         with Stages() as stages:
-            for _, frame in pipeline.render(planned, stages):
+            for _, frame in pipeline.render(planned, stages, group_of, keep=keep, counts=counts):
                 if writer is None:
                     writer = VideoWriter(path, pipeline.output_info(info), codec=c.codec, crf=c.crf, preset=c.preset,
                                          overwrite=True, copy_streams=False).__enter__()

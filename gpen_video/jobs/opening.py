@@ -68,14 +68,15 @@ class JobPlan:
         return VideoReader(self.src, deinterlace=self.deinterlace, source_info=self.source_info, index=self.index)
 
 
-def open_job(src: str | Path, *, deinterlace: Deinterlace, segment_seconds: float, index_file: Path | None = None,
-             check: OutputCheck | None = None) -> JobPlan:
+def open_job(src: str | Path, *, deinterlace: Deinterlace, segment_seconds: float, halo: int = 0,
+             index_file: Path | None = None, check: OutputCheck | None = None) -> JobPlan:
     """Read the input ``src`` once and plan its job.
 
     Args:
         src: the input video.
         deinterlace: as ``VideoReader`` takes it.
         segment_seconds: the segments' target length (``SegmentPlan.of``).
+        halo: frames beyond a segment's edges its rendering restores too (``SegmentPlan.of``).
         index_file: where an earlier run of the job kept the index (``workfolder.save_index``);
             it is used when it was made of this very input.
         check: called with the open input and the frames' description, to fail on an
@@ -106,7 +107,7 @@ def open_job(src: str | Path, *, deinterlace: Deinterlace, segment_seconds: floa
             info = deinterlaced_info(source_info, deinterlace)
             if check is not None:
                 check(container, info)
-    layout = SegmentPlan.of(index, info, source_info, segment_seconds)
+    layout = SegmentPlan.of(index, info, source_info, segment_seconds, halo=halo)
     return JobPlan(src, identity, source_info, info, deinterlace, index, layout,
                    _expected_frames(source_info, info, index))
 

@@ -121,7 +121,9 @@ class SegmentTask:
         first_frame: its first frame's index.
         start_pts, stop_pts: its frames' pts range in the decoded frames' time base (None: from
             the start, to the end).
-        output: its file; log: its detection log; plan: its faces to restore (Ray workers).
+        output: its file; log: its detection log; plan: its faces to restore (Ray workers),
+            those of its halo frames too.
+        layout: the job's segments (read ranges and batch groups).
     """
 
     src: Path
@@ -135,6 +137,7 @@ class SegmentTask:
     output: Path
     log: Path
     plan: Path
+    layout: SegmentPlan
 
     def reader(self) -> VideoReader:
         """A reader of the input that takes its description from the task and its index from
@@ -285,14 +288,19 @@ class Job:
             raise
 
     def replay(self, segments: Iterable[int]) -> Iterator[Observation]:
-        """What detection found in the frames of ``segments`` (in order), from their logs: a
-        finished segment's as recorded, an unfinished one's at its task's path."""
+        """What detection found in the frames of ``segments`` (in order), from their logs."""
         for k in segments:
-            record = self.manifest.finished.get(k)
-            if record is None:
-                yield from read_log(self.tasks[k].log, self.plan.info)
-            elif record.log:
-                yield from read_log(self.work.path / record.log, self.plan.info)
+            path = self.log_of(k)
+            if path is not None:
+                yield from read_log(path, self.plan.info)
+
+    def log_of(self, k: int) -> Path | None:
+        """Segment ``k``'s detection log: a finished segment's as recorded (None where no frame
+        of it decoded), an unfinished one's at its task's path."""
+        record = self.manifest.finished.get(k)
+        if record is None:
+            return self.tasks[k].log
+        return self.work.path / record.log if record.log else None
 
 
 def run_job(renderer: Renderer, pipeline: FramePipeline, src: str | Path, dst: Path, *, overwrite: bool = False,
@@ -309,8 +317,8 @@ def run_job(renderer: Renderer, pipeline: FramePipeline, src: str | Path, dst: P
         VideoWriter(dst, pipeline.output_info(info), codec=c.codec, crf=c.crf, preset=c.preset, strict=c.strict,
                     overwrite=overwrite).check(container)
 
-    plan = open_job(src, deinterlace=c.deinterlace, segment_seconds=c.segment_seconds, index_file=work.index_path,
-                    check=check)
+    plan = open_job(src, deinterlace=c.deinterlace, segment_seconds=c.segment_seconds, halo=pipeline.halo,
+                    index_file=work.index_path, check=check)
     info, layout = plan.info, plan.layout
     if info.interlaced and c.upscale > 1:
         log.warning("%s: its frames stay interlaced (--deinterlace %s), and enlarging a frame mixes its two "
@@ -383,7 +391,7 @@ def _tasks(plan: JobPlan, work: WorkFolder, config: Config) -> dict[int, Segment
         index_file=work.index_path.absolute(), segment=k, first_frame=layout.first_frames[k],
         start_pts=layout.starts[k] if k > 0 else None, stop_pts=layout.starts[k + 1] if k + 1 < len(layout) else None,
         output=work.segment_path(k, suffix).absolute(), log=work.log_path(k).absolute(),
-        plan=work.plan_path(k).absolute()) for k in range(len(layout))}
+        plan=work.plan_path(k).absolute(), layout=layout) for k in range(len(layout))}
 
 
 def _keep_or_remove(work: WorkFolder, src: Path, layout: SegmentPlan, exc: BaseException) -> None:

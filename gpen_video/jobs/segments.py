@@ -43,6 +43,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from fractions import Fraction
 from pathlib import Path
 
@@ -172,10 +173,18 @@ class SegmentPlan:
     frame_counts: tuple[int, ...]
     starts: tuple[int, ...]
     seekable: bool = True
+    read_starts: tuple[int, ...] = ()
+    read_stops: tuple[int | None, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.read_starts:
+            object.__setattr__(self, "read_starts", self.starts)
+        if not self.read_stops:
+            object.__setattr__(self, "read_stops", self.starts[1:] + (None,))
 
     @classmethod
     def of(cls, index: VideoIndex | None, info: VideoInfo, source_info: VideoInfo,
-           segment_seconds: float = SEGMENT_SECONDS) -> SegmentPlan:
+           segment_seconds: float = SEGMENT_SECONDS, *, halo: int = 0) -> SegmentPlan:
         """Plan the segments of a video (``plan_segments`` on its ``index``).
 
         Args:
@@ -186,14 +195,24 @@ class SegmentPlan:
             source_info: the stream as stored (``VideoReader.source_info``); deinterlacing
                 to fields gives two frames per source frame.
             segment_seconds: the target length.
+            halo: frames beyond each edge of a segment that its rendering reads (the temporal
+                stabiliser's ``reach``): see ``read_range``.
         """
         if index is None:
             return cls((0,), (info.frame_count or 0,), (0,), seekable=False)
         scale = 2 if info.time_base != source_info.time_base else 1  # fields: two frames each
         segments = plan_segments(index.pts, index.time_base, segment_seconds)
+
+        def reader_pts(position: int) -> int:
+            return int(Fraction(int(index.pts[position])) * index.time_base / info.time_base)
+
         starts = tuple(int(Fraction(s.start_pts) * index.time_base / info.time_base) for s in segments)
+        last = int(index.pts.size) - 1
+        read_starts = (starts[0],) + tuple(reader_pts(max(0, s.first_frame - halo)) for s in segments[1:])
+        read_stops = tuple(None if s.last_frame + halo >= last else reader_pts(s.last_frame + 1 + halo)
+                           for s in segments[:-1]) + (None,)
         return cls(tuple(scale * s.first_frame for s in segments), tuple(scale * s.frame_count for s in segments),
-                   starts)
+                   starts, read_starts=read_starts, read_stops=read_stops)
 
     def __len__(self) -> int:
         return len(self.frame_counts)
@@ -204,9 +223,50 @@ class SegmentPlan:
 
     def segment_of(self, frame: Frame) -> int:
         """The segment ``frame`` belongs to (by its pts; 0 without one)."""
+        return self.segment_at(frame.pts)
+
+    def segment_at(self, pts: int | None) -> int:
+        """The segment a frame of this pts belongs to (0 for None)."""
+        if pts is None:
+            return 0
+        return max(0, bisect.bisect_right(self.starts, pts) - 1)
+
+    def read_range(self, k: int) -> tuple[int | None, int | None]:
+        """The pts range ``[start, stop)`` (None: from the start, to the end) of the frames a
+        rendering of segment ``k`` restores: its own, and ``halo`` frames either side (of the
+        neighbouring segments), whose restored faces its frames near the edges are stabilised
+        with. So a segment's frames depend on nothing but the frames in its range, and a
+        resumed or ``--ray`` job, which renders a segment starting at its range, gives the
+        bytes of an uninterrupted one (the frames of the halo are restored, not written)."""
+        return (self.read_starts[k] if k > 0 else None), self.read_stops[k]
+
+    def reading(self, frame: Frame) -> range:
+        """The segments whose ``read_range`` holds ``frame`` (its own, and neighbours near an
+        edge)."""
+        k = self.segment_of(frame)
+        if frame.pts is None:
+            return range(k, k + 1)
+        first = k
+        while first > 0 and (self.read_stops[first - 1] is None or frame.pts < self.read_stops[first - 1]):
+            first -= 1
+        stop = k + 1
+        while stop < len(self) and self.read_starts[stop] <= frame.pts:
+            stop += 1
+        return range(first, stop)
+
+    def group_of(self, frame: Frame) -> int:
+        """The batch group of ``frame``: consecutive frames between two of the pts where a
+        segment or a read range starts or stops. Every batch (of the restorer, of the
+        upscaler) stays within one group, and a rendering restores whole groups, so a frame
+        is restored in the same company (the same bits) by every run that restores it."""
         if frame.pts is None:
             return 0
-        return max(0, bisect.bisect_right(self.starts, frame.pts) - 1)
+        return bisect.bisect_right(self._group_edges, frame.pts)
+
+    @cached_property
+    def _group_edges(self) -> tuple[int, ...]:
+        edges = set(self.starts[1:]) | set(self.read_starts[1:]) | {s for s in self.read_stops if s is not None}
+        return tuple(sorted(edges))
 
     def describe(self, k: int) -> str:
         """``segment 3 of 9 (frames 1500-2249)``: how messages name segment ``k``."""

@@ -31,10 +31,11 @@ Locality: a frame's output depends only on its track's frames within ``reach`` o
 at the ends of a track), and every operation is elementwise or a fixed-size per-frame
 operation, so the result is bit-identical however frames are batched or chunked
 (``TrackStabiliser`` streams; tests check chunkings against one call). In the pipeline
-(``restore.stabilise_stage``) it runs after the restorer, in the planner's order, holding
-``reach`` frames, and starts afresh at each segment of a job: a window ends at a segment edge as
-at a track's end, so a segment's frames never depend on another segment's restorations, and a
-resumed or ``--ray`` job gives the bytes of an uninterrupted one. The pose and track fades
+(``FramePipeline.render``) it runs after the restorer, in the planner's order, holding
+``reach`` frames. Its windows reach across the segment edges of a job: a job that renders a
+segment alone (resumed, or on a ``--ray`` worker) restores ``reach`` halo frames beyond each
+of its edges too (``jobs.segments.SegmentPlan.read_range``), so every window is whole and the
+bytes are those of an uninterrupted run. The pose and track fades
 (``faces.pose.fade_weights``, streamed by ``faces.fade.TrackFader`` in the planner) multiply
 each face's paste mask, so a faded-out face is the untouched frame.
 
@@ -367,8 +368,8 @@ def stabilised_stream(
 ) -> Iterator[tuple[Item, dict[int, torch.Tensor]]]:
     """A ``TrackStabiliser`` over a stream of frames: each ``(item, starts_afresh)`` in, each
     item with its stabilised faces (``{track_id: [3,S,S]}``) out, in order, ``reach`` items
-    later. ``starts_afresh`` releases everything held first and starts a new stabiliser (a
-    segment edge: nothing on one side reaches the other). ``index(item)`` is the frame index,
+    later. ``starts_afresh`` releases everything held first and starts a new stabiliser (a gap
+    in the frames: nothing on one side reaches the other). ``index(item)`` is the frame index,
     ``faces(item)`` its ``{track_id: (source, restored)}``; ``timed(seconds)`` gets the time spent."""
     stabiliser = TrackStabiliser(settings)
     held: deque = deque()
