@@ -3,7 +3,8 @@
 
 ``FramePipeline`` holds a job's models (built once, reused for any number of streams) and
 wires them: the planner holds each frame back until its faces are final (the smoother's
-look-ahead), the upscaler (``upscale.stage``) enlarges frames in one thread, crops (of the
+look-ahead), the upscaler (``upscale.stage``) enlarges frames in one thread (on the GPU the
+torch warp uses, they stay there until their paste: ``upscale_on_device``), crops (of the
 faces moved to the enlarged frame) run in another, GPEN fills whole batches from consecutive
 frames, the temporal stabiliser averages each track's restored crops over ``reach`` frames
 (across segment edges: a job renders ``reach`` halo frames beyond them, restored but not
@@ -95,6 +96,12 @@ class FramePipeline:
         detector: an already built detector.
         upscale: an already built upscaling stage for ``config.upscale`` > 1.
         download_progress: show a progress bar on stderr while weights download.
+
+    Attributes:
+        upscale_on_device: whether enlarged frames keep their pixels on the device from upscale
+            to paste (``UpscaleStage.enlarge(on_device=True)``): where the upscaler runs on the
+            GPU the warp holds frames on. Same pixels either way; on the CPU there is no copy
+            to save, so it is off there unless a test turns it on.
     """
 
     def __init__(
@@ -125,6 +132,8 @@ class FramePipeline:
         self.upscale = upscale if upscale is not None else build_upscale_stage(config, self.device,
                                                                               progress=download_progress)
         self.warp: Warp = create_warp(config.warp, size=self.restorer.size, device=self.device)
+        self.upscale_on_device = (self.upscale is not None and self.upscale.device.type != "cpu"
+                                  and self.upscale.device == self.warp.hold_device)
         self.masker = None
         if config.mask == "parse":
             from gpen_video.restore.parsing import ParsingMasker
@@ -197,9 +206,11 @@ class FramePipeline:
 
     def frames_on_device(self, batch_size: int) -> int:
         """Most frames the torch warp holds on the device at once with ``batch_size``: the
-        crop queue, the frames waiting for a full batch, and the paste queue."""
+        crop queue, the frames waiting for a full batch, and the paste queue; with
+        ``upscale_on_device`` also the upscaler's queue and batch (its frames are already there)."""
         reach = self.temporal.reach if self.temporal is not None else 0
-        return STAGE_DEPTH + self._max_held(batch_size) + reach + STAGE_DEPTH + 2
+        upscaled = STAGE_DEPTH + self.upscale.batch_size if self.upscale_on_device else 0
+        return upscaled + STAGE_DEPTH + self._max_held(batch_size) + reach + STAGE_DEPTH + 2
 
     @staticmethod
     def _max_held(batch_size: int) -> int:
@@ -277,8 +288,8 @@ class FramePipeline:
         if self.upscale is None:
             framed: Iterable[tuple[PlannedFrame, Frame]] = ((p, p.frame) for p in planned)
         else:
-            framed = stages.prefetch(self.upscale.run(planned, _frame_of, stages, group_of), STAGE_DEPTH,
-                                     name="upscale")
+            framed = stages.prefetch(self.upscale.run(planned, _frame_of, stages, group_of,
+                                                      on_device=self.upscale_on_device), STAGE_DEPTH, name="upscale")
         cropped = stages.map(self._crop, framed, name="crop", depth=STAGE_DEPTH)
         restored = self._stabilise(self._restore_in_batches(cropped, stages, group_of), stages)
         return stages.map(self._paste, _kept(restored, keep, counts), name="paste", depth=STAGE_DEPTH)
@@ -327,7 +338,7 @@ class FramePipeline:
         frame = Frame(0, 0, Fraction(1), rgb)
         faces = tuple(f for f in faces if f.weight > 0)
         if self.upscale is not None:
-            frame = self.upscale.enlarge([frame])[0]
+            frame = self.upscale.enlarge([frame], on_device=self.upscale_on_device)[0]
             faces = tuple(scale_face(face, self.config.upscale) for face in faces)
         if not faces:
             return frame.rgb

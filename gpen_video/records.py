@@ -29,8 +29,10 @@ def check_shape(name: str, array: np.ndarray, shape: tuple[int | None, ...]) -> 
 
 
 class PixelSource(Protocol):
-    """The decoder's picture behind a frame (``io.decode.SourcePicture`` is one): its RGB, made
-    on first use, and small copies made straight from the stored samples."""
+    """The picture behind a frame's pixels: its RGB, made on first use, and small copies (the
+    decoder's made straight from its stored samples). The decoder's picture
+    (``io.decode.SourcePicture``) is one; an enlarged frame's pixels left on the GPU
+    (``warp.torch_warp.DevicePicture``) another."""
 
     shape: tuple[int, int, int]
     dtype: np.dtype
@@ -59,10 +61,12 @@ class Frame:
             ``source`` takes it from ``source.rgb`` on first read: the decoder's frames do,
             so a frame no stage reads the pixels of (no face to restore) is never converted
             to RGB, and the writer passes its picture to the encoder as it is.
-        source: what the writer may pass through where ``rgb`` is unchanged: the decoder's
-            own picture behind the frame (a ``PixelSource``: ``io.decode.SourcePicture``),
-            or None. Stages that derive a frame (``dataclasses.replace``) keep it, so it
-            travels with the frame instead of being looked up in the reader.
+        source: the ``PixelSource`` behind the frame, or None. The decoder's own picture
+            (``io.decode.SourcePicture``) is what the writer may pass through where ``rgb``
+            is unchanged; stages that derive a frame (``dataclasses.replace``) keep it, so it
+            travels with the frame instead of being looked up in the reader. An enlarged
+            frame has none, or its pixels on the device (``warp.torch_warp.DevicePicture``),
+            which the writer encodes from ``rgb`` like any other frame.
     """
 
     index: int

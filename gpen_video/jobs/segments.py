@@ -30,8 +30,10 @@ What makes the joins exact:
   the dts one uninterrupted encode of all frames has. The result is checked as written: dts
   strictly increasing, never after the pts.
 
-A job resumed at segment ``k`` decodes from the keyframe before it (``VideoReader.frames``
-with ``start_pts``); the planner's state at the join comes from replaying what earlier runs
+A job resumed at segment ``k`` decodes from the keyframe before its read range
+(``SegmentPlan.read_range``: the segment and a halo of the temporal stabiliser's ``reach``
+frames either side, restored but not written, so the frames at its edges are stabilised as in
+an uninterrupted run); the planner's state at the join comes from replaying what earlier runs
 logged (``plan.Planner.plan(..., replay=...)``), not from decoding earlier frames.
 
 ``SegmentPlan.of`` lays a video's segments out from its ``VideoIndex`` (``jobs.opening`` reads

@@ -7,10 +7,15 @@ planned faces to the new size, so GPEN's crops are taken from, and pasted back i
 larger frame: a 100 px face comes out as a 200 px face at 2×, with GPEN's detail.
 
 - Frames are enlarged in batches of consecutive frames (``batch_size``; a network on CUDA
-  gains from it), and a batch never spans two segments, so a resumed job enlarges each
-  segment exactly as an uninterrupted one did.
-- The enlarged frame has no decoder picture (``Frame.source`` is None): the writer can splice
-  the decoder's samples only into a picture of their own size, so every pixel is converted.
+  gains from it), and a batch never spans two batch groups of a job (segments and their halos:
+  ``jobs.segments.SegmentPlan.group_of``), so a resumed job enlarges each frame exactly as an
+  uninterrupted one did.
+- The enlarged frame has no decoder picture: the writer can splice the decoder's samples only
+  into a picture of their own size, so every pixel is converted. Its ``Frame.source`` is None
+  (its RGB is on the host), or, with ``on_device`` (the pipeline asks where the upscaler and the
+  torch warp share a GPU), a ``warp.torch_warp.DevicePicture``: the pixels stay on the device
+  from upscale to paste, and reach the host only when read (a frame without faces, for the
+  writer) or as the paste's result.
 - A network upscaler runs in ``--precision``, after the same half-precision check as GPEN
   (``restore.precision.choose_precision``); its tiles bound its memory.
 
@@ -38,6 +43,7 @@ from gpen_video.io.decode import VideoInfo
 from gpen_video.records import Frame, TrackedFace
 from gpen_video.restore.precision import check_faces, choose_precision
 from gpen_video.upscale.upscaler import LanczosUpscaler, NetworkUpscaler, UpscaleConfig, Upscaler, create_upscaler
+from gpen_video.warp.torch_warp import DevicePicture, held_dtype
 
 T = TypeVar("T")
 
@@ -120,36 +126,44 @@ class UpscaleStage:
         itemsize = torch.finfo(up.dtype).bits // 8
         return self.batch_size * 3 * up.config.num_feat * up.config.scale ** 2 * h * w * itemsize
 
-    def enlarge(self, frames: Sequence[Frame]) -> list[Frame]:
-        """The frames (all of one size and dtype) ``scale``× larger, without decoder pictures."""
+    def enlarge(self, frames: Sequence[Frame], *, on_device: bool = False) -> list[Frame]:
+        """The frames (all of one size and dtype) ``scale``× larger, without decoder pictures.
+
+        ``on_device``: leave each enlarged frame's pixels on ``device`` as a ``DevicePicture``
+        (the torch warp's integers; the host RGB is made when read) instead of downloading them.
+        Both give the same pixels."""
         rgb = np.stack([f.rgb for f in frames])  # [NHW3]
         top = float(np.iinfo(rgb.dtype).max)
         x = torch.from_numpy(rgb.astype(np.float32)).to(self.device).permute(0, 3, 1, 2).div_(top)  # [N3HW]
-        y = self.upscaler(x).mul_(top).round_().permute(0, 2, 3, 1).cpu().numpy()  # [N(sH)(sW)3]
-        big = y.astype(rgb.dtype)
+        y = self.upscaler(x).mul_(top).round_()  # [N3(sH)(sW)], whole numbers in [0, top]
+        if on_device:  # one tensor per frame, so a frame waiting for its paste holds only itself
+            held = held_dtype(rgb.dtype)
+            return [dataclasses.replace(f, rgb=None, source=DevicePicture(y[i].to(held), rgb.dtype))
+                    for i, f in enumerate(frames)]
+        big = y.permute(0, 2, 3, 1).cpu().numpy().astype(rgb.dtype)  # [N(sH)(sW)3]
         return [dataclasses.replace(f, rgb=big[i], source=None) for i, f in enumerate(frames)]
 
     def run(self, items: Iterable[T], frame_of: Callable[[T], Frame], stages: Stages,
-            segment_of: Callable[[Frame], int] | None = None) -> Iterator[tuple[T, Frame]]:
-        """Each item with its frame (``frame_of(item)``) enlarged, in order; batches never span
-        two segments of ``segment_of`` nor two frame sizes. Busy time goes to ``stages`` as
-        "upscale"."""
+            group_of: Callable[[Frame], int] | None = None, *, on_device: bool = False) -> Iterator[tuple[T, Frame]]:
+        """Each item with its frame (``frame_of(item)``) enlarged (``enlarge``), in order; batches
+        never span two groups of ``group_of`` (``jobs.segments.SegmentPlan.group_of``) nor two
+        frame sizes. Busy time goes to ``stages`` as "upscale"."""
         held: list[tuple[T, Frame]] = []
-        segment = None
+        group = None
         for item in items:
             frame = frame_of(item)
-            previous, segment = segment, segment_of(frame) if segment_of is not None else None
-            if held and (segment != previous or frame.rgb.shape != held[0][1].rgb.shape):
-                yield from self._flush(held, stages)
+            previous, group = group, group_of(frame) if group_of is not None else None
+            if held and (group != previous or frame.rgb.shape != held[0][1].rgb.shape):
+                yield from self._flush(held, stages, on_device)
             held.append((item, frame))
             if len(held) >= self.batch_size:
-                yield from self._flush(held, stages)
+                yield from self._flush(held, stages, on_device)
         if held:
-            yield from self._flush(held, stages)
+            yield from self._flush(held, stages, on_device)
 
-    def _flush(self, held: list[tuple[T, Frame]], stages: Stages) -> Iterator[tuple[T, Frame]]:
+    def _flush(self, held: list[tuple[T, Frame]], stages: Stages, on_device: bool) -> Iterator[tuple[T, Frame]]:
         start = time.perf_counter()
-        frames = self.enlarge([frame for _, frame in held])
+        frames = self.enlarge([frame for _, frame in held], on_device=on_device)
         stages.time("upscale", time.perf_counter() - start)
         batch = [(item, big) for (item, _), big in zip(held, frames)]
         held.clear()

@@ -137,6 +137,7 @@ class OpenCVWarp:
     def __init__(self, size: int, *, device: torch.device | str = "cpu") -> None:
         self.size = size
         self.device = torch.device(device)
+        self.hold_device: torch.device | None = None
 
     def crop(self, frame: Frame, faces: Sequence[TrackedFace]) -> FaceCrops:
         faces = tuple(faces)

@@ -60,10 +60,14 @@ class Warp(Protocol):
     Attributes:
         size: crop side S (the restorer's input size).
         device: where ``FaceCrops.pixels`` are put (the restorer's device).
+        hold_device: where the frame waits between crop and paste (the torch warp: ``device``),
+            or None for the host. A frame already there (``torch_warp.DevicePicture``) is
+            cropped without a copy.
     """
 
     size: int
     device: torch.device
+    hold_device: torch.device | None
 
     def crop(self, frame: Frame, faces: Sequence[TrackedFace]) -> FaceCrops:
         """Align every face of ``frame`` onto the template (no faces: empty crops)."""

@@ -2,16 +2,20 @@
 
 The frame is uploaded once (pinned, non-blocking on CUDA) and stays on the device between
 crop and paste as its own integers: uint8, or int32 for 16-bit frames (4× smaller than
-floats while it waits for its batch). Crops and pastes read and write each face's region
-only, sample in float32 whatever the restorer's precision (an fp16 grid is off by up to a
-quarter pixel in a 512 crop), and the pasted frame comes back to the host as integers.
+floats while it waits for its batch); a frame already there in that form (``DevicePicture``:
+the upscaler's output on the same GPU) is not uploaded at all. Crops and pastes read and write
+each face's region only, sample in float32 whatever the restorer's precision (an fp16 grid is
+off by up to a quarter pixel in a 512 crop), and the pasted frame comes back to the host as
+integers.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,6 +28,7 @@ from gpen_video.faces.align import (
     shift_affine,
     source_region,
 )
+from gpen_video.faces.pictures import to_uint8
 from gpen_video.records import Frame, TrackedFace, check_shape
 from gpen_video.warp.protocol import SMALL_FACE, SMOOTH_KERNEL, FaceCrops, check_paste
 from gpen_video.warp.masks import face_mask
@@ -63,12 +68,73 @@ def frame_peak(dtype: np.dtype) -> int:
     return int(np.iinfo(dtype).max)
 
 
+def held_dtype(dtype: np.dtype) -> torch.dtype:
+    """The integers a frame of ``dtype`` is held in on the device: uint8 for uint8, int32 for uint16."""
+    return torch.uint8 if np.dtype(dtype) == np.uint8 else torch.int32
+
+
 def upload_frame(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
     """(H, W, 3) uint8/uint16 frame → [3,H,W] uint8/int32 tensor on ``device``."""
     host = torch.from_numpy(rgb if rgb.dtype == np.uint8 else rgb.astype(np.int32))
     if device.type == "cuda":
         host = host.pin_memory()
     return host.to(device, non_blocking=True).permute(2, 0, 1)  # [3HW]
+
+
+def download_frame(held: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    """[3,H,W] held frame → (H, W, 3) host RGB of ``dtype``: ``upload_frame`` undone."""
+    return held.permute(1, 2, 0).cpu().numpy().astype(dtype)  # [HW3]
+
+
+class DevicePicture:
+    """A frame's pixels left on the device in the form the torch warp holds them, carried as
+    ``Frame.source`` (a ``records.PixelSource``): the upscale stage's output on the warp's GPU.
+
+    ``TorchWarp.crop`` takes ``tensor`` as it is, so an enlarged frame with faces never visits
+    the host before its paste; the host RGB is downloaded only when something reads it (a frame
+    without faces, on its way to the writer). It is not a decoder picture: the writer encodes
+    such a frame from its RGB, as any frame without ``io.decode.SourcePicture``.
+
+    Attributes:
+        tensor: [3,H,W] uint8, or int32 for 16-bit frames (``held_dtype``).
+        shape, dtype: those of ``rgb``, known without a download.
+    """
+
+    def __init__(self, tensor: torch.Tensor, dtype: np.dtype) -> None:
+        check_shape("DevicePicture.tensor", tensor, (3, None, None))
+        if tensor.dtype != held_dtype(dtype):
+            raise ValueError(f"DevicePicture.tensor must be {held_dtype(dtype)} for {np.dtype(dtype).name} frames, "
+                             f"got {tensor.dtype}")
+        self.tensor = tensor
+        self.shape = (int(tensor.shape[1]), int(tensor.shape[2]), 3)
+        self.dtype = np.dtype(dtype)
+        self._rgb: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """(H, W, 3) the host RGB, downloaded once, on first read (the same array every time)."""
+        with self._lock:
+            if self._rgb is None:
+                self._rgb = download_frame(self.tensor, self.dtype)
+            return self._rgb
+
+    @property
+    def rgb_made(self) -> bool:
+        return self._rgb is not None
+
+    def scaled(self, width: int, height: int) -> np.ndarray:
+        """(height, width, 3) uint8 RGB, area-downscaled from ``rgb`` as ``faces.pictures`` does
+        for a frame without a decoder picture."""
+        return cv2.resize(to_uint8(self.rgb), (width, height), interpolation=cv2.INTER_AREA)
+
+
+def held_frame(frame: Frame, device: torch.device) -> torch.Tensor:
+    """``frame`` as [3,H,W] held integers on ``device``: a ``DevicePicture``'s own tensor
+    (moved only if it is on another device), else its RGB uploaded."""
+    if isinstance(frame.source, DevicePicture):
+        return frame.source.tensor.to(device)
+    return upload_frame(frame.rgb, device)
 
 
 def crop_faces_torch(frame: torch.Tensor, affines: np.ndarray, size: int, *, peak: int) -> torch.Tensor:
@@ -184,6 +250,7 @@ class TorchWarp:
     def __init__(self, size: int, *, device: torch.device | str = "cpu") -> None:
         self.size = size
         self.device = torch.device(device)
+        self.hold_device: torch.device | None = self.device
         self._plain_mask = torch.from_numpy(face_mask(size).copy()).to(self.device)  # [SS]
 
     def crop(self, frame: Frame, faces: Sequence[TrackedFace]) -> FaceCrops:
@@ -193,8 +260,8 @@ class TorchWarp:
             empty = torch.empty((0, 3, size, size), dtype=torch.float32, device=self.device)
             return FaceCrops(frame, faces, np.zeros((0, 2, 3)), empty)
         affines = np.stack([face_affine(f.landmarks, size) for f in faces])
-        held = upload_frame(frame.rgb, self.device)
-        pixels = crop_faces_torch(held, affines, size, peak=frame_peak(frame.rgb.dtype))
+        held = held_frame(frame, self.device)
+        pixels = crop_faces_torch(held, affines, size, peak=frame_peak(frame.dtype))
         return FaceCrops(frame, faces, affines, pixels, held)
 
     def paste(
@@ -214,13 +281,14 @@ class TorchWarp:
             crops.held,
             restored.to(self.device),
             crops.affines,
-            peak=frame_peak(frame.rgb.dtype),
+            peak=frame_peak(frame.dtype),
             smooth=[f.size < SMALL_FACE for f in crops.faces],
             strength=strength,
             masks=masks_t,
         )
-        host = out.permute(1, 2, 0).cpu().numpy()  # [HW3]
-        return replace(frame, rgb=host.astype(frame.rgb.dtype))
+        # a decoder picture stays for the writer's splice; a device one is spent, and its memory freed
+        source = None if isinstance(frame.source, DevicePicture) else frame.source
+        return replace(frame, rgb=download_frame(out, frame.dtype), source=source)
 
     def held_bytes(self, height: int, width: int, dtype: np.dtype) -> int:
         return height * width * 3 * (1 if np.dtype(dtype) == np.uint8 else 4)
