@@ -101,7 +101,7 @@ def test_batches_stay_inside_segments_and_frames_lose_their_decoder_picture():
     from gpen_video.engine import Stages
 
     with Stages() as stages:
-        out = list(stage.run(frames, lambda f: f, stages, segment_of=lambda f: (f.index >= 4) + (f.index >= 7)))
+        out = list(stage.run(frames, lambda f: f, stages, group_of=lambda f: (f.index >= 4) + (f.index >= 7)))
     assert up.batches == [3, 1, 3, 3]
     assert [item.index for item, _ in out] == list(range(10))
     assert all(big.rgb.shape == (8, 12, 3) and big.source is None and big.pts == item.pts for item, big in out)
