@@ -154,17 +154,3 @@ class Stages:
             result = fn(item)
             self.time(name, time.perf_counter() - start)
             yield result
-
-
-def prefetch(items: Iterable[T], depth: int, *, name: str = "stage", timer: StageTimer | None = None) -> Iterator[T]:
-    """TEMPORARY shim (lead removes it once the planner takes a ``Stages``)."""
-    stages = Stages(timer)
-    try:
-        yield from stages.prefetch(items, depth, name=name, timed=timer is not None)
-    finally:
-        stages.close()
-
-
-def timed_map(fn: Callable[[T], U], items: Iterable[T], *, name: str, timer: StageTimer | None) -> Iterator[U]:
-    """TEMPORARY shim (lead removes it once the planner takes a ``Stages``)."""
-    return Stages(timer).timed_map(fn, items, name=name)
