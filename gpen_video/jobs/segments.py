@@ -52,7 +52,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from gpen_video.errors import EncodeError, InputError, OutputError
+from gpen_video.errors import EncodeError, OutputError
 from gpen_video.formats import CODECS, FRAME_COUNTING_CONTAINERS
 from gpen_video.io import files
 from gpen_video.io.decode import VideoIndex, VideoInfo

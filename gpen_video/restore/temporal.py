@@ -225,7 +225,7 @@ def stabilise(
     """
     check_shape("restored", restored, (None, 3, None, None))
     check_shape("source", source, tuple(restored.shape))
-    n, size = len(restored), restored.shape[-1]
+    n = len(restored)
     start, stop = (0, n) if output is None else output
     if not 0 <= start <= stop <= n:
         raise ValueError(f"output must be a range within 0..{n}, got {output}")
