@@ -64,12 +64,13 @@ from gpen_video.restore.temporal import (  # noqa: E402
     lowpass,
     mean_colour_error,
     stabilise,
+    warped_flicker,
 )
 from gpen_video.warp.masks import face_mask  # noqa: E402
 from gpen_video.warp.opencv_warp import OpenCVWarp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-VIDEO = ROOT.parent.parent / "shared" / "data" / "crowd_1080p.mp4"
+VIDEO = ROOT.parent / "shared" / "data" / "crowd_1080p.mp4"  # the checkout's ../shared
 
 
 def to_tensor(crops: np.ndarray) -> torch.Tensor:
@@ -276,12 +277,12 @@ def main() -> None:
     usable = [t for t in tracks if lengths[t] >= settings.min_track_frames]
 
     print()
-    print(f"{'set':7} {'restorer':9} {'flicker off':>11} {'on':>6} {'on/off':>7} {'ghosts':>6} "
-          f"{'colour off':>13} {'colour on':>11} {'detail on/off':>13}")
+    print(f"{'set':7} {'restorer':9} {'flicker off':>11} {'on':>6} {'on/off':>7} {'warped off':>10} {'on':>6} "
+          f"{'on/off':>7} {'ghosts':>6} {'colour off':>13} {'colour on':>11} {'detail on/off':>13}")
     strip_rows: dict[str, list[tuple[str, torch.Tensor]]] = {"crowd": [], "photo": []}
     for name, restorer in restorers.items():
         # crowd: flicker, colour and detail over every track, frame-weighted; ghosts on the splice
-        f_off = f_on = weight = s_off = s_on = s_weight = 0.0
+        f_off = f_on = weight = s_off = s_on = s_weight = w_off = w_on = 0.0
         off_all, on_all, src_all = [], [], []
         for t in usable:
             src = tracks[t]
@@ -290,6 +291,8 @@ def main() -> None:
             n = len(src) - 1
             f_off += flicker(res, src, mask) * n
             f_on += flicker(out, src, mask) * n
+            w_off += warped_flicker(res, src, mask) * n
+            w_on += warped_flicker(out, src, mask) * n
             weight += n
             still = still_masks(src, mask)
             s_n = float(still.sum())
@@ -310,15 +313,15 @@ def main() -> None:
         cut_res = per_frame(restorer, cut_src)
         ghosts = ghost_frames(stabilise(cut_src, cut_res, settings), colour_fix(cut_res, cut_src, settings.colour_grid),
                               cut_at)
-        report("crowd", name, f_off / weight, f_on / weight, ghosts, off, on, src, mask)
-        report("crowd*", name, s_off / s_weight, s_on / s_weight, ghosts, off, on, src, mask)
+        report("crowd", name, f_off / weight, f_on / weight, ghosts, off, on, src, mask, (w_off / weight, w_on / weight))
+        report("crowd*", name, s_off / s_weight, s_on / s_weight, ghosts, off, on, src, mask, None)
         share = s_weight / (weight * float(mask.sum()))
 
         res = per_frame(restorer, still_src)
         out = stabilise(still_src, res, settings)
         ghosts = ghost_frames(out, colour_fix(res, still_src, settings.colour_grid), blink_at)
         report("photo", name, flicker(res, still_clean, mask), flicker(out, still_clean, mask), ghosts,
-               res, out, still_src, mask)
+               res, out, still_src, mask, (warped_flicker(res, still_clean, mask), warped_flicker(out, still_clean, mask)))
         if name == "esrgan":
             pick = slice(blink_at - 3, blink_at + 3)
             strip_rows["photo"] = [("source", still_src[pick]), ("Real-ESRGAN\nper frame", res[pick]),
@@ -355,11 +358,13 @@ def main() -> None:
 
 
 def report(set_name: str, name: str, f_off: float, f_on: float, ghosts: int, off: torch.Tensor, on: torch.Tensor,
-           src: torch.Tensor, mask: torch.Tensor) -> None:
+           src: torch.Tensor, mask: torch.Tensor, warped: tuple[float, float] | None) -> None:
     c_off, s_off = mean_colour_error(off, src, mask)
     c_on, s_on = mean_colour_error(on, src, mask)
     ratio = f_on / f_off if f_off > 0.05 else float("nan")
-    print(f"{set_name:7} {name:9} {f_off:11.2f} {f_on:6.2f} {ratio:7.2f} {ghosts:6d} "
+    w_off, w_on = warped if warped is not None else (float("nan"), float("nan"))
+    w_ratio = w_on / w_off if w_off > 0.05 else float("nan")
+    print(f"{set_name:7} {name:9} {f_off:11.2f} {f_on:6.2f} {ratio:7.2f} {w_off:10.2f} {w_on:6.2f} {w_ratio:7.2f} {ghosts:6d} "
           f"{c_off:6.2f} ± {s_off:4.2f} {c_on:5.2f} ± {s_on:4.2f} {detail(on, mask) / detail(off, mask):13.2f}")
 
 

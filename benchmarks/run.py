@@ -12,12 +12,16 @@ Rows, each measured in a fresh process (so peak memory is per row) on generated 
 3. ``model``    model-only faces/s (random weights in the preset's architecture; speed does
                 not depend on the values), at the pipeline's batch size and precision
 4. ``e2e``      the whole pipeline with 1 and 4 faces, and on the long clip (one decode,
-                detection alongside restoration, start-up included)
+                detection alongside restoration, start-up included); ``e2e 1f off``: the
+                1-face clip with ``--temporal off``, the temporal stage's cost end to end
 
 5. segments, resume and ``--ray`` (``benchmarks/bench_segments.py``, run as a child after the
    table; ``--part`` picks, ``--segment-options`` passes its options): 30 s segments against one
    segment, a job killed half-way and run again against a whole run, two files with ``--ray``
    (2 local workers) against one after the other.
+6. temporal stabilisation (``benchmarks/bench_temporal.py``, run as a child; ``--temporal-options``
+   passes its options): flicker (plain and flow-warped), ghosts, colour and cost on the real
+   crowd clip and a damaged still face, through identity, fresh-noise and Real-ESRGAN restorers.
 
 Ratios: ``e2e / (model + io)`` (CPU target ≤ 1.25: every stage shares two cores, so the best
 an engine can do is hide everything but the sum) and efficiency = slowest stage alone ÷
@@ -96,7 +100,7 @@ def measure(kind: str, clip: str, args) -> dict:
         from gpen_video.config import load_config
         from gpen_video.jobs.api import FacePipeline
 
-        config = load_config(None, device=args.device, crf=args.crf, preset=args.preset)
+        config = load_config(None, device=args.device, crf=args.crf, preset=args.preset, temporal=kind != "e2e-off")
         pipeline = FacePipeline(config, restorer=_restorer(args))
         with tempfile.TemporaryDirectory() as tmp:
             result = pipeline.restore_video(clip, Path(tmp) / "out.mp4")
@@ -147,8 +151,9 @@ def main() -> None:
     parser.add_argument("--crf", type=int, default=18)
     parser.add_argument("--preset", default="medium")
     parser.add_argument("--model-faces", type=int, default=None, help="faces timed in the model row")
-    parser.add_argument("--part", choices=["all", "pipeline", "segments"], default="all")
+    parser.add_argument("--part", choices=["all", "pipeline", "segments", "temporal"], default="all")
     parser.add_argument("--segment-options", default="", help="options of benchmarks/bench_segments.py")
+    parser.add_argument("--temporal-options", default="", help="options of benchmarks/bench_temporal.py")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--clip", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,6 +173,10 @@ def main() -> None:
         sys.stdout.flush()
         subprocess.run([sys.executable, str(Path(__file__).with_name("bench_segments.py")),
                         *shlex.split(args.segment_options)], check=True)
+    if args.part in ("all", "temporal"):
+        sys.stdout.flush()
+        subprocess.run([sys.executable, str(Path(__file__).with_name("bench_temporal.py")),
+                        *shlex.split(args.temporal_options)], check=True)
 
 
 def pipeline_table(args, cuda: bool) -> None:
@@ -183,6 +192,8 @@ def pipeline_table(args, cuda: bool) -> None:
         rows.append(("nofaces", "pipeline, no faces", run_child("nofaces", clips["0f"], args)))
         for faces in args.faces:
             rows.append((f"e2e {faces}f", f"pipeline, {faces} face(s)", run_child("e2e", clips[f"{faces}f"], args)))
+            if faces == 1:
+                rows.append(("e2e 1f off", "pipeline, 1 face, --temporal off", run_child("e2e-off", clips["1f"], args)))
         if "long" in clips:
             rows.append(("e2e long", f"pipeline, 1 face, {args.long_seconds:g} s", run_child("e2e", clips["long"], args)))
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import TypeVar
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -414,6 +415,41 @@ def flicker(frames: torch.Tensor, reference: torch.Tensor | None = None, mask: t
     return float((d * m).sum() / m.sum() * 255.0)
 
 
+def warped_flicker(frames: torch.Tensor, source: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Flicker of ``frames`` [N,3,S,S] with the motion taken out: each frame against the frame
+    before it warped onto it by the optical flow of the *source* crops ``source`` (OpenCV's
+    Farnebäck, on the host: a measure, not a stage), beyond the source's own warped error at
+    the same pixel, in grey levels of 255, within ``mask`` [S,S] and where the flow stays in
+    the crop.
+
+    ``flicker`` counts every change beyond the source's, so a restorer that renders a moving
+    edge sharper than the source shows change there although nothing flickers; warped, real
+    motion cancels in both terms and what remains is change the source does not explain (the
+    temporal warping error of video restoration papers, relative to the source's).
+    """
+    out = frames.float().cpu().permute(0, 2, 3, 1).numpy()  # [NSS3]
+    src = source.float().cpu().permute(0, 2, 3, 1).numpy()
+    size = out.shape[1]
+    m = np.ones((size, size), np.float32) if mask is None else mask.float().cpu().numpy()
+    grey = [cv2.cvtColor((np.clip(x, 0, 1) * 255).astype(np.uint8), cv2.COLOR_RGB2GRAY) for x in src]
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    total = weight = 0.0
+    for t in range(1, len(out)):
+        flow = cv2.calcOpticalFlowFarneback(grey[t], grey[t - 1], None, 0.5, 3, 15, 3, 5, 1.2, 0)  # t → t−1
+        map_x, map_y = xs + flow[..., 0], ys + flow[..., 1]
+        inside = (map_x >= 0) & (map_x <= size - 1) & (map_y >= 0) & (map_y <= size - 1)
+
+        def warped_error(x: np.ndarray) -> np.ndarray:
+            back = cv2.remap(x[t - 1], map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            return np.abs(x[t] - back).mean(-1)
+
+        d = np.clip(warped_error(out) - warped_error(src), 0.0, None)
+        w = m * inside
+        total += float((d * w).sum())
+        weight += float(w.sum())
+    return total / max(weight, 1e-9) * 255.0
+
+
 def ghost_frames(output: torch.Tensor, target: torch.Tensor, change_at: int, *, cells: int = 8,
                  tolerance: float = 0.1) -> int:
     """Frames around an abrupt change at ``change_at`` whose output still shows the other side.
@@ -442,5 +478,5 @@ def mean_colour_error(output: torch.Tensor, source: torch.Tensor, mask: torch.Te
 
 __all__ = [
     "TemporalSettings", "TrackStabiliser", "colour_fix", "flicker", "ghost_frames", "lowpass",
-    "mean_colour_error", "stabilise", "time_taper",
+    "mean_colour_error", "stabilise", "time_taper", "warped_flicker",
 ]
