@@ -69,6 +69,11 @@ class TemporalSettings:
             (flicker of fresh texture falls roughly as 1/(reach + 1)), flatter invented
             texture (it cancels too), more frames held and re-restored at segment starts.
             0 turns the average off (the colour fix stays).
+        motion_search: how far (pixels of the 64² grey pictures, 4 ≈ 16 px of a 256 crop) a
+            neighbour's blocks are searched for the frame's, to move the neighbour onto the
+            frame before averaging, so a face that moves (talks, turns a little) is averaged
+            too; 0: neighbours are averaged where they are (moving parts then follow the
+            current frame alone). Higher: follows larger motion, costs more.
         motion_threshold: source change (mean absolute difference of pooled crops, [0, 1]
             scale) at which a neighbour's weight has fallen to 1/e. Higher: also averages
             through slow changes (steadier, but small real movements soften and can smear);
@@ -91,6 +96,7 @@ class TemporalSettings:
     """
 
     reach: int = 4
+    motion_search: int = 4
     motion_threshold: float = 0.03
     motion_grid: int = 32
     colour_grid: int = 16
@@ -118,7 +124,8 @@ class TemporalSettings:
         """
         if not config.temporal:
             return None
-        return cls(reach=config.temporal_reach, motion_threshold=config.motion_threshold,
+        return cls(reach=config.temporal_reach, motion_search=config.motion_search,
+                   motion_threshold=config.motion_threshold,
                    colour_grid=config.colour_grid, max_yaw=config.max_yaw, fade_frames=config.fade_frames,
                    min_track_frames=config.min_track_frames)
 
@@ -231,22 +238,96 @@ def stabilise(
     if not 0 <= start <= stop <= n:
         raise ValueError(f"output must be a range within 0..{n}, got {output}")
     lo, hi = max(0, start - settings.reach), min(n, stop + settings.reach)
-    fixed, pooled = _prepared(source[lo:hi], restored[lo:hi], settings)
-    return _averaged(fixed, pooled, settings, start - lo, stop - lo)
+    return _averaged(*_prepared(source[lo:hi], restored[lo:hi], settings), settings, start - lo, stop - lo)
 
 
 def _prepared(source: torch.Tensor, restored: torch.Tensor, settings: TemporalSettings
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-frame half of ``stabilise``: colour-fixed crops [M,3,S,S] and pooled sources
-    [M,3,g,g]. Per frame, so computed once per frame however many windows it serves."""
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-frame half of ``stabilise``: colour-fixed crops [M,3,S,S], pooled sources
+    [M,3,g,g] and the sources at the side motion is matched on [M,3,m,m]. Per frame, so
+    computed once per frame however many windows it serves."""
     src = source.to(restored.device)
-    return colour_fix(restored, src, settings.colour_grid), _pooled(src, settings.motion_grid)
+    small = F.adaptive_avg_pool2d(src.float(), min(MATCH_SIZE, src.shape[-1]))
+    return colour_fix(restored, src, settings.colour_grid), _pooled(src, settings.motion_grid), small
 
 
-def _averaged(fixed: torch.Tensor, pooled: torch.Tensor, settings: TemporalSettings, start: int, stop: int
-              ) -> torch.Tensor:
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """[N,3,m,m] RGB → [N,1,m,m] luma."""
+    return 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+MATCH_SIZE = 64
+"""Side of the grey pictures motion is matched on (``motion_search`` counts their pixels)."""
+MATCH_BLOCKS = 8
+"""Blocks per side of the motion field: one displacement per block, interpolated between."""
+SHIFT_COST = 0.002
+"""Cost added per pixel of displacement (grey levels in [0, 1]): where the source is flat,
+matching cannot tell shifts apart, and the field stays at 0."""
+
+
+def motion_field(a: torch.Tensor, b: torch.Tensor, search: int) -> torch.Tensor:
+    """Where each block of ``a`` is found in ``b``: [T,2,B,B] displacements (x, y) in pixels of
+    the grey pictures ``a``, ``b`` [T,1,m,m], with ``b(p + d) ≈ a(p)``, within ``search`` pixels
+    either way, refined below a pixel by a parabola through the best match's neighbours.
+
+    Block matching by mean absolute difference: every candidate is a fixed-size computation per
+    pair of frames, so a pair's field does not depend on the others in the batch.
+    """
+    m = a.shape[-1]
+    block = max(1, m // MATCH_BLOCKS)
+    side = 2 * search + 1
+    padded = F.pad(b, (search,) * 4, mode="replicate")
+    costs = []
+    for dy in range(-search, search + 1):
+        for dx in range(-search, search + 1):
+            moved = padded[..., search + dy : search + dy + m, search + dx : search + dx + m]
+            costs.append(F.avg_pool2d((a - moved).abs(), block) + SHIFT_COST * (abs(dx) + abs(dy)))
+    cost = torch.cat(costs, 1).view(len(a), side, side, *costs[0].shape[-2:])  # [T,y,x,B,B]
+    best = cost.flatten(1, 2).argmin(1)  # [TBB]
+    by, bx = best // side, best % side
+
+    def refined(along_x: bool) -> torch.Tensor:
+        at = bx if along_x else by
+        lo_i, hi_i = (at - 1).clamp(min=0), (at + 1).clamp(max=side - 1)
+
+        def c(ix: torch.Tensor) -> torch.Tensor:
+            y, x = (by, ix) if along_x else (ix, bx)
+            return cost.gather(1, y[:, None, None].expand(-1, 1, side, -1, -1)).squeeze(1).gather(
+                1, x[:, None]).squeeze(1)
+
+        c0, cm, cp = c(at), c(lo_i), c(hi_i)
+        curve = cm - 2 * c0 + cp
+        inside = (curve > 1e-9) & (at > 0) & (at < side - 1) & (c0 > SHIFT_COST * (bx - search).abs().add(
+            (by - search).abs()) + 1e-6)  # an exact match stays exact
+        step = torch.where(inside, (cm - cp) / (2 * curve.clamp(min=1e-9)),
+                           torch.zeros_like(c0)).clamp(-0.5, 0.5)
+        return (at - search).float() + step
+
+    return torch.stack([refined(True), refined(False)], 1)  # [T2BB]
+
+
+def _sampling_grid(field: torch.Tensor, match_size: int, size: int) -> torch.Tensor:
+    """``grid_sample``'s grid [T,size,size,2] that moves each pixel by ``field`` [T,2,B,B]
+    (pixels of ``match_size``), interpolated to ``size``."""
+    d = F.interpolate(field * (2.0 / match_size), size=(size, size), mode="bilinear", align_corners=False)  # [T2SS]
+    centres = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, device=field.device)
+    base = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), -1)  # [SS2]: (x, y)
+    return base + d.permute(0, 2, 3, 1)
+
+
+def _moved(x: torch.Tensor, field: torch.Tensor | None, match_size: int) -> torch.Tensor:
+    """``x`` [T,C,n,n] sampled where ``field`` says each pixel's match is (as is without one)."""
+    if field is None:
+        return x
+    grid = _sampling_grid(field, match_size, x.shape[-1])
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _averaged(fixed: torch.Tensor, pooled: torch.Tensor, small: torch.Tensor, settings: TemporalSettings,
+              start: int, stop: int) -> torch.Tensor:
     """The temporal half of ``stabilise``: frames ``start..stop−1`` of the prepared frames
-    averaged with their neighbours among them."""
+    averaged with their neighbours among them, each neighbour moved onto the frame by the
+    sources' motion field (``motion_search`` > 0)."""
     if settings.reach == 0 or stop == start:
         return fixed[start:stop]
     device, size = fixed.device, fixed.shape[-1]
@@ -257,13 +338,22 @@ def _averaged(fixed: torch.Tensor, pooled: torch.Tensor, settings: TemporalSetti
     # bilinear interpolation keeps their sum at 1 per pixel, so full-size work is one
     # interpolation and one multiply-add per neighbour
     weights = torch.zeros((2 * reach + 1, m, 1, *pooled.shape[-2:]), device=device)  # [K,T,1,g,g]
+    fields: dict[int, torch.Tensor | None] = {}
     for k in range(-reach, reach + 1):
         # output frames t whose neighbour t + k exists: t in [max(start, lo - k), min(stop, hi - k))
         t0, t1 = max(start, lo - k), min(stop, hi - k)
         if t0 >= t1:
             continue
         here, there = slice(t0 - lo, t1 - lo), slice(t0 + k - lo, t1 + k - lo)
-        w = _change_weights(pooled[here], pooled[there], settings.motion_threshold) if k else 1.0
+        if k == 0:
+            weights[reach, t0 - start : t1 - start] = taper[0]
+            continue
+        if settings.motion_search:
+            field = fields[k] = motion_field(_grey(small[here]), _grey(small[there]), settings.motion_search)
+            moved = F.adaptive_avg_pool2d(_moved(small[there], field, small.shape[-1]), pooled.shape[-1])
+        else:
+            fields[k], moved = None, pooled[there]
+        w = _change_weights(pooled[here], moved, settings.motion_threshold)
         weights[k + reach, t0 - start : t1 - start] = taper[abs(k)] * w
     total = weights[0].clone()
     for k in range(1, 2 * reach + 1):  # summed in one order: chunks add up alike
@@ -276,7 +366,8 @@ def _averaged(fixed: torch.Tensor, pooled: torch.Tensor, settings: TemporalSetti
             continue
         w = F.interpolate(weights[k + reach, t0 - start : t1 - start], size=(size, size), mode="bilinear",
                           align_corners=False)  # [T1SS]
-        out[t0 - start : t1 - start].addcmul_(w, fixed[t0 + k - lo : t1 + k - lo])
+        out[t0 - start : t1 - start].addcmul_(w, _moved(fixed[t0 + k - lo : t1 + k - lo], fields.get(k),
+                                                        small.shape[-1]))
     return out
 
 
@@ -345,10 +436,9 @@ class TrackStabiliser:
         for track_id in track_ids:
             held = self._held[track_id]
             window = [i for i in range(index - reach, index + reach + 1) if i in held]
-            fixed = torch.cat([held[i][0] for i in window])
-            pooled = torch.cat([held[i][1] for i in window])
+            prepared = [torch.cat([held[i][part] for i in window]) for part in range(3)]
             at = window.index(index)
-            out[track_id] = _averaged(fixed, pooled, self.settings, at, at + 1)[0]
+            out[track_id] = _averaged(*prepared, self.settings, at, at + 1)[0]
             for i in [i for i in held if i <= index - reach]:  # no later frame reaches back to it
                 del held[i]
             if not held or (max(held) == index and index < self._last):  # emptied, or ended here
@@ -478,5 +568,5 @@ def mean_colour_error(output: torch.Tensor, source: torch.Tensor, mask: torch.Te
 
 __all__ = [
     "TemporalSettings", "TrackStabiliser", "colour_fix", "flicker", "ghost_frames", "lowpass",
-    "mean_colour_error", "stabilise", "time_taper", "warped_flicker",
+    "mean_colour_error", "motion_field", "stabilise", "time_taper", "warped_flicker",
 ]
