@@ -8,6 +8,8 @@ detector on generated footage. The reference is always ``smooth_track`` on whole
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import tracemalloc
 from collections import Counter, defaultdict
@@ -440,3 +442,11 @@ def test_memory_does_not_grow_with_length(tmp_path):
     assert written - at_n < 64 * 1024, (at_n, at_5n, written)
     doc = json.loads((tmp_path / "report.json").read_text())
     assert doc["frames"] == 5 * n and len(doc["tracks"][0]["frames"]) == 5 * n
+
+
+def test_a_face_free_job_imports_no_scipy_nor_torchvision() -> None:
+    """Their imports (0.36 s and 1.4 s of start-up) wait for a first face: a face-free video never pays them."""
+    program = ("import sys, gpen_video.jobs.api; "
+               "print(sorted({m.split('.')[0] for m in sys.modules} & {'scipy', 'torchvision'}))")
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, check=True)
+    assert run.stdout.strip() == "[]"

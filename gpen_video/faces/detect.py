@@ -81,6 +81,9 @@ class OnnxRuntimeRetinaFace:
         options = ort.SessionOptions()
         if intra_op_num_threads is not None:
             options.intra_op_num_threads = intra_op_num_threads
+        # detection runs beside the decoder, the encoder and GPEN: idle threads that spin
+        # between calls take cores from them
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         providers = ["CPUExecutionProvider"]
         if cuda:

@@ -37,7 +37,6 @@ from dataclasses import replace
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
-from scipy.ndimage import median_filter
 
 from gpen_video.records import TrackedFace
 
@@ -245,6 +244,8 @@ def smooth_track(
         # the typical residual around each detection, not the whole track's: noise changes
         # along a track (a face shrinking, blurring), and a local scale lets one decode with
         # a look-ahead decide exactly as two passes do
+        from scipy.ndimage import median_filter  # here: its import (0.15 s) waits for a first face
+
         typical = median_filter(residual, size=2 * window + 1, mode="nearest")
         keep = residual <= np.maximum(outlier_factor * typical, _OUTLIER_FLOOR)
         if not keep.all():

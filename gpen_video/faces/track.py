@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from gpen_video.records import Detections, TrackedFace
 
@@ -257,6 +256,8 @@ class Tracker:
         if cost.size == 0:
             return []
         cost[:, ~usable] = _REJECT
+        from scipy.optimize import linear_sum_assignment  # here: its import (0.3 s) waits for a first face
+
         rows, cols = linear_sum_assignment(cost)
         return [(int(r), int(c)) for r, c in zip(rows, cols) if cost[r, c] < _REJECT]
 
