@@ -22,12 +22,14 @@ import av
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gpen_video.io.decode import VideoReader  # noqa: E402
-from gpen_video.io.encode import VideoWriter  # noqa: E402
+from gpen_video.io.encode import ENCODER_THREADS, X264_PARAMS, VideoWriter  # noqa: E402
 from tests.clips import make_clip  # noqa: E402
 
 
-def bare(src: Path, dst: Path, crf: int, preset: str) -> int:
-    """The reference loop: decode, re-encode the same frames, copy audio packets."""
+def bare(src: Path, dst: Path, crf: int, preset: str, *, writer_settings: bool = True) -> int:
+    """The reference loop: decode, re-encode the same frames, copy audio packets; with the
+    writer's x264 settings (``X264_PARAMS``: a fixed thread count and deterministic,
+    CPU-independent, stitchable output), or x264's own defaults (``writer_settings=False``)."""
     with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
         vin = inp.streams.video[0]
         vin.thread_type = "AUTO"
@@ -35,6 +37,9 @@ def bare(src: Path, dst: Path, crf: int, preset: str) -> int:
         vout.width, vout.height, vout.pix_fmt = vin.width, vin.height, vin.codec_context.pix_fmt
         vout.time_base = vout.codec_context.time_base = vin.time_base
         vout.options = {"crf": str(crf), "preset": preset}
+        if writer_settings:
+            vout.options["x264-params"] = ":".join(X264_PARAMS)
+            vout.codec_context.thread_count = ENCODER_THREADS
         audio = {s.index: out.add_stream_from_template(s) for s in inp.streams.audio}
         n = 0
         for packet in inp.demux():

@@ -7,7 +7,10 @@
 Rows, each measured in a fresh process (so peak memory is per row) on generated clips
 (scikit-image's astronaut moving, degraded, with AAC audio):
 
-1. ``io``       bare PyAV decode → encode, same encoder settings, audio copied: the I/O ceiling
+1. ``io``       bare PyAV decode → encode, the writer's encoder settings (x264 with a fixed
+                thread count, deterministic, CPU-independent, stitchable), audio copied: the
+                I/O ceiling the ratios divide by; ``io x264``: the same loop with x264's own
+                defaults (faster on 2 cores: shows what the writer's settings cost)
 2. ``nofaces``  the whole pipeline on a clip without faces: decode, detection, encode
 3. ``model``    model-only faces/s (random weights in the preset's architecture; speed does
                 not depend on the values), at the pipeline's batch size and precision
@@ -77,11 +80,12 @@ def measure(kind: str, clip: str, args) -> dict:
 
     start, cpu_start = time.perf_counter(), time.process_time()
     row: dict = {"kind": kind, "clip": Path(clip).name}
-    if kind == "io":
+    if kind in ("io", "io-x264"):
         from benchmarks.bench_io import bare
 
         with tempfile.TemporaryDirectory() as tmp:
-            row["frames"] = bare(Path(clip), Path(tmp) / "out.mp4", args.crf, args.preset)
+            row["frames"] = bare(Path(clip), Path(tmp) / "out.mp4", args.crf, args.preset,
+                                 writer_settings=kind == "io")
     elif kind == "model":
         restorer = _restorer(args)
         crops = torch.rand(args.model_faces, 3, restorer.size, restorer.size, generator=torch.Generator().manual_seed(0))
@@ -188,7 +192,9 @@ def pipeline_table(args, cuda: bool) -> None:
         io = run_child("io", clips["1f"], args)
         model = run_child("model", clips["1f"], args)
         per_face = model["seconds"] / model["faces"]
-        rows = [("io", "bare PyAV decode+encode, 1-face clip", io), ("model", f"{args.model} alone", model)]
+        rows = [("io", "bare PyAV decode+encode, 1-face clip", io),
+                ("io x264", "the same, x264's default settings", run_child("io-x264", clips["1f"], args)),
+                ("model", f"{args.model} alone", model)]
         rows.append(("nofaces", "pipeline, no faces", run_child("nofaces", clips["0f"], args)))
         for faces in args.faces:
             rows.append((f"e2e {faces}f", f"pipeline, {faces} face(s)", run_child("e2e", clips[f"{faces}f"], args)))

@@ -45,6 +45,9 @@ ENCODER_THREADS = 4
 """Encoder threads, whatever the machine: x264 and x265 output depends on the thread count
 (x264 also writes it into the stream), so it is fixed to make the same bytes everywhere. Four
 keep x264 ahead of GPEN on CPUs; a job spread over workers encodes several parts at once."""
+X264_PARAMS = (f"threads={ENCODER_THREADS}", "deterministic=1", "cpu-independent=1", "stitchable=1")
+"""x264's settings besides crf and preset: the same bytes on every run and machine, and
+segments that join (``jobs.segments``)."""
 
 WHOLE_CHROMA_ENCODERS = frozenset({"libx264", "libx265", "prores_ks"})
 """Encoders whose picture size must be a whole number of chroma samples. H.264 and HEVC
@@ -277,7 +280,7 @@ class VideoWriter:
             options["chroma_sample_location"] = self.info.chroma_location
         interlaced = info.interlaced and info.field_order in ("tt", "bb", "tb", "bt")
         if self.codec == "h264":
-            params = [f"threads={ENCODER_THREADS}", "deterministic=1", "cpu-independent=1", "stitchable=1"]
+            params = list(X264_PARAMS)
             if interlaced:
                 params += ["interlaced=1", "tff=1" if info.field_order in ("tt", "tb") else "bff=1"]
             options.update(crf=str(self.crf), preset=self.preset, **{"x264-params": ":".join(params)})
