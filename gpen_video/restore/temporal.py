@@ -26,6 +26,12 @@ What it does, per track (``stabilise``):
    The weights come from the source, not from the restored crops: restored crops differ
    between frames also where the face did not change (that difference is the flicker), so
    they cannot tell flicker from motion; the source can.
+3. Motion compensation (``motion_search`` > 0): before 2., each neighbour s is moved onto
+   frame t by the sources' motion field (``motion_field``: block matching of the sources at
+   64², 8×8 blocks, sub-pixel, interpolated to full size), and ``d_ts`` is measured on the
+   moved source. A face that talks or turns a little is then averaged too instead of
+   following the current frame alone; where the match fails, ``d_ts`` stays large and the
+   neighbour still gets no weight, so nothing ghosts.
 
 Locality: a frame's output depends only on its track's frames within ``reach`` of it (fewer
 at the ends of a track), and every operation is elementwise or a fixed-size per-frame
