@@ -50,6 +50,7 @@ Tensors: ``[N,3,S,S]`` float RGB in [0, 1], on any device; nothing is copied to 
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ class TemporalSettings:
             (flicker of fresh texture falls roughly as 1/(reach + 1)), flatter invented
             texture (it cancels too), more frames held and re-restored at segment starts.
             0 turns the average off (the colour fix stays).
-        motion_search: how far (pixels of the 64² grey pictures, 4 ≈ 16 px of a 256 crop) a
+        motion_search: how far (pixels of the 64² grey pictures, 2 ≈ 8 px of a 256 crop) a
             neighbour's blocks are searched for the frame's, to move the neighbour onto the
             frame before averaging, so a face that moves (talks, turns a little) is averaged
             too; 0: neighbours are averaged where they are (moving parts then follow the
@@ -102,7 +103,7 @@ class TemporalSettings:
     """
 
     reach: int = 4
-    motion_search: int = 4
+    motion_search: int = 2
     motion_threshold: float = 0.03
     motion_grid: int = 32
     colour_grid: int = 16
@@ -314,11 +315,21 @@ def motion_field(a: torch.Tensor, b: torch.Tensor, search: int) -> torch.Tensor:
 
 def _sampling_grid(field: torch.Tensor, match_size: int, size: int) -> torch.Tensor:
     """``grid_sample``'s grid [T,size,size,2] that moves each pixel by ``field`` [T,2,B,B]
-    (pixels of ``match_size``), interpolated to ``size``."""
-    d = F.interpolate(field * (2.0 / match_size), size=(size, size), mode="bilinear", align_corners=False)  # [T2SS]
-    centres = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, device=field.device)
-    base = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), -1)  # [SS2]: (x, y)
-    return base + d.permute(0, 2, 3, 1)
+    (pixels of ``match_size``), interpolated bilinearly to ``size`` (as ``F.interpolate``, by
+    one separable product that gives the grid's own layout at once)."""
+    spread, base = _grid_parts(field.shape[-1], size, field.device)
+    d = torch.einsum("by,tcbe,ex->tyxc", spread, field * (2.0 / match_size), spread)  # [T,S,S,2]
+    return d.add_(base)
+
+
+@functools.lru_cache(maxsize=8)
+def _grid_parts(blocks: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B,S] bilinear weights of each block at each pixel, and [S,S,2] the pixels' centres in
+    ``grid_sample``'s coordinates (x, y)."""
+    eye = torch.eye(blocks, device=device)[:, None, :]  # [B,1,B]
+    spread = F.interpolate(eye, size=size, mode="linear", align_corners=False)[:, 0]  # [B,S]
+    centres = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, device=device)
+    return spread, torch.stack(torch.meshgrid(centres, centres, indexing="xy"), -1)
 
 
 def _moved(x: torch.Tensor, field: torch.Tensor | None, match_size: int) -> torch.Tensor:
