@@ -120,7 +120,7 @@ class Config:
     temporal_reach: int = 4
     """Frames either side a restored face is averaged with. Higher: steadier (flicker falls
     about as 1/(reach + 1)), flatter invented texture, more frames held."""
-    motion_search: int = 2
+    motion_search: int = 0
     """How far (pixels of a 64² picture of the face; 2 ≈ 8 px of a 256 crop) a neighbouring
     frame's face is searched for the motion that moves it onto the frame before averaging, so
     faces that talk or turn a little are steadied too. 0: neighbours averaged where they are
