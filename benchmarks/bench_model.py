@@ -53,15 +53,14 @@ def randomize(model: GPEN, seed: int = 0) -> GPEN:
     return model
 
 
-def model_at(rev: str) -> ModuleType:
-    """``gpen_video/restore/model.py`` as it was at git revision ``rev``, imported on its own."""
-    source = subprocess.run(
-        ["git", "show", f"{rev}:gpen_video/restore/model.py"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    name = f"gpen_model_at_{rev}"
+def module_at(rev: str, path: str = "gpen_video/restore/model.py") -> ModuleType:
+    """The module at ``path`` as it was at git revision ``rev``, imported on its own (a
+    before/after comparison in one run)."""
+    source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    name = f"{Path(path).stem}_at_{rev}"
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
     sys.modules[name] = module  # dataclasses look their module up
-    exec(compile(source, f"{rev}:gpen_video/restore/model.py", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
     return module
 
 
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     precisions = (args.precision or ("fp32,fp16" if cuda else "fp32,bf16")).split(",")
     layouts = {"on": [True], "off": [False], "both": [False, True]}[args.channels_last]
     heap = "" if cuda else ", freed heap kept" if not args.malloc_default and keep_freed_heap() else ", malloc default"
-    old = model_at(args.against) if args.against else None
+    old = module_at(args.against) if args.against else None
 
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"# GPEN forward throughput on {name}, torch {torch.__version__}{heap}, random weights, "

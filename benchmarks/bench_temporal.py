@@ -27,9 +27,10 @@ Printed per set and restorer (face mask of the crop only):
   change (target ≤ 2);
 - colour: per-frame mean colour error against the source (grey levels), mean ± spread;
 - detail: mean absolute high-pass (crop minus its low band at S/8) on against off;
-- cost: the stage's time per face at S against the restorers' (Real-ESRGAN here; GPEN-BFR at
-  S and 512 with random weights, whose speed does not depend on their values), all on CPU
-  with ``--threads`` torch/ncnn threads;
+- cost: the stage's time per face at S, streamed frame by frame as the pipeline runs it
+  (``TrackStabiliser``), without and with motion compensation, against the restorers'
+  (Real-ESRGAN here; GPEN-BFR at S and 512 with random weights, whose speed does not depend
+  on their values), all on CPU with ``--threads`` torch/ncnn threads;
 - the pose fade on the crowd's tracks: yaw spread, faded frames, tracks too short to restore.
 """
 
@@ -40,6 +41,7 @@ import importlib.util
 import platform
 import sys
 import time
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
@@ -63,6 +65,7 @@ from gpen_video.restore.temporal import (  # noqa: E402
     ghost_frames,
     lowpass,
     mean_colour_error,
+    TrackStabiliser,
     stabilise,
     warped_flicker,
 )
@@ -215,6 +218,17 @@ def time_per_face(fn, x: torch.Tensor, repeat: int = 3) -> float:
     return best / len(x)
 
 
+def streamed(settings: TemporalSettings, stabiliser_class: type = TrackStabiliser):
+    """One track's crops [N,3,S,S] through ``TrackStabiliser`` frame by frame, as the pipeline
+    runs the stage."""
+    def run(x: torch.Tensor) -> None:
+        stabiliser = stabiliser_class(settings)
+        for i in range(len(x)):
+            stabiliser.push(i, {0: (x[i], x[i])})
+        stabiliser.finish()
+    return run
+
+
 def gpen_seconds(size: int) -> float:
     from gpen_video.device import resolve_dtype
     from gpen_video.restore.model import build_model, preset_config
@@ -255,11 +269,16 @@ def main() -> None:
     parser.add_argument("--strip", type=Path, default=ROOT / "docs" / "temporal_strip.png")
     parser.add_argument("--reach", type=int, default=TemporalSettings.reach)
     parser.add_argument("--motion-threshold", type=float, default=TemporalSettings.motion_threshold)
+    parser.add_argument("--motion-search", type=int, default=TemporalSettings.motion_search,
+                        help="for the flicker table (the cost lines show 0 and 2)")
+    parser.add_argument("--against", metavar="REV", default=None,
+                        help="also time the stage as it was at git revision REV (cost lines, interleaved)")
     parser.add_argument("--no-gpen", action="store_true", help="skip timing GPEN (slow on CPU at 512)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    size, settings = args.size, TemporalSettings(reach=args.reach, motion_threshold=args.motion_threshold)
+    size, settings = args.size, TemporalSettings(reach=args.reach, motion_threshold=args.motion_threshold,
+                                                 motion_search=args.motion_search)
     mask = torch.from_numpy(face_mask(size).copy()).float()
 
     print(f"# bench_temporal {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
@@ -331,17 +350,33 @@ def main() -> None:
           f"weight; the colour, ghost and detail columns repeat the crowd row's)")
     print()
     face_batch = tracks[longest[0]][:16]
-    stage = time_per_face(lambda x: stabilise(x, x, settings), face_batch)
+    searches = {search: replace(settings, motion_search=search) for search in (0, 2)}
+    stage = {search: time_per_face(streamed(s), face_batch) for search, s in searches.items()}
     gan = time_per_face(lambda x: per_frame(esrgan, x), face_batch[:8])
-    print(f"cost per face, CPU, {args.threads} thread(s): stage {stage * 1e3:.1f} ms at S={size}; "
-          f"Real-ESRGAN {gan * 1e3:.1f} ms ({stage / gan:.0%})")
+    print(f"cost per face, CPU, {args.threads} thread(s), streamed: stage at S={size} "
+          + ", ".join(f"{t * 1e3:.1f} ms (motion_search {search})" for search, t in stage.items())
+          + f"; Real-ESRGAN {gan * 1e3:.1f} ms")
+    if args.against:
+        from benchmarks.bench_model import module_at
+
+        old = module_at(args.against, "gpen_video/restore/temporal.py")
+        for search, s in searches.items():
+            old_s = old.TemporalSettings(**asdict(s))
+            runs = {"now": streamed(s), args.against: streamed(old_s, old.TrackStabiliser)}
+            best = {name: float("inf") for name in runs}
+            for _ in range(5):  # interleaved: the machine's drift hits both alike
+                for name, run in runs.items():
+                    best[name] = min(best[name], time_per_face(run, face_batch, repeat=1))
+            print(f"  motion_search {search}: {best[args.against] * 1e3:.1f} ms at {args.against}, "
+                  f"{best['now'] * 1e3:.1f} ms now ({best[args.against] / best['now']:.2f}x)")
     if not args.no_gpen:
-        for s in sorted({size, 512}):
-            x = F.interpolate(face_batch, size=(s, s), mode="bilinear")
-            stage_s = time_per_face(lambda y: stabilise(y, y, settings), x)
-            gpen = gpen_seconds(s)
-            print(f"  GPEN-BFR-{s}: {gpen * 1e3:.0f} ms per face; stage at S={s}: {stage_s * 1e3:.1f} ms "
-                  f"= {stage_s / gpen:.1%} of restore time")
+        for size_s in sorted({size, 512}):
+            x = F.interpolate(face_batch, size=(size_s, size_s), mode="bilinear")
+            gpen = gpen_seconds(size_s)
+            shares = [(search, time_per_face(streamed(s), x)) for search, s in searches.items()]
+            print(f"  GPEN-BFR-{size_s}: {gpen * 1e3:.0f} ms per face; stage at S={size_s}: "
+                  + ", ".join(f"{t * 1e3:.1f} ms = {t / gpen:.1%} (motion_search {search})" for search, t in shares)
+                  + " of restore time")
 
     print()
     short = sorted(lengths[t] for t in tracks if lengths[t] < settings.min_track_frames)

@@ -9,8 +9,9 @@ Rows, each measured in a fresh process (so peak memory is per row) on generated 
 
 1. ``io``       bare PyAV decode → encode, the writer's encoder settings (x264 with a fixed
                 thread count, deterministic, CPU-independent, stitchable), audio copied: the
-                I/O ceiling the ratios divide by; ``io x264``: the same loop with x264's own
-                defaults (faster on 2 cores: shows what the writer's settings cost)
+                I/O ceiling the ratios divide by, on each row's own clip (``io 0f``, ``io 4f``:
+                x264's work depends on the picture); ``io x264``: the 1-face clip's loop with
+                x264's own defaults (faster on 2 cores: shows what the writer's settings cost)
 2. ``nofaces``  the whole pipeline on a clip without faces: decode, detection, encode
 3. ``model``    model-only faces/s (random weights in the preset's architecture; speed does
                 not depend on the values), at the pipeline's batch size and precision
@@ -133,7 +134,7 @@ def make_clips(folder: Path, args) -> dict[str, Path]:
 
     w, h = (int(v) for v in args.size.split("x"))
     clips = {}
-    for faces in sorted({0, *args.faces}):
+    for faces in sorted({0, 1, *args.faces}):
         clips[f"{faces}f"] = folder / f"{faces}f-{args.seconds:g}s.mp4"
         render_clip(clips[f"{faces}f"], seconds=args.seconds, size=(w, h), faces=faces, paths=[] if faces == 0 else None)
     if args.long_seconds:
@@ -189,19 +190,27 @@ def pipeline_table(args, cuda: bool) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         clips = make_clips(Path(tmp), args)
-        io = run_child("io", clips["1f"], args)
+        # each pipeline row divides by the bare loop on its own clip: x264's cost depends on
+        # what the picture shows (the no-face clip costs it about 15 % more than the 1-face one)
+        io = {kind: run_child("io", clips[kind], args) for kind in dict.fromkeys(["1f", "0f", *(f"{n}f" for n in args.faces)])}
         model = run_child("model", clips["1f"], args)
         per_face = model["seconds"] / model["faces"]
-        rows = [("io", "bare PyAV decode+encode, 1-face clip", io),
-                ("io x264", "the same, x264's default settings", run_child("io-x264", clips["1f"], args)),
-                ("model", f"{args.model} alone", model)]
-        rows.append(("nofaces", "pipeline, no faces", run_child("nofaces", clips["0f"], args)))
+        rows = [("io", "bare PyAV decode+encode, 1-face clip", io["1f"], None),
+                ("io x264", "the same, x264's default settings", run_child("io-x264", clips["1f"], args), None),
+                ("io 0f", "bare PyAV decode+encode, no-face clip", io["0f"], None),
+                *((f"io {n}f", f"bare PyAV decode+encode, {n}-face clip", io[f"{n}f"], None)
+                  for n in args.faces if n != 1),
+                ("model", f"{args.model} alone", model, None)]
+        rows.append(("nofaces", "pipeline, no faces", run_child("nofaces", clips["0f"], args), io["0f"]))
         for faces in args.faces:
-            rows.append((f"e2e {faces}f", f"pipeline, {faces} face(s)", run_child("e2e", clips[f"{faces}f"], args)))
+            clip = f"{faces}f"
+            rows.append((f"e2e {clip}", f"pipeline, {faces} face(s)", run_child("e2e", clips[clip], args), io[clip]))
             if faces == 1:
-                rows.append(("e2e 1f off", "pipeline, 1 face, --temporal off", run_child("e2e-off", clips["1f"], args)))
-        if "long" in clips:
-            rows.append(("e2e long", f"pipeline, 1 face, {args.long_seconds:g} s", run_child("e2e", clips["long"], args)))
+                rows.append(("e2e 1f off", "pipeline, 1 face, --temporal off", run_child("e2e-off", clips[clip], args),
+                             io[clip]))
+        if "long" in clips:  # the 1-face clip's content, longer: its bare loop's rate
+            rows.append(("e2e long", f"pipeline, 1 face, {args.long_seconds:g} s", run_child("e2e", clips["long"], args),
+                         io["1f"]))
 
     gpu = torch.cuda.get_device_name() if cuda else "none"
     print(f"gpen-video benchmark, {date.today()}, {platform.processor() or platform.machine()}, "
@@ -209,13 +218,12 @@ def pipeline_table(args, cuda: bool) -> None:
           f"{args.seconds:g} s at 25 fps")
     print(f"{'row':<10} {'what':<36} {'frames':>6} {'faces':>6} {'s':>8} {'fps':>7} {'faces/s':>8} "
           f"{'model+io':>9} {'e2e/(m+io)':>10} {'effic.':>7} {'cores':>5} {'RSS MiB':>8} {'GPU MiB':>8}")
-    io_fps = io["frames"] / io["seconds"]
-    for name, what, row in rows:
+    for name, what, row, bare in rows:
         frames, faces, secs = row.get("frames", 0), row.get("faces", 0), row["seconds"]
         cells = [f"{name:<10}", f"{what:<36}", f"{frames:>6}", f"{faces:>6}", f"{secs:>8.1f}",
                  f"{frames / secs if frames else 0:>7.1f}", f"{faces / secs if faces else 0:>8.2f}"]
-        if name.startswith("e2e") or name == "nofaces":
-            alone_io, alone_model = frames / io_fps, faces * per_face
+        if bare is not None:
+            alone_io, alone_model = frames * bare["seconds"] / bare["frames"], faces * per_face
             cells += [f"{alone_io + alone_model:>9.1f}", f"{secs / (alone_io + alone_model):>10.2f}",
                       f"{max(alone_io, alone_model) / secs:>7.2f}"]
         else:

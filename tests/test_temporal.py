@@ -173,29 +173,34 @@ def test_colour_fix_keeps_the_restorers_detail() -> None:
     assert abs(float(fixed.mean() - blurred.mean())) < 2 / 255 < 20 / 255 < float(sharp.mean() - blurred.mean())
 
 
+MOTION = dataclasses.replace(SETTINGS, motion_search=2)  # 172 neighbour pairs in 24 frames: matched in chunks
+
+
+@pytest.mark.parametrize("settings", [SETTINGS, MOTION], ids=["still", "motion"])
 @pytest.mark.parametrize("splits", [[24], [5, 19], [1, 1, 10, 12], [7, 7, 7, 3]])
-def test_chunking_does_not_change_a_bit(splits: list[int]) -> None:
+def test_chunking_does_not_change_a_bit(splits: list[int], settings: TemporalSettings) -> None:
     """Output ranges computed from only their frames ± reach equal one call over the whole track."""
     clean = clean_track("blink")
     source = noisy(clean, 6 / 255, seed=5)
     restored = per_frame(texture_restorer, source)
-    whole = stabilise(source, restored, SETTINGS)
-    parts, start, reach = [], 0, SETTINGS.reach
+    whole = stabilise(source, restored, settings)
+    parts, start, reach = [], 0, settings.reach
     for size in splits:
         lo, hi = max(0, start - reach), min(N, start + size + reach)
-        parts.append(stabilise(source[lo:hi], restored[lo:hi], SETTINGS, output=(start - lo, start + size - lo)))
+        parts.append(stabilise(source[lo:hi], restored[lo:hi], settings, output=(start - lo, start + size - lo)))
         start += size
     assert torch.equal(torch.cat(parts), whole)
 
 
-def test_streaming_equals_whole_tracks() -> None:
+@pytest.mark.parametrize("settings", [SETTINGS, MOTION], ids=["still", "motion"])
+def test_streaming_equals_whole_tracks(settings: TemporalSettings) -> None:
     """Two tracks, one starting late and one ending early, pushed frame by frame."""
     clean = clean_track("blink")
     a_src = noisy(clean, 6 / 255, seed=6)
     b_src = noisy(clean_track("cut"), 6 / 255, seed=7)
     a_res, b_res = per_frame(texture_restorer, a_src), per_frame(texture_restorer, b_src)
     a_frames, b_frames = range(0, 17), range(5, 24)
-    stream = TrackStabiliser(SETTINGS)
+    stream = TrackStabiliser(settings)
     got: dict[int, dict[int, torch.Tensor]] = {}
     for i in range(N):
         faces = {}
@@ -205,11 +210,11 @@ def test_streaming_equals_whole_tracks() -> None:
             faces[4] = (b_src[i], b_res[i])
         for index, out in stream.push(i, faces):
             got[index] = out
-        assert len(got) == max(0, i + 1 - SETTINGS.reach)  # released after `reach` later frames
+        assert len(got) == max(0, i + 1 - settings.reach)  # released after `reach` later frames
     got.update(dict(stream.finish()))
     assert sorted(got) == list(range(N))
-    want_a = stabilise(a_src[:17], a_res[:17], SETTINGS)
-    want_b = stabilise(b_src[5:], b_res[5:], SETTINGS)
+    want_a = stabilise(a_src[:17], a_res[:17], settings)
+    want_b = stabilise(b_src[5:], b_res[5:], settings)
     assert torch.equal(torch.stack([got[i][3] for i in a_frames]), want_a)
     assert torch.equal(torch.stack([got[i][4] for i in b_frames]), want_b)
     assert all(set(got[i]) == ({3} if i in a_frames else set()) | ({4} if i in b_frames else set()) for i in got)

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from time import perf_counter
 from typing import TypeVar
@@ -267,6 +267,8 @@ MATCH_SIZE = 64
 """Side of the grey pictures motion is matched on (``motion_search`` counts their pixels)."""
 MATCH_BLOCKS = 8
 """Blocks per side of the motion field: one displacement per block, interpolated between."""
+MATCH_CHUNK = 64
+"""Frame pairs matched at once (a cost volume of 25 MiB per chunk and ±2 px)."""
 SHIFT_COST = 0.002
 """Cost added per pixel of displacement (grey levels in [0, 1]): where the source is flat,
 matching cannot tell shifts apart, and the field stays at 0."""
@@ -277,19 +279,24 @@ def motion_field(a: torch.Tensor, b: torch.Tensor, search: int) -> torch.Tensor:
     the grey pictures ``a``, ``b`` [T,1,m,m], with ``b(p + d) ≈ a(p)``, within ``search`` pixels
     either way, refined below a pixel by a parabola through the best match's neighbours.
 
-    Block matching by mean absolute difference: every candidate is a fixed-size computation per
-    pair of frames, so a pair's field does not depend on the others in the batch.
+    Block matching by mean absolute difference over every candidate shift at once (a cost
+    volume of views into the padded ``b``): a fixed-size computation per pair of frames, so a
+    pair's field does not depend on the others in the batch.
     """
-    m = a.shape[-1]
+    if len(a) > MATCH_CHUNK:  # bounds the cost volume's memory
+        return torch.cat([motion_field(a[i : i + MATCH_CHUNK], b[i : i + MATCH_CHUNK], search)
+                          for i in range(0, len(a), MATCH_CHUNK)])
+    t, m = len(a), a.shape[-1]
     block = max(1, m // MATCH_BLOCKS)
+    blocks = m // block
     side = 2 * search + 1
-    padded = F.pad(b, (search,) * 4, mode="replicate")
-    costs = []
-    for dy in range(-search, search + 1):
-        for dx in range(-search, search + 1):
-            moved = padded[..., search + dy : search + dy + m, search + dx : search + dx + m]
-            costs.append(F.avg_pool2d((a - moved).abs(), block) + SHIFT_COST * (abs(dx) + abs(dy)))
-    cost = torch.cat(costs, 1).view(len(a), side, side, *costs[0].shape[-2:])  # [T,y,x,B,B]
+    padded = F.pad(b, (search,) * 4, mode="replicate")[:, 0]  # [T,m+2s,m+2s]
+    candidates = padded.unfold(1, m, 1).unfold(2, m, 1)  # [T,y,x,m,m] views: b moved by (x, y) − search
+    within = slice(0, blocks * block)
+    diff = (candidates[..., within, within] - a[:, :, None, within, within]).abs_()  # [T,y,x,n,n]
+    offsets = torch.arange(-search, search + 1, device=a.device).abs()
+    penalty = (SHIFT_COST * (offsets[:, None] + offsets[None, :])).to(a.dtype)  # [y,x]
+    cost = diff.view(t, side, side, blocks, block, blocks, block).mean((4, 6)) + penalty[:, :, None, None]
     best = cost.flatten(1, 2).argmin(1)  # [TBB]
     by, bx = best // side, best % side
 
@@ -340,51 +347,64 @@ def _moved(x: torch.Tensor, field: torch.Tensor | None, match_size: int) -> torc
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _averaged(fixed: torch.Tensor, pooled: torch.Tensor, small: torch.Tensor, settings: TemporalSettings,
+Frames = torch.Tensor | Sequence[torch.Tensor]
+"""A run of prepared frames: one tensor [N,...], or a list of per-frame [1,...] tensors (a
+stream's window, read without copying)."""
+
+
+def _span(x: Frames, start: int, stop: int) -> torch.Tensor:
+    """Frames ``start..stop−1`` of ``x`` as one tensor."""
+    if isinstance(x, torch.Tensor):
+        return x[start:stop]
+    return x[start] if stop == start + 1 else torch.cat(list(x[start:stop]))
+
+
+def _averaged(fixed: Frames, pooled: Frames, small: Frames, settings: TemporalSettings,
               start: int, stop: int) -> torch.Tensor:
     """The temporal half of ``stabilise``: frames ``start..stop−1`` of the prepared frames
     averaged with their neighbours among them, each neighbour moved onto the frame by the
     sources' motion field (``motion_search`` > 0)."""
     if settings.reach == 0 or stop == start:
-        return fixed[start:stop]
-    device, size = fixed.device, fixed.shape[-1]
+        return _span(fixed, start, stop)
+    device, size, match_size = fixed[0].device, fixed[0].shape[-1], small[0].shape[-1]
     lo, hi = 0, len(fixed)
     taper = time_taper(settings.reach)
     reach, m = settings.reach, stop - start
     # weights on the motion grid, normalised there (cheap), then interpolated to full size:
     # bilinear interpolation keeps their sum at 1 per pixel, so full-size work is one
     # interpolation and one multiply-add per neighbour
-    weights = torch.zeros((2 * reach + 1, m, 1, *pooled.shape[-2:]), device=device)  # [K,T,1,g,g]
-    fields: dict[int, torch.Tensor | None] = {}
-    for k in range(-reach, reach + 1):
-        # output frames t whose neighbour t + k exists: t in [max(start, lo - k), min(stop, hi - k))
-        t0, t1 = max(start, lo - k), min(stop, hi - k)
-        if t0 >= t1:
-            continue
-        here, there = slice(t0 - lo, t1 - lo), slice(t0 + k - lo, t1 + k - lo)
-        if k == 0:
-            weights[reach, t0 - start : t1 - start] = taper[0]
-            continue
+    weights = torch.zeros((2 * reach + 1, m, 1, *pooled[0].shape[-2:]), device=device)  # [K,T,1,g,g]
+    weights[reach] = taper[0]
+    # output frames t whose neighbour t + k exists: t in [max(start, lo − k), min(stop, hi − k))
+    spans = {k: (max(start, lo - k), min(stop, hi - k)) for k in range(-reach, reach + 1) if k}
+    spans = {k: (t0, t1) for k, (t0, t1) in spans.items() if t0 < t1}
+    counts = [t1 - t0 for t0, t1 in spans.values()]
+
+    def gathered(x: Frames, shift: bool) -> torch.Tensor:  # every neighbour pair at once: [P,...]
+        return torch.cat([_span(x, t0 + k * shift - lo, t1 + k * shift - lo) for k, (t0, t1) in spans.items()])
+
+    fields: dict[int, torch.Tensor] = {}
+    if spans:
         if settings.motion_search:
-            field = fields[k] = motion_field(_grey(small[here]), _grey(small[there]), settings.motion_search)
-            moved = F.adaptive_avg_pool2d(_moved(small[there], field, small.shape[-1]), pooled.shape[-1])
+            small_there = gathered(small, True)
+            field = motion_field(_grey(gathered(small, False)), _grey(small_there), settings.motion_search)
+            moved = F.adaptive_avg_pool2d(_moved(small_there, field, match_size), pooled[0].shape[-1])
+            fields = dict(zip(spans, field.split(counts)))
         else:
-            fields[k], moved = None, pooled[there]
-        w = _change_weights(pooled[here], moved, settings.motion_threshold)
-        weights[k + reach, t0 - start : t1 - start] = taper[abs(k)] * w
+            moved = gathered(pooled, True)
+        change = _change_weights(gathered(pooled, False), moved, settings.motion_threshold).split(counts)
+        for (k, (t0, t1)), w in zip(spans.items(), change):
+            weights[k + reach, t0 - start : t1 - start] = taper[abs(k)] * w
     total = weights[0].clone()
     for k in range(1, 2 * reach + 1):  # summed in one order: chunks add up alike
         total += weights[k]
     weights /= total
-    out = torch.zeros_like(fixed[start - lo : stop - lo])  # [T3SS]
-    for k in range(-reach, reach + 1):
-        t0, t1 = max(start, lo - k), min(stop, hi - k)
-        if t0 >= t1:
-            continue
+    out = torch.zeros_like(_span(fixed, start - lo, stop - lo))  # [T3SS]
+    for k, (t0, t1) in sorted({0: (start, stop), **spans}.items()):
         w = F.interpolate(weights[k + reach, t0 - start : t1 - start], size=(size, size), mode="bilinear",
                           align_corners=False)  # [T1SS]
-        out[t0 - start : t1 - start].addcmul_(w, _moved(fixed[t0 + k - lo : t1 + k - lo], fields.get(k),
-                                                        small.shape[-1]))
+        out[t0 - start : t1 - start].addcmul_(w, _moved(_span(fixed, t0 + k - lo, t1 + k - lo), fields.get(k),
+                                                        match_size))
     return out
 
 
@@ -453,7 +473,7 @@ class TrackStabiliser:
         for track_id in track_ids:
             held = self._held[track_id]
             window = [i for i in range(index - reach, index + reach + 1) if i in held]
-            prepared = [torch.cat([held[i][part] for i in window]) for part in range(3)]
+            prepared = [[held[i][part] for i in window] for part in range(3)]
             at = window.index(index)
             out[track_id] = _averaged(*prepared, self.settings, at, at + 1)[0]
             for i in [i for i in held if i <= index - reach]:  # no later frame reaches back to it
