@@ -39,7 +39,7 @@ from gpen_video.plan import PlannedFrame, Planner
 from gpen_video.records import Frame, TrackedFace
 from gpen_video.restore.restorer import (Restorer, build_restorer, fit_batch_size, measure_face_bytes,
                                          restored_in_batches)
-from gpen_video.restore.temporal import TemporalSettings, colour_fix, stabilised_stream
+from gpen_video.restore.temporal import TemporalSettings, stabilise, stabilised_stream
 from gpen_video.restore.precision import module_digest
 from gpen_video.upscale.stage import UpscaleStage, build_upscale_stage, scale_face, scaled_info
 from gpen_video.warp import FaceCrops, Warp, create_warp
@@ -60,6 +60,8 @@ STAGE_DEPTH = 16
 """Frames queued between crop, restore and paste. Higher: smoother pace, more memory."""
 FRAMES_RATE = Fraction(25)
 """Nominal rate given to frames passed to ``restore_frames`` (only the report would show it)."""
+Neighbour = tuple[int, np.ndarray, Sequence[TrackedFace]]
+"""A frame near a previewed one: its offset from it, its (H, W, 3) RGB pixels, its planned faces."""
 
 
 @dataclass(frozen=True)
@@ -329,23 +331,47 @@ class FramePipeline:
                 yield frame.rgb
                 _tick(progress, cancel, done, None)
 
-    def restore_faces(self, rgb: np.ndarray, faces: Sequence[TrackedFace]) -> np.ndarray:
+    def restore_faces(self, rgb: np.ndarray, faces: Sequence[TrackedFace], *,
+                      neighbours: Sequence[Neighbour] = ()) -> np.ndarray:
         """Restore the given faces of one frame (a preview: faces come from an earlier plan,
         e.g. a report or ``Planner.plan``, in ``rgb``'s pixels), returning the frame with them
-        pasted back, ``config.upscale``× larger as the job's frames are. With ``temporal`` on,
-        the colour fix and the faces' weights apply; one frame cannot be averaged over time."""
+        pasted back, ``config.upscale``× larger as the job's frames are.
+
+        With ``temporal`` on, the colour fix and the faces' weights apply, and each face is
+        averaged with its track's faces in ``neighbours``: ``(offset, rgb, faces)`` of the
+        frames around this one (offset −reach..reach, 0 left out) with their planned faces.
+        Given every frame within ``reach``, the preview is the job's frame: the restorer
+        runs on each neighbour's faces of the tracks shown, up to 2·reach + 1 times the
+        work of one frame. With ``upscale`` the neighbours are not used (each would have to
+        be enlarged): one frame shows the colour fix and weights only."""
         frame = Frame(0, 0, Fraction(1), rgb)
         faces = tuple(f for f in faces if f.weight > 0)
         if self.upscale is not None:
             frame = self.upscale.enlarge([frame], on_device=self.upscale_on_device)[0]
             faces = tuple(scale_face(face, self.config.upscale) for face in faces)
+            neighbours = ()
         if not faces:
             return frame.rgb
         crops = self.warp.crop(frame, faces)
-        restored = self.restorer.restore_tensor(crops.pixels)
-        if self.temporal is not None:
-            restored = colour_fix(restored, crops.pixels, self.temporal.colour_grid)
-        return self._pasted(crops, restored).rgb
+        if self.temporal is None:
+            return self._pasted(crops, self.restorer.restore_tensor(crops.pixels)).rgb
+        reach, shown = self.temporal.reach, {f.track_id for f in faces}
+        around: list[tuple[int, FaceCrops]] = []
+        for offset, pixels, planned in neighbours:
+            wanted = tuple(f for f in planned if f.weight > 0 and f.track_id in shown)
+            if wanted and 0 < abs(offset) <= reach:
+                around.append((offset, self.warp.crop(Frame(offset, offset, Fraction(1), pixels), wanted)))
+        frames = sorted([(0, crops), *around], key=lambda item: item[0])
+        restored = self.restorer.restore_tensor(torch.cat([c.pixels for _, c in frames]))
+        results = dict(zip([o for o, _ in frames], restored.split([len(c.faces) for _, c in frames])))
+        stable = []
+        for face in crops.faces:
+            track = [(o, c.pixels[j], results[o][j]) for o, c in frames
+                     for j, f in enumerate(c.faces) if f.track_id == face.track_id]  # in frame order
+            at = [o for o, _, _ in track].index(0)
+            source, result = torch.stack([t[1] for t in track]), torch.stack([t[2] for t in track])
+            stable.append(stabilise(source, result, self.temporal, output=(at, at + 1))[0])
+        return self._pasted(crops, torch.stack(stable)).rgb
 
     def reconfigured(self, config: Config) -> FramePipeline:
         """A pipeline for ``config`` that shares this one's models where the settings that

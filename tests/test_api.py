@@ -244,8 +244,8 @@ def test_batch_fit_counts_the_frames_held_on_the_device(detector):
 
 def test_restore_faces_previews_one_frame_from_a_plan(detector, clip):
     """The web page's preview: a frame's planned faces restored alone equal the frame that
-    restore_video produces for it. (Temporal off: one frame cannot be averaged over time; the
-    preview then shows the colour fix and fade weights only, see test_temporal_pipeline.py.)"""
+    restore_video produces for it. (Temporal off: with it on, the preview needs the frames
+    around, see test_the_preview_with_its_neighbours_is_the_jobs_frame.)"""
     with av.open(str(clip)) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     pipeline = pipeline_for(detector, temporal=False)

@@ -221,6 +221,29 @@ def test_a_segment_rendered_from_its_read_range_gives_the_uninterrupted_frames()
     assert all(changed(a, b) for a, b in zip(whole[reach:-reach], off[reach:-reach])), "the filter acts"
 
 
+def test_the_preview_with_its_neighbours_is_the_jobs_frame():
+    """``restore_faces`` given the frames within ``reach`` and their planned faces (the web
+    page's preview) stabilises each face with its track as the job does: the job's frame, bit
+    for bit, at the video's ends too. Without them the preview differs (one frame cannot be
+    averaged), and neighbours of another track or beyond ``reach`` are left out."""
+    frames = still_frames(sigma=4.0)
+    script = lambda i: detections(landmarks(shift=0.3 * i))  # noqa: E731
+    p = pipeline(Texture(), script)
+    plan = planned(p, frames)
+    whole = render(p, plan)
+    reach = p.temporal.reach
+    for i in (0, 2, 20, N - 1):
+        near = [(o, frames[i + o], plan[i + o].faces) for o in range(-reach, reach + 1) if o and 0 <= i + o < N]
+        preview = p.restore_faces(frames[i], plan[i].faces, neighbours=near)
+        np.testing.assert_array_equal(preview, whole[i])
+        assert changed(p.restore_faces(frames[i], plan[i].faces), whole[i])
+        stranger = [(o, f, tuple(dataclasses.replace(face, track_id=99) for face in faces)) for o, f, faces in near]
+        far = [(o + (reach if o > 0 else -reach), f, faces) for o, f, faces in near]
+        alone = p.restore_faces(frames[i], plan[i].faces)
+        np.testing.assert_array_equal(p.restore_faces(frames[i], plan[i].faces, neighbours=stranger), alone)
+        np.testing.assert_array_equal(p.restore_faces(frames[i], plan[i].faces, neighbours=far), alone)
+
+
 def test_the_preview_of_one_frame_applies_the_weight_and_the_colour_fix():
     """``restore_faces`` (the web page's preview) pastes with the face's weight and keeps the
     source's colour: a restorer that tints everything blue is not blue with temporal on."""

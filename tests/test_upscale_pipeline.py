@@ -443,6 +443,47 @@ def test_the_web_preview_shows_the_upscaled_frame_beside_its_source(detector, fa
     assert np.abs(after.astype(int) - LanczosUpscaler(2).upscale_rgb(source)).max() > 20  # a face restored
 
 
+def test_the_web_preview_with_temporal_on_is_the_jobs_frame(detector, face_clip, tmp_path, monkeypatch):
+    """With temporal stabilisation (and no upscaling) the page's preview averages each face
+    with its track in the frames around, decoded again from the file: it shows the job's
+    frame, bit for bit, where the preview of the frame alone does not."""
+    pytest.importorskip("gradio")
+    from gpen_video.io.decode import VideoReader
+    from gpen_video.web.analysis import PREVIEW_REACH, analyse
+    from gpen_video.web.app import WebApp, WebOptions
+    from tests.test_temporal_pipeline import Texture
+
+    pipeline = pipeline_for(detector, Texture(), upscale=1)
+    reach = pipeline.temporal.reach
+    found = analyse(pipeline, face_clip, tmp_path / "frames")
+    job = list(pipeline.restore_frames(f.rgb for f in VideoReader(face_clip).frames()))  # the analysis's decode
+
+    class Pipelines:
+        def get(self, config):
+            return pipeline
+
+    app = WebApp(WebOptions(jobs_dir=tmp_path, overrides={"device": "cpu"}), Pipelines(), None, None, tmp_path,
+                 tmp_path, "secret")
+    shown = [s for s in found.samples if s.faces and s.index in (0, 3, 17, 34)]
+    assert [s.index for s in shown] == [0, 3, 17, 34]
+    for sample in shown:
+        assert [n.index for n in sample.nearby] == [i for i in range(sample.index - PREVIEW_REACH,
+                                                                       sample.index + PREVIEW_REACH + 1)
+                                                    if i != sample.index and 0 <= i < 35]
+        neighbours = found.neighbours(sample, reach)
+        offsets = [o for o in range(-reach, reach + 1) if o and 0 <= sample.index + o < 35]
+        assert sorted(o for o, _, _ in neighbours) == offsets
+        (_, after), _ = app.preview(found, sample.index, [f.track_id for f in sample.faces],
+                                    ("", "GPEN-BFR-256", 1.0, False, "h264", 1))
+        np.testing.assert_array_equal(after, job[sample.index])
+        assert np.any(pipeline.restore_faces(sample.rgb(), sample.faces) != job[sample.index])
+    monkeypatch.setattr("gpen_video.web.analysis.MAX_SAMPLES", 9)  # every 4th frame kept
+    sparse = analyse(pipeline, face_clip, tmp_path / "sparse")
+    assert [s.index for s in sparse.samples] == list(range(0, 35, 4))
+    assert all([n.index for n in s.nearby] == [i for i in range(s.index - PREVIEW_REACH, s.index + PREVIEW_REACH + 1)
+                                               if i != s.index and 0 <= i < 35] for s in sparse.samples)
+
+
 # --- errors ---
 
 

@@ -7,13 +7,18 @@ its first ``seconds`` only: the tracker numbers tracks in the order they appear,
 the tracks seen there are final; a person first seen later is not listed, and is restored.
 
 A few frames (at most ``MAX_SAMPLES``, evenly spaced) are kept as lossless PNG files with their
-planned faces, so a preview restores exactly what the job will, without decoding again.
+planned faces, so a preview restores exactly what the job will, without decoding again. With
+each, the planned faces of the ``PREVIEW_REACH`` frames either side are kept too: a preview
+with temporal stabilisation decodes those frames again (``Analysis.neighbours``) and averages
+each face with its track there, as the job does.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -26,10 +31,14 @@ from gpen_video.config import Config
 from gpen_video.io.decode import VideoReader
 from gpen_video.formats import is_image
 from gpen_video.io.images import read_image
+from gpen_video.pipeline import Neighbour
 from gpen_video.records import Frame, TrackedFace
 
 MAX_SAMPLES = 60
 """Frames kept for the preview slider. More: finer choice, more disk and analysis time."""
+PREVIEW_REACH = 8
+"""Frames either side of a kept frame whose planned faces are kept for its preview: the
+largest ``temporal_reach`` a preview averages over in full."""
 THUMBNAIL = 128
 """Long side of a track's thumbnail, pixels."""
 TRACKING_SETTINGS = ("detector", "detect_size", "detect_every", "score_threshold", "smooth_window", "max_gap",
@@ -61,13 +70,24 @@ class TrackSummary:
 
 
 @dataclass(frozen=True)
+class NearbyFrame:
+    """A frame near a kept one: where it is in the stream, and the faces the job would restore."""
+
+    index: int
+    pts: int | None
+    faces: tuple[TrackedFace, ...]
+
+
+@dataclass(frozen=True)
 class Sample:
-    """A frame kept for the preview: its pixels on disk and the faces the job would restore."""
+    """A frame kept for the preview: its pixels on disk, the faces the job would restore, and
+    the frames within ``PREVIEW_REACH`` of it (as far as the analysis read), in order."""
 
     index: int
     time: float
     path: Path
     faces: tuple[TrackedFace, ...]
+    nearby: tuple[NearbyFrame, ...] = ()
 
     def rgb(self) -> np.ndarray:
         """(H, W, 3) RGB, uint8 or uint16, exactly as decoded."""
@@ -103,9 +123,29 @@ class Analysis:
         """The kept frame closest to frame ``index``."""
         return min(self.samples, key=lambda s: abs(s.index - index))
 
+    def neighbours(self, sample: Sample, reach: int) -> list[Neighbour]:
+        """The frames within ``reach`` of ``sample`` (``FramePipeline.restore_faces``'s
+        ``neighbours``), decoded again from the source from the keyframe before them."""
+        near = {n.pts: n for n in sample.nearby if 0 < abs(n.index - sample.index) <= reach}
+        if self.image or not near or None in near:
+            return []
+        first = min(near.values(), key=lambda n: n.index)
+        frames = _reader(self.source, self.config.deinterlace).frames(
+            first.pts, start_index=first.index, stop_pts=max(near) + 1)
+        try:
+            return [(near[f.pts].index - sample.index, f.rgb, near[f.pts].faces) for f in frames if f.pts in near]
+        finally:
+            frames.close()
+
     def describes(self, config: Config) -> bool:
         """True when a job with ``config`` gives tracks the ids shown here."""
         return all(getattr(config, name) == getattr(self.config, name) for name in TRACKING_SETTINGS)
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(source: Path, deinterlace: str) -> VideoReader:
+    """A reader per analysed video, so its index (for seeking) is scanned once."""
+    return VideoReader(source, deinterlace=deinterlace)
 
 
 def _thumbnail(rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -170,7 +210,8 @@ def analyse(
     largest: dict[int, float] = {}
     thumbs: dict[int, np.ndarray] = {}
     restorable: set[int] = set()
-    samples: list[Sample] = []
+    kept: list[tuple[int, float, Path, tuple[TrackedFace, ...], tuple[NearbyFrame, ...], list[NearbyFrame]]] = []
+    before: deque[NearbyFrame] = deque(maxlen=PREVIEW_REACH)
     done = 0
     plan = (pipeline.still_planner if image else pipeline.planner).plan(frames)
     try:
@@ -186,10 +227,15 @@ def analyse(
                     largest[tid] = area
                     thumbs[tid] = _thumbnail(frame.rgb, face.box)
             restorable.update(f.track_id for f in planned.faces)
+            here = NearbyFrame(frame.index, frame.pts, planned.faces)
+            for *_, after in kept[-(PREVIEW_REACH // step + 1):]:
+                if len(after) < PREVIEW_REACH:
+                    after.append(here)
             if done % step == 0:
                 path = folder / f"frame-{frame.index:08d}.png"
                 cv2.imwrite(str(path), np.ascontiguousarray(frame.rgb[:, :, ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1])
-                samples.append(Sample(frame.index, frame.time, path, planned.faces))
+                kept.append((frame.index, frame.time, path, planned.faces, tuple(before), []))
+            before.append(here)
             done += 1
             if progress is not None:
                 progress(done, expected)
@@ -203,4 +249,5 @@ def analyse(
         TrackSummary(tid, firsts[tid], lasts[tid], counts[tid], tid in restorable, thumbs[tid])
         for tid in sorted(firsts)
     )
-    return Analysis(source, name or source.name, image, done, complete, tracks, tuple(samples), config)
+    samples = tuple(Sample(index, time, path, faces, (*near, *after)) for index, time, path, faces, near, after in kept)
+    return Analysis(source, name or source.name, image, done, complete, tracks, samples, config)

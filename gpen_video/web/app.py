@@ -220,7 +220,9 @@ class WebApp:
         try:
             pipeline = self.pipelines.get(self.config(*settings))
             rgb = sample.rgb()
-            after = pipeline.restore_faces(rgb, [f for f in sample.faces if f.track_id in set(checked or [])])
+            reach = pipeline.temporal.reach if pipeline.temporal is not None and pipeline.upscale is None else 0
+            after = pipeline.restore_faces(rgb, [f for f in sample.faces if f.track_id in set(checked or [])],
+                                           neighbours=found.neighbours(sample, reach) if reach else ())
         except Exception as exc:  # noqa: BLE001 - one line in the page, the traceback in the log
             return None, _error(_message(exc, "the preview"))
         scale = after.shape[0] // rgb.shape[0]  # --upscale: before shown at the same size, pixels repeated
