@@ -53,7 +53,7 @@ def main() -> None:
         analysed = time.perf_counter() - start
         print(f"# bench_preview {date.today()}, {platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads, {args.model} {str(dtype).removeprefix('torch.')}, "
-              f"temporal_reach {reach}; {args.clip.name}: {found.frames} frames analysed in {analysed:.1f} s, "
+              f"temporal_reach {reach}, motion_search {pipeline.temporal.motion_search}; {args.clip.name}: {found.frames} frames analysed in {analysed:.1f} s, "
               f"{len(found.samples)} kept")
         print(f"{'frame':>6} {'faces':>6} {'alone s':>8} {'neighbours s':>13} {'of which decode s':>18} {'ratio':>6}")
         busiest = sorted(found.samples, key=lambda s: (-len(s.faces), s.index))[: args.frames]

@@ -120,11 +120,11 @@ class Config:
     temporal_reach: int = 4
     """Frames either side a restored face is averaged with. Higher: steadier (flicker falls
     about as 1/(reach + 1)), flatter invented texture, more frames held."""
-    motion_search: int = 0
+    motion_search: int = 2
     """How far (pixels of a 64² picture of the face; 2 ≈ 8 px of a 256 crop) a neighbouring
     frame's face is searched for the motion that moves it onto the frame before averaging, so
     faces that talk or turn a little are steadied too. 0: neighbours averaged where they are
-    (half the stage's cost; moving parts then follow the current frame alone)."""
+    (a third of the stage's cost; moving parts then follow the current frame alone)."""
     motion_threshold: float = 0.03
     """Source change (0–1 scale) at which a neighbour stops counting. Higher: averages through
     small movements too (steadier, may smear); lower: follows smaller changes (more flicker)."""

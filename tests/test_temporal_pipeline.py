@@ -271,7 +271,7 @@ def test_config_settings_reach_the_stage_and_the_job_identity():
     from gpen_video.jobs.run import output_settings
 
     config = load_config("fast", device="cpu", max_yaw=40.0, temporal_reach=2)
-    assert TemporalSettings.of(config) == TemporalSettings(reach=2, max_yaw=40.0)
+    assert TemporalSettings.of(config) == TemporalSettings(reach=2, max_yaw=40.0, motion_search=0)  # fast: 0
     p = FacePipeline(config, restorer=Restorer(torch.nn.Identity(), 256), detector=ScriptedDetector(None))
     settings = output_settings(p)
     assert settings["temporal"] is True and settings["max_yaw"] == 40.0 and settings["temporal_reach"] == 2

@@ -103,7 +103,7 @@ class TemporalSettings:
     """
 
     reach: int = 4
-    motion_search: int = 0
+    motion_search: int = 2
     motion_threshold: float = 0.03
     motion_grid: int = 32
     colour_grid: int = 16
