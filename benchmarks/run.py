@@ -68,8 +68,9 @@ def _restorer(args):
     config = preset_config(args.model)
     torch.manual_seed(0)
     model = build_model(config)
-    batch = args.batch_size or default_batch_size(device)
-    restorer = Restorer(model, config.size, device=device, dtype=resolve_dtype(args.precision, device), batch_size=batch)
+    dtype = resolve_dtype(args.precision, device)
+    batch = args.batch_size or default_batch_size(device, config.size, dtype)
+    restorer = Restorer(model, config.size, device=device, dtype=dtype, batch_size=batch)
     if args.batch_size is None and device.type == "cuda":
         restorer.batch_size = fit_cuda_batch_size(restorer, frames_held=lambda batch: 0)
     return restorer
