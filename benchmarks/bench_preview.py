@@ -8,7 +8,8 @@ The clip (default ``../shared/data/crowd_1080p.mp4``) is analysed as the page do
 ways, side by side: ``alone`` restores the frame's faces (colour fix and fade weights only);
 ``neighbours`` also decodes the frames within ``temporal_reach`` again (from the keyframe
 before) and restores the same people there. GPEN with random weights in the preset's
-architecture (speed does not depend on the values), at the precision ``auto`` picks.
+architecture (speed does not depend on the values), at the precision ``auto`` picks and the
+default batch size, as ``benchmarks/run.py`` builds it.
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.run import _restorer  # noqa: E402
 from gpen_video.config import load_config  # noqa: E402
-from gpen_video.device import resolve_dtype  # noqa: E402
 from gpen_video.jobs.api import FacePipeline  # noqa: E402
-from gpen_video.restore.model import build_model, preset_config  # noqa: E402
-from gpen_video.restore.restorer import Restorer  # noqa: E402
 from gpen_video.web.analysis import analyse  # noqa: E402
 
 VIDEO = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "crowd_1080p.mp4"
@@ -42,17 +41,16 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=3, help="kept frames timed (those with the most faces)")
     args = parser.parse_args()
     config = load_config(None, device="cpu", model=args.model)
-    torch.manual_seed(0)
-    model_config = preset_config(args.model)
-    dtype = resolve_dtype("auto", torch.device("cpu"))
-    pipeline = FacePipeline(config, restorer=Restorer(build_model(model_config), model_config.size, dtype=dtype))
+    restorer = _restorer(argparse.Namespace(device="cpu", model=args.model, precision="auto", batch_size=None))
+    dtype = restorer.dtype
+    pipeline = FacePipeline(config, restorer=restorer)
     reach = pipeline.temporal.reach
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         found = analyse(pipeline, args.clip, Path(tmp))
         analysed = time.perf_counter() - start
         print(f"# bench_preview {date.today()}, {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads, {args.model} {str(dtype).removeprefix('torch.')}, "
+              f"{torch.get_num_threads()} threads, {args.model} {str(dtype).removeprefix('torch.')} batch {restorer.batch_size}, "
               f"temporal_reach {reach}, motion_search {pipeline.temporal.motion_search}; {args.clip.name}: {found.frames} frames analysed in {analysed:.1f} s, "
               f"{len(found.samples)} kept")
         print(f"{'frame':>6} {'faces':>6} {'alone s':>8} {'neighbours s':>13} {'of which decode s':>18} {'ratio':>6}")

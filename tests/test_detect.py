@@ -19,6 +19,7 @@ from gpen_video.faces.detect import (
     largest_first,
 )
 from gpen_video.faces.retinaface import (
+    suppressed,
     MEAN_BGR,
     MOBILE_CONVOLUTIONS,
     build_network,
@@ -390,3 +391,26 @@ def test_solvay_group_photo_finds_most_of_29_faces():
     nearest = np.argmin(((flipped.landmarks.mean(axis=1)[:, None] - centres[None]) ** 2).sum(-1), axis=0)
     err = flipped.landmarks[nearest] - expected  # [n,5,2]
     assert abs(err[..., 0].mean()) < 0.3 and np.abs(err).mean() < 1.0
+
+
+@pytest.mark.parametrize("iou", [0.4, 0.7])
+def test_suppression_keeps_what_torchvision_keeps(iou):
+    """OpenCV's NMS (no torchvision import before the first face) keeps the same boxes in the
+    same order as ``torchvision.ops.nms``, on clusters of overlapping boxes."""
+    import torchvision
+
+    rng = np.random.default_rng(7)
+    suppressed_some = 0
+    for _ in range(300):
+        k = int(rng.integers(1, 60))
+        clusters = rng.uniform(0, 200, (int(rng.integers(1, 5)), 2))
+        centres = clusters[rng.integers(0, len(clusters), k)] + rng.normal(0, rng.uniform(1, 30), (k, 2))
+        sides = rng.uniform(5, 60, (k, 2))
+        boxes = np.concatenate([centres - sides / 2, centres + sides / 2], axis=1)
+        scores = rng.uniform(0.5, 1.0, k).astype(np.float32)
+        expected = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores).double(), iou).numpy()
+        kept = suppressed(boxes, scores, iou)
+        assert np.array_equal(kept, expected)
+        suppressed_some += len(kept) < k
+    assert suppressed_some > 100
+    assert len(suppressed(np.zeros((0, 4)), np.zeros(0, np.float32), iou)) == 0

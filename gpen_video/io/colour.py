@@ -210,26 +210,50 @@ def plane_view(frame: av.VideoFrame, i: int) -> np.ndarray:
     return np.frombuffer(plane, dtype).reshape(-1, width)[: plane.height, : plane.width]
 
 
-def same_pixels(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whole-array equality, compared 8 bytes at a time where the layout allows."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.flags.c_contiguous and b.flags.c_contiguous and a.nbytes % 8 == 0:
-        return bool(np.array_equal(a.reshape(-1).view(np.uint64), b.reshape(-1).view(np.uint64)))
-    return bool(np.array_equal(a, b))
+def changed_window(a: np.ndarray, b: np.ndarray) -> tuple[tuple[int, int], np.ndarray] | None:
+    """Where two pictures (H, W, C) of one shape and dtype differ: the top-left corner (y, x) of
+    the smallest window holding every differing pixel and its mask (h, w) bool, True where any
+    channel differs; None where they are equal.
+
+    A restored frame differs from its decoded picture only around its faces, so the rows are
+    compared 8 bytes at a time and only the window is compared per pixel (per-pixel work over
+    the whole picture cost 10 ms a frame at 720p)."""
+    rows_a, rows_b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    if a.flags.c_contiguous and b.flags.c_contiguous and rows_a.shape[1] * a.itemsize % 8 == 0:
+        rows_a, rows_b = rows_a.view(np.uint64), rows_b.view(np.uint64)
+    rows = np.flatnonzero((rows_a != rows_b).any(axis=1))
+    if not len(rows):
+        return None
+    y0, y1 = int(rows[0]), int(rows[-1]) + 1
+    band = a[y0:y1] != b[y0:y1]  # [h,W,C]
+    cols = np.flatnonzero(band.any(axis=0).any(axis=1))
+    x0, x1 = int(cols[0]), int(cols[-1]) + 1
+    window = band[:, x0:x1]
+    mask = window[..., 0].copy()
+    for c in range(1, window.shape[2]):
+        mask |= window[..., c]
+    return (y0, x0), mask
 
 
-def splice_planes(target: av.VideoFrame, source: av.VideoFrame, changed: np.ndarray) -> None:
+def splice_planes(target: av.VideoFrame, source: av.VideoFrame, changed: np.ndarray,
+                  origin: tuple[int, int] = (0, 0)) -> None:
     """Copy ``source``'s samples into ``target`` (same planar format and size) wherever a
-    pixel the sample covers is marked in ``changed`` (H, W) bool, stored orientation."""
+    pixel the sample covers is marked in ``changed`` (h, w) bool, the window of the stored
+    picture whose top-left pixel is ``origin`` (y, x)."""
+    y0, x0 = origin
     height, width = changed.shape
     for i in range(len(target.planes)):
         out, src = plane_view(target, i), plane_view(source, i)
-        ph, pw = out.shape
-        sy, sx = -(-height // ph), -(-width // pw)
+        sy, sx = -(-target.height // out.shape[0]), -(-target.width // out.shape[1])
+        top, left = y0 // sy, x0 // sx  # the samples covering the window
+        bottom, right = -(-(y0 + height) // sy), -(-(x0 + width) // sx)
         mask = changed
         if (sy, sx) != (1, 1):
-            padded = np.zeros((ph * sy, pw * sx), bool)
-            padded[:height, :width] = changed
-            mask = padded.reshape(ph, sy, pw, sx).any(axis=(1, 3))  # [hw] per sample
-        np.copyto(out, src, where=mask)
+            padded = np.zeros(((bottom - top) * sy, (right - left) * sx), bool)
+            padded[y0 - top * sy : y0 - top * sy + height, x0 - left * sx : x0 - left * sx + width] = changed
+            grid = padded.reshape(bottom - top, sy, right - left, sx)
+            mask = grid[:, 0, :, 0].copy()
+            for dy in range(sy):
+                for dx in range(sx):
+                    mask |= grid[:, dy, :, dx]  # a sample is replaced where any pixel it covers is
+        np.copyto(out[top:bottom, left:right], src[top:bottom, left:right], where=mask)

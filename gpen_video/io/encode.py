@@ -395,15 +395,17 @@ class VideoWriter:
         picture.pict_type = 0  # encoders honour decoded I/P/B types: let ours choose
         if not frame.rgb_made or (source.rgb_made and frame.rgb is source.rgb):
             return picture
-        original = source.rgb
-        if colour.same_pixels(frame.rgb, original):
+        found = colour.changed_window(frame.rgb, source.rgb)
+        if found is None:
             return picture
-        changed = np.any(frame.rgb != original, axis=2)  # [HW] upright
+        origin, changed = found
         converted = self.to_av_frame(frame.rgb)
-        if self.info.rotation:
-            changed = np.rot90(changed, k=-self.info.rotation // 90)  # [HW] stored
+        if self.info.rotation:  # the window in the stored picture's orientation
+            whole = np.zeros(frame.rgb.shape[:2], bool)
+            whole[origin[0] : origin[0] + changed.shape[0], origin[1] : origin[1] + changed.shape[1]] = changed
+            origin, changed = (0, 0), np.rot90(whole, k=-self.info.rotation // 90)
         picture.make_writable()
-        colour.splice_planes(picture, converted, changed)
+        colour.splice_planes(picture, converted, changed, origin)
         return picture
 
     # --- finishing ---
