@@ -367,7 +367,7 @@ def _averaged(fixed: Frames, pooled: Frames, small: Frames, settings: TemporalSe
     if settings.reach == 0 or stop == start:
         return _span(fixed, start, stop)
     device, size, match_size = fixed[0].device, fixed[0].shape[-1], small[0].shape[-1]
-    lo, hi = 0, len(fixed)
+    n = len(fixed)
     taper = time_taper(settings.reach)
     reach, m = settings.reach, stop - start
     # weights on the motion grid, normalised there (cheap), then interpolated to full size:
@@ -375,13 +375,13 @@ def _averaged(fixed: Frames, pooled: Frames, small: Frames, settings: TemporalSe
     # interpolation and one multiply-add per neighbour
     weights = torch.zeros((2 * reach + 1, m, 1, *pooled[0].shape[-2:]), device=device)  # [K,T,1,g,g]
     weights[reach] = taper[0]
-    # output frames t whose neighbour t + k exists: t in [max(start, lo − k), min(stop, hi − k))
-    spans = {k: (max(start, lo - k), min(stop, hi - k)) for k in range(-reach, reach + 1) if k}
-    spans = {k: (t0, t1) for k, (t0, t1) in spans.items() if t0 < t1}
+    # output frames t whose neighbour t + k exists: t in [max(start, −k), min(stop, n − k))
+    spans = {k: (max(start, -k), min(stop, n - k)) for k in range(-reach, reach + 1)
+             if k and max(start, -k) < min(stop, n - k)}
     counts = [t1 - t0 for t0, t1 in spans.values()]
 
     def gathered(x: Frames, shift: bool) -> torch.Tensor:  # every neighbour pair at once: [P,...]
-        return torch.cat([_span(x, t0 + k * shift - lo, t1 + k * shift - lo) for k, (t0, t1) in spans.items()])
+        return torch.cat([_span(x, t0 + k * shift, t1 + k * shift) for k, (t0, t1) in spans.items()])
 
     fields: dict[int, torch.Tensor] = {}
     if spans:
@@ -399,11 +399,11 @@ def _averaged(fixed: Frames, pooled: Frames, small: Frames, settings: TemporalSe
     for k in range(1, 2 * reach + 1):  # summed in one order: chunks add up alike
         total += weights[k]
     weights /= total
-    out = torch.zeros_like(_span(fixed, start - lo, stop - lo))  # [T3SS]
+    out = torch.zeros_like(_span(fixed, start, stop))  # [T3SS]
     for k, (t0, t1) in sorted({0: (start, stop), **spans}.items()):
         w = F.interpolate(weights[k + reach, t0 - start : t1 - start], size=(size, size), mode="bilinear",
                           align_corners=False)  # [T1SS]
-        out[t0 - start : t1 - start].addcmul_(w, _moved(_span(fixed, t0 + k - lo, t1 + k - lo), fields.get(k),
+        out[t0 - start : t1 - start].addcmul_(w, _moved(_span(fixed, t0 + k, t1 + k), fields.get(k),
                                                         match_size))
     return out
 
