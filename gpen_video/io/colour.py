@@ -218,6 +218,8 @@ def changed_window(a: np.ndarray, b: np.ndarray) -> tuple[tuple[int, int], np.nd
     A restored frame differs from its decoded picture only around its faces, so the rows are
     compared 8 bytes at a time and only the window is compared per pixel (per-pixel work over
     the whole picture cost 10 ms a frame at 720p)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(f"pictures differ in layout: {a.shape} {a.dtype} against {b.shape} {b.dtype}")
     rows_a, rows_b = a.reshape(len(a), -1), b.reshape(len(b), -1)
     if a.flags.c_contiguous and b.flags.c_contiguous and rows_a.shape[1] * a.itemsize % 8 == 0:
         rows_a, rows_b = rows_a.view(np.uint64), rows_b.view(np.uint64)
