@@ -184,9 +184,27 @@ def test_the_changed_window_splices_what_the_whole_picture_would(pix_fmt, width,
             assert np.array_equal(colour.plane_view(target, i), colour.plane_view(expected, i)), (trial, i)
 
 
-def test_a_rotated_video_keeps_every_sample_outside_its_edit(tmp_path):
+@pytest.mark.parametrize("rotation", [0, 90, 180, 270])
+def test_a_window_lies_in_the_stored_picture_where_its_pixels_do(rotation):
+    """``stored_window`` gives the window of the whole upright mask rotated into storage."""
+    rng = np.random.default_rng(rotation)
+    for _ in range(20):
+        height, width = (int(v) for v in rng.integers(1, 30, 2))
+        y0, x0 = int(rng.integers(0, height)), int(rng.integers(0, width))
+        mask = rng.random((int(rng.integers(1, height - y0 + 1)), int(rng.integers(1, width - x0 + 1)))) < 0.5
+        whole = np.zeros((height, width), bool)
+        whole[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]] = mask
+        stored = np.rot90(whole, k=-rotation // 90)
+        (top, left), window = colour.stored_window((y0, x0), mask, (height, width), rotation)
+        expected = np.zeros_like(stored)
+        expected[top : top + window.shape[0], left : left + window.shape[1]] = window
+        assert np.array_equal(expected, stored)
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_a_rotated_video_keeps_every_sample_outside_its_edit(tmp_path, rotation):
     """The window found in the upright picture is spliced where it lies in the stored one."""
-    src = make_clip(tmp_path / "in.mkv", frames=3, size=(96, 64), codec="ffv1", rotation=90, audio_tracks=0)
+    src = make_clip(tmp_path / "in.mkv", frames=3, size=(96, 64), codec="ffv1", rotation=rotation, audio_tracks=0)
     dst = tmp_path / "out.mkv"
     patch = (slice(10, 30), slice(20, 44))  # upright rows, columns
 
@@ -196,11 +214,11 @@ def test_a_rotated_video_keeps_every_sample_outside_its_edit(tmp_path):
         return replace(frame, rgb=rgb)
 
     reader, _ = _pass_through(src, dst, codec="ffv1", edit=edit)
-    assert reader.info.rotation == 90
+    assert reader.info.rotation == rotation
     for x, y in zip(read_frames(src), read_frames(dst), strict=True):
         upright = np.zeros((reader.info.height, reader.info.width), bool)
         upright[patch] = True
-        stored = np.rot90(upright, k=-1)
+        stored = np.rot90(upright, k=-rotation // 90)
         assert stored.shape == (x.height, x.width)
         luma_x, luma_y = _plane(x, 0), _plane(y, 0)
         assert np.array_equal(luma_x[~stored], luma_y[~stored])

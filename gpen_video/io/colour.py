@@ -237,6 +237,18 @@ def changed_window(a: np.ndarray, b: np.ndarray) -> tuple[tuple[int, int], np.nd
     return (y0, x0), mask
 
 
+def stored_window(origin: tuple[int, int], mask: np.ndarray, upright: tuple[int, int],
+                  rotation: int) -> tuple[tuple[int, int], np.ndarray]:
+    """A window of an upright picture of shape ``upright`` (H, W) (its top-left ``origin``
+    (y, x) and ``mask`` (h, w)) in the stored picture that a display rotation of ``rotation``
+    degrees counterclockwise shows upright: the stored window's top-left and mask."""
+    (y0, x0), (h, w), (height, width) = origin, mask.shape, upright
+    turns = (-rotation // 90) % 4  # the stored picture is np.rot90(upright, turns)
+    corner = {0: (y0, x0), 1: (width - x0 - w, y0), 2: (height - y0 - h, width - x0 - w),
+              3: (x0, height - y0 - h)}[turns]
+    return corner, np.rot90(mask, turns)
+
+
 def splice_planes(target: av.VideoFrame, source: av.VideoFrame, changed: np.ndarray,
                   origin: tuple[int, int] = (0, 0)) -> None:
     """Copy ``source``'s samples into ``target`` (same planar format and size) wherever a

@@ -400,10 +400,8 @@ class VideoWriter:
             return picture
         origin, changed = found
         converted = self.to_av_frame(frame.rgb)
-        if self.info.rotation:  # the window in the stored picture's orientation
-            whole = np.zeros(frame.rgb.shape[:2], bool)
-            whole[origin[0] : origin[0] + changed.shape[0], origin[1] : origin[1] + changed.shape[1]] = changed
-            origin, changed = (0, 0), np.rot90(whole, k=-self.info.rotation // 90)
+        if self.info.rotation:
+            origin, changed = colour.stored_window(origin, changed, frame.rgb.shape[:2], self.info.rotation)
         picture.make_writable()
         colour.splice_planes(picture, converted, changed, origin)
         return picture

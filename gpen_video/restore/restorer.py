@@ -37,7 +37,7 @@ from gpen_video.restore.precision import (
 log = logging.getLogger(__name__)
 
 
-def default_batch_size(device: torch.device, size: int = 512, dtype: torch.dtype = torch.float32) -> int:
+def default_batch_size(device: torch.device, size: int, dtype: torch.dtype) -> int:
     """CUDA: 16 until ``fit_batch_size``. CPU: 4 for crops up to 256 in bf16 (GPEN-BFR-256:
     1.17× the faces/s of batch 1 alone, 12 % less time end to end on 2 cores), else 1 (fp32
     gains nothing from batching; GPEN-BFR-512's activations are hundreds of MiB a face)."""
@@ -207,7 +207,7 @@ def build_restorer(
         name: the preset's name, for messages (``GPEN-BFR-512``).
         device: where it runs.
         precision: ``Config.precision``.
-        batch_size: faces per call; None: ``default_batch_size(device)``.
+        batch_size: faces per call; None: ``default_batch_size(device, size, dtype)``.
         cache_dir: ``Config.cache_dir``; precision verdicts are cached under it.
     """
     choice = choose_precision(
