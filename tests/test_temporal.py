@@ -28,6 +28,7 @@ from gpen_video.restore.temporal import (
     colour_fix,
     flicker,
     ghost_frames,
+    lowpass,
     mean_colour_error,
     motion_field,
     stabilise,
@@ -371,7 +372,33 @@ def test_the_motion_field_finds_where_a_block_went() -> None:
     field = motion_field(grey[1:2], grey[0:1], 4)  # frame 1's content is 2 px further right in frame 0
     inner = field[0, :, 1:-1, 1:-1]  # blocks away from the borders
     assert torch.allclose(inner[0], torch.full_like(inner[0], 2.0), atol=0.25) and inner[1].abs().max() <= 0.25
+    down = motion_field(grey[1:2].transpose(2, 3), grey[0:1].transpose(2, 3), 4)[0, :, 1:-1, 1:-1]  # moving down
+    assert torch.allclose(down[1], torch.full_like(down[1], 2.0), atol=0.25) and down[0].abs().max() <= 0.25
     assert torch.equal(motion_field(grey[:3], grey[:3], 4), torch.zeros(3, 2, 8, 8)), "an exact match stays at 0"
+
+
+def pyramid_passes(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """``lowpass`` as the image passes it stands for: 2×2 means down to about ``grid``², bilinear
+    doubling with a 3×3 mean at every coarse level, a plain bilinear step to full size."""
+    sizes, y = [tuple(x.shape[-2:])], x
+    while grid > 0 and min(y.shape[-2:]) >= 2 * grid:
+        y = torch.nn.functional.avg_pool2d(y, 2, ceil_mode=True)
+        sizes.append(tuple(y.shape[-2:]))
+    for i, size in enumerate(reversed(sizes[:-1])):
+        y = torch.nn.functional.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        if i < len(sizes) - 2:
+            y = torch.nn.functional.avg_pool2d(y, 3, stride=1, padding=1, count_include_pad=False)
+    return y
+
+
+@pytest.mark.parametrize(("shape", "grid"), [((2, 3, 256, 256), 16), ((1, 3, 255, 255), 16), ((1, 2, 37, 53), 4),
+                                             ((1, 1, 20, 20), 16), ((3, 3, 64, 64), 0)])
+def test_the_lowpass_matrices_are_the_pyramids_image_passes(shape: tuple[int, ...], grid: int) -> None:
+    """One matrix per axis gives what the passes give, odd and unequal sides included, and
+    each image's result does not depend on the others in the batch."""
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(lowpass(x, grid), pyramid_passes(x, grid), atol=1e-5)
+    assert torch.equal(lowpass(x[-1:], grid)[0], lowpass(x, grid)[-1])
 
 
 def test_motion_compensation_steadies_a_moving_face() -> None:

@@ -155,19 +155,41 @@ def lowpass(x: torch.Tensor, grid: int) -> torch.Tensor:
     ``grid``² and expanded back (bilinear doubling, a 3×3 mean at every coarse level, a plain
     bilinear step to full size); same shape as ``x``.
 
-    Every step is a per-pixel formula of a fixed neighbourhood, so each image's result does
-    not depend on the others in the batch.
+    Every step is separable and linear, so the whole pyramid is one matrix per axis, built once
+    per size (``_pyramid``): ``up_y · (down_y · x · down_xᵀ) · up_xᵀ``, four small matrix
+    products instead of a dozen image passes. Each image's result does not depend on the
+    others in the batch.
     """
-    sizes = [tuple(x.shape[-2:])]
-    y = x
-    while grid > 0 and min(y.shape[-2:]) >= 2 * grid:
-        y = F.avg_pool2d(y, 2, ceil_mode=True)
-        sizes.append(tuple(y.shape[-2:]))
-    for i, size in enumerate(reversed(sizes[:-1])):
-        y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-        if i < len(sizes) - 2:  # not at full size, where it would cost the most
-            y = F.avg_pool2d(y, 3, stride=1, padding=1, count_include_pad=False)
-    return y
+    height, width = x.shape[-2:]
+    levels, side = 0, min(height, width)
+    while grid > 0 and side >= 2 * grid:
+        levels, side = levels + 1, (side + 1) // 2
+    if levels == 0:
+        return x
+    down_y, up_y = (m.to(x.dtype) for m in _pyramid(height, levels, x.device))
+    down_x, up_x = (m.to(x.dtype) for m in _pyramid(width, levels, x.device))
+    coarse = torch.matmul(torch.matmul(down_y, x), down_x.T)  # [N,C,h,w]
+    return torch.matmul(torch.matmul(up_y, coarse), up_x.T)
+
+
+@functools.lru_cache(maxsize=16)
+def _pyramid(size: int, levels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lowpass`` along one axis of ``size`` samples as matrices: down [c,size] (``levels``
+    halvings, 2-sample means, a last odd sample alone) and up [size,c] (linear doubling, a
+    3-sample mean at every coarse level, a plain linear step to full size), found by passing
+    every unit impulse through the one-dimensional steps."""
+    y = torch.eye(size, device=device)[:, None, :]  # [size,1,size]
+    sizes = [size]
+    for _ in range(levels):
+        y = F.avg_pool1d(y, 2, ceil_mode=True)
+        sizes.append(y.shape[-1])
+    down = y[:, 0].T.contiguous()
+    y = torch.eye(sizes[-1], device=device)[:, None, :]
+    for i, n in enumerate(reversed(sizes[:-1])):
+        y = F.interpolate(y, size=n, mode="linear", align_corners=False)
+        if i < levels - 1:  # not at full size, where the 3-sample mean would blur detail
+            y = F.avg_pool1d(y, 3, stride=1, padding=1, count_include_pad=False)
+    return down, y[:, 0].T.contiguous()
 
 
 def colour_fix(restored: torch.Tensor, source: torch.Tensor, grid: int = 16) -> torch.Tensor:
@@ -290,13 +312,13 @@ def motion_field(a: torch.Tensor, b: torch.Tensor, search: int) -> torch.Tensor:
     block = max(1, m // MATCH_BLOCKS)
     blocks = m // block
     side = 2 * search + 1
+    n = blocks * block
     padded = F.pad(b, (search,) * 4, mode="replicate")[:, 0]  # [T,m+2s,m+2s]
-    candidates = padded.unfold(1, m, 1).unfold(2, m, 1)  # [T,y,x,m,m] views: b moved by (x, y) − search
-    within = slice(0, blocks * block)
-    diff = (candidates[..., within, within] - a[:, :, None, within, within]).abs_()  # [T,y,x,n,n]
+    candidates = padded.unfold(1, m, 1).unfold(2, m, 1)[..., :n, :n]  # [T,y,x,n,n] views: b moved by (x, y) − search
+    diff = (candidates.reshape(t, side * side, n, n) - a[:, :, :n, :n]).abs_()  # one contiguous pass
     offsets = torch.arange(-search, search + 1, device=a.device).abs()
     penalty = (SHIFT_COST * (offsets[:, None] + offsets[None, :])).to(a.dtype)  # [y,x]
-    cost = diff.view(t, side, side, blocks, block, blocks, block).mean((4, 6)) + penalty[:, :, None, None]
+    cost = F.avg_pool2d(diff, block).view(t, side, side, blocks, blocks) + penalty[:, :, None, None]
     best = cost.flatten(1, 2).argmin(1)  # [TBB]
     by, bx = best // side, best % side
 
@@ -400,9 +422,9 @@ def _averaged(fixed: Frames, pooled: Frames, small: Frames, settings: TemporalSe
         total += weights[k]
     weights /= total
     out = torch.zeros_like(_span(fixed, start, stop))  # [T3SS]
+    spread, _ = _grid_parts(weights.shape[-1], size, device)  # [g,S]: bilinear, as F.interpolate
     for k, (t0, t1) in sorted({0: (start, stop), **spans}.items()):
-        w = F.interpolate(weights[k + reach, t0 - start : t1 - start], size=(size, size), mode="bilinear",
-                          align_corners=False)  # [T1SS]
+        w = spread.T @ weights[k + reach, t0 - start : t1 - start] @ spread  # [T1SS]
         out[t0 - start : t1 - start].addcmul_(w, _moved(_span(fixed, t0 + k, t1 + k), fields.get(k),
                                                         match_size))
     return out
