@@ -32,6 +32,11 @@ Printed per set and restorer (face mask of the crop only):
   (Real-ESRGAN here; GPEN-BFR at S and 512 with random weights, whose speed does not depend
   on their values), all on CPU with ``--threads`` torch/ncnn threads;
 - the pose fade on the crowd's tracks: yaw spread, faded frames, tracks too short to restore.
+
+``--motion dis`` (or ``--match-size 128 --match-blocks 16 --motion-search 4``) computes the
+flicker table with another motion field in the same filter: OpenCV's dense DIS flow, or the
+block matcher on finer pictures. Neither is a stage (DIS runs on the host, the finer matcher
+costs about 13× more): they show how far a better motion field would take the filter.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import gpen_video.restore.temporal as temporal  # noqa: E402
 from gpen_video.faces.detect import create_detector  # noqa: E402
 from gpen_video.faces.pose import yaw_degrees  # noqa: E402
 from gpen_video.io.decode import VideoReader  # noqa: E402
@@ -187,6 +193,37 @@ def per_frame(restorer, source: torch.Tensor) -> torch.Tensor:
     return torch.cat([restorer(source[i : i + 1]) for i in range(len(source))])
 
 
+# ------------------------------------------------------------------ other motion estimators
+
+
+def dense_flow_field(a: torch.Tensor, b: torch.Tensor, search: int) -> torch.Tensor:
+    """``temporal.motion_field``'s contract with OpenCV's DIS optical flow (medium preset) in
+    place of block matching: [T,2,m,m], one displacement per pixel of the grey pictures
+    ``a``, ``b`` [T,1,m,m] (pixels of m, ``b(p + d) ≈ a(p)``), computed at 2m. ``search`` is
+    ignored: the flow finds its own range. On the host, frame pair by frame pair: not a stage,
+    a bound on what a better motion field would give the filter."""
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+
+    def grey(x: torch.Tensor) -> np.ndarray:
+        u8 = (x[0].clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        return cv2.resize(u8, None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+
+    side = a.shape[-1]
+    fields = [cv2.resize(dis.calc(grey(x), grey(y), None), (side, side), interpolation=cv2.INTER_AREA) / 2
+              for x, y in zip(a, b)]
+    return torch.from_numpy(np.stack(fields)).permute(0, 3, 1, 2).to(a.device)
+
+
+def use_motion(estimator: str, match_size: int, match_blocks: int) -> str:
+    """Point the stage's filter at another motion estimator for the flicker table (module
+    attributes, read at call time); returns a label. ``blocks``: the stage's own."""
+    temporal.MATCH_SIZE, temporal.MATCH_BLOCKS = match_size, match_blocks
+    if estimator == "dis":
+        temporal.motion_field = dense_flow_field
+        return f"OpenCV DIS dense flow at {2 * match_size}², on the host"
+    return f"block matching at {match_size}², {match_blocks}x{match_blocks} blocks"
+
+
 # ------------------------------------------------------------------ measures
 
 
@@ -271,6 +308,15 @@ def main() -> None:
     parser.add_argument("--motion-threshold", type=float, default=TemporalSettings.motion_threshold)
     parser.add_argument("--motion-search", type=int, default=TemporalSettings.motion_search,
                         help="for the flicker table (the cost lines show 0 and 2)")
+    parser.add_argument("--motion", choices=["blocks", "dis"], default="blocks",
+                        help="motion estimator for the flicker table: the stage's block matching, or OpenCV's "
+                             "DIS dense flow (a bound: what a better motion field would give); the cost lines "
+                             "always time the stage's")
+    parser.add_argument("--match-size", type=int, default=temporal.MATCH_SIZE,
+                        help="side of the pictures motion is matched on, for the flicker table "
+                             "(--motion-search counts its pixels)")
+    parser.add_argument("--match-blocks", type=int, default=temporal.MATCH_BLOCKS,
+                        help="blocks per side of the block matcher's field, for the flicker table")
     parser.add_argument("--against", metavar="REV", default=None,
                         help="also time the stage as it was at git revision REV (cost lines, interleaved)")
     parser.add_argument("--no-gpen", action="store_true", help="skip timing GPEN (slow on CPU at 512)")
@@ -285,6 +331,8 @@ def main() -> None:
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, S={size}, {settings}")
     tracks, landmarks, frames = crowd_tracks(args.video, size)
     lengths = {t: len(c) for t, c in tracks.items()}
+    stage_motion = (temporal.motion_field, temporal.MATCH_SIZE, temporal.MATCH_BLOCKS)
+    print(f"motion for the flicker table: {use_motion(args.motion, args.match_size, args.match_blocks)}")
     print(f"crowd: {args.video.name}: {frames} frames, {len(tracks)} tracks, lengths {sorted(lengths.values())}")
     still_src, still_clean, blink_at = still_face(size, args.still_frames)
     longest = sorted(tracks, key=lambda t: -lengths[t])[:2]
@@ -349,6 +397,7 @@ def main() -> None:
     print(f"(crowd*: the crowd where the source holds still between frames, {share:.0%} of the face mask's "
           f"weight; the colour, ghost and detail columns repeat the crowd row's)")
     print()
+    temporal.motion_field, temporal.MATCH_SIZE, temporal.MATCH_BLOCKS = stage_motion
     face_batch = tracks[longest[0]][:16]
     searches = {search: replace(settings, motion_search=search) for search in (0, 2)}
     stage = {search: time_per_face(streamed(s), face_batch) for search, s in searches.items()}
@@ -356,6 +405,19 @@ def main() -> None:
     print(f"cost per face, CPU, {args.threads} thread(s), streamed: stage at S={size} "
           + ", ".join(f"{t * 1e3:.1f} ms (motion_search {search})" for search, t in stage.items())
           + f"; Real-ESRGAN {gan * 1e3:.1f} ms")
+    if args.motion == "blocks" and (args.match_size, args.match_blocks) != stage_motion[1:]:
+        variants = {"stage": (stage_motion[1:], replace(settings, motion_search=TemporalSettings.motion_search)),
+                    "table": ((args.match_size, args.match_blocks), settings)}
+        best = dict.fromkeys(variants, float("inf"))
+        for _ in range(5):  # interleaved: the machine's drift hits both alike
+            for name, ((match_size, match_blocks), s) in variants.items():
+                temporal.MATCH_SIZE, temporal.MATCH_BLOCKS = match_size, match_blocks
+                best[name] = min(best[name], time_per_face(streamed(s), face_batch, repeat=1))
+        temporal.MATCH_SIZE, temporal.MATCH_BLOCKS = stage_motion[1:]
+        print(f"  the flicker table's block matcher ({args.match_size}², {args.match_blocks}x{args.match_blocks} "
+              f"blocks, motion_search {settings.motion_search}): {best['table'] * 1e3:.1f} ms against "
+              f"{best['stage'] * 1e3:.1f} ms for the stage's ({stage_motion[1]}², {stage_motion[2]}x{stage_motion[2]}, "
+              f"motion_search {TemporalSettings.motion_search}): {best['table'] / best['stage']:.2f}x")
     if args.against:
         from benchmarks.bench_model import module_at
 

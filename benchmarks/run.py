@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                      # 720p, 10 s, 0/1/4 faces, memory 10 s vs 60 s
     python benchmarks/run.py --seconds 4 --long-seconds 12 --faces 1   # a quicker look
+    python benchmarks/run.py --part pipeline --faces 1 --long-seconds 0 --repeat 5   # noisy machines
     python benchmarks/run.py --part segments --segment-options "--seconds 60 --repeat 2"
 
 Rows, each measured in a fresh process (so peak memory is per row) on generated clips
@@ -26,6 +27,11 @@ Rows, each measured in a fresh process (so peak memory is per row) on generated 
 6. temporal stabilisation (``benchmarks/bench_temporal.py``, run as a child; ``--temporal-options``
    passes its options): flicker (plain and flow-warped), ghosts, colour and cost on the real
    crowd clip and a damaged still face, through identity, fresh-noise and Real-ESRGAN restorers.
+
+``--repeat N`` runs every row of 1-4 N times, in rounds (io, model, pipeline rows, then again),
+and prints medians over the rounds: each round's ratio divides rows measured minutes apart, so
+on a machine whose speed drifts (a shared VM) one round can be off by 10 % either way; the
+rounds' ratios are printed too.
 
 Ratios: ``e2e / (model + io)`` (CPU target ≤ 1.25: every stage shares two cores, so the best
 an engine can do is hide everything but the sum) and efficiency = slowest stage alone ÷
@@ -157,6 +163,8 @@ def main() -> None:
     parser.add_argument("--crf", type=int, default=18)
     parser.add_argument("--preset", default="medium")
     parser.add_argument("--model-faces", type=int, default=None, help="faces timed in the model row")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of the pipeline table's rows, interleaved (figures: medians over the rounds)")
     parser.add_argument("--part", choices=["all", "pipeline", "segments", "temporal"], default="all")
     parser.add_argument("--segment-options", default="", help="options of benchmarks/bench_segments.py")
     parser.add_argument("--temporal-options", default="", help="options of benchmarks/bench_temporal.py")
@@ -185,55 +193,85 @@ def main() -> None:
                         *shlex.split(args.temporal_options)], check=True)
 
 
+def measured_rows(clips: dict[str, Path], args) -> list[tuple[str, str, dict, dict | None]]:
+    """One round of rows 1-4, each in a fresh process, back to back: (name, what, row, bare loop
+    of its clip or None)."""
+    # each pipeline row divides by the bare loop on its own clip: x264's cost depends on
+    # what the picture shows (the no-face clip costs it about 15 % more than the 1-face one)
+    io = {kind: run_child("io", clips[kind], args) for kind in dict.fromkeys(["1f", "0f", *(f"{n}f" for n in args.faces)])}
+    rows = [("io", "bare PyAV decode+encode, 1-face clip", io["1f"], None),
+            ("io x264", "the same, x264's default settings", run_child("io-x264", clips["1f"], args), None),
+            ("io 0f", "bare PyAV decode+encode, no-face clip", io["0f"], None),
+            *((f"io {n}f", f"bare PyAV decode+encode, {n}-face clip", io[f"{n}f"], None)
+              for n in args.faces if n != 1),
+            ("model", f"{args.model} alone", run_child("model", clips["1f"], args), None)]
+    rows.append(("nofaces", "pipeline, no faces", run_child("nofaces", clips["0f"], args), io["0f"]))
+    for faces in args.faces:
+        clip = f"{faces}f"
+        rows.append((f"e2e {clip}", f"pipeline, {faces} face(s)", run_child("e2e", clips[clip], args), io[clip]))
+        if faces == 1:
+            rows.append(("e2e 1f off", "pipeline, 1 face, --temporal off", run_child("e2e-off", clips[clip], args),
+                         io[clip]))
+    if "long" in clips:  # the 1-face clip's content, longer: its bare loop's rate
+        rows.append(("e2e long", f"pipeline, 1 face, {args.long_seconds:g} s", run_child("e2e", clips["long"], args),
+                     io["1f"]))
+    return rows
+
+
+def ratio(row: dict, bare: dict, per_face: float) -> tuple[float, float, float]:
+    """(model + io seconds, e2e / (model + io), efficiency) of a pipeline row."""
+    alone_io, alone_model = row.get("frames", 0) * bare["seconds"] / bare["frames"], row.get("faces", 0) * per_face
+    return alone_io + alone_model, row["seconds"] / (alone_io + alone_model), max(alone_io, alone_model) / row["seconds"]
+
+
 def pipeline_table(args, cuda: bool) -> None:
-    """Rows 1-4: one table of I/O, model and whole-pipeline time."""
+    """Rows 1-4: one table of I/O, model and whole-pipeline time; with ``--repeat N``, N rounds
+    of every row, interleaved, and each figure the median over the rounds."""
+    import statistics
+
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         clips = make_clips(Path(tmp), args)
-        # each pipeline row divides by the bare loop on its own clip: x264's cost depends on
-        # what the picture shows (the no-face clip costs it about 15 % more than the 1-face one)
-        io = {kind: run_child("io", clips[kind], args) for kind in dict.fromkeys(["1f", "0f", *(f"{n}f" for n in args.faces)])}
-        model = run_child("model", clips["1f"], args)
-        per_face = model["seconds"] / model["faces"]
-        rows = [("io", "bare PyAV decode+encode, 1-face clip", io["1f"], None),
-                ("io x264", "the same, x264's default settings", run_child("io-x264", clips["1f"], args), None),
-                ("io 0f", "bare PyAV decode+encode, no-face clip", io["0f"], None),
-                *((f"io {n}f", f"bare PyAV decode+encode, {n}-face clip", io[f"{n}f"], None)
-                  for n in args.faces if n != 1),
-                ("model", f"{args.model} alone", model, None)]
-        rows.append(("nofaces", "pipeline, no faces", run_child("nofaces", clips["0f"], args), io["0f"]))
-        for faces in args.faces:
-            clip = f"{faces}f"
-            rows.append((f"e2e {clip}", f"pipeline, {faces} face(s)", run_child("e2e", clips[clip], args), io[clip]))
-            if faces == 1:
-                rows.append(("e2e 1f off", "pipeline, 1 face, --temporal off", run_child("e2e-off", clips[clip], args),
-                             io[clip]))
-        if "long" in clips:  # the 1-face clip's content, longer: its bare loop's rate
-            rows.append(("e2e long", f"pipeline, 1 face, {args.long_seconds:g} s", run_child("e2e", clips["long"], args),
-                         io["1f"]))
+        rounds = [measured_rows(clips, args) for _ in range(args.repeat)]
+    models = [next(row for name, _, row, _ in rows if name == "model") for rows in rounds]
+    per_face = [m["seconds"] / m["faces"] for m in models]
+    precision = models[0]["precision"]
 
     gpu = torch.cuda.get_device_name() if cuda else "none"
     print(f"gpen-video benchmark, {date.today()}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, GPU: {gpu}; {args.model} {model['precision']}, {args.size}, "
+          f"{torch.get_num_threads()} threads, GPU: {gpu}; {args.model} {precision}, {args.size}, "
           f"{args.seconds:g} s at 25 fps")
+    if args.repeat > 1:
+        print(f"# {args.repeat} rounds, every row once per round, back to back; each figure is the median over "
+              f"the rounds, and e2e/(m+io) the median of each round's own ratio")
     print(f"{'row':<10} {'what':<36} {'frames':>6} {'faces':>6} {'s':>8} {'fps':>7} {'faces/s':>8} "
           f"{'model+io':>9} {'e2e/(m+io)':>10} {'effic.':>7} {'cores':>5} {'RSS MiB':>8} {'GPU MiB':>8}")
-    for name, what, row, bare in rows:
-        frames, faces, secs = row.get("frames", 0), row.get("faces", 0), row["seconds"]
+    per_round: dict[str, list[float]] = {}
+    for i, (name, what, row, bare) in enumerate(rounds[0]):
+        runs = [rows[i][2] for rows in rounds]
+        frames, faces, secs = row.get("frames", 0), row.get("faces", 0), statistics.median(r["seconds"] for r in runs)
         cells = [f"{name:<10}", f"{what:<36}", f"{frames:>6}", f"{faces:>6}", f"{secs:>8.1f}",
                  f"{frames / secs if frames else 0:>7.1f}", f"{faces / secs if faces else 0:>8.2f}"]
         if bare is not None:
-            alone_io, alone_model = frames * bare["seconds"] / bare["frames"], faces * per_face
-            cells += [f"{alone_io + alone_model:>9.1f}", f"{secs / (alone_io + alone_model):>10.2f}",
-                      f"{max(alone_io, alone_model) / secs:>7.2f}"]
+            figures = [ratio(rows[i][2], rows[i][3], pf) for rows, pf in zip(rounds, per_face)]
+            per_round[name] = [r for _, r, _ in figures]
+            cells += [f"{statistics.median(f[0] for f in figures):>9.1f}", f"{statistics.median(per_round[name]):>10.2f}",
+                      f"{statistics.median(f[2] for f in figures):>7.2f}"]
         else:
             cells += [f"{'':>9}", f"{'':>10}", f"{'':>7}"]
-        cells += [f"{row['cpu_s'] / secs:>5.2f}", f"{row['rss_mib']:>8.0f}", f"{row.get('cuda_mib', 0):>8.0f}"]
+        cores = statistics.median(r["cpu_s"] / r["seconds"] for r in runs)
+        cells += [f"{cores:>5.2f}", f"{max(r['rss_mib'] for r in runs):>8.0f}", f"{max(r.get('cuda_mib', 0) for r in runs):>8.0f}"]
         print(" ".join(cells))
         if row.get("stages"):
-            busy = ", ".join(f"{k} {v:.1f}" for k, v in sorted(row["stages"].items(), key=lambda kv: -kv[1]))
+            stages = {k: statistics.median(r["stages"].get(k, 0.0) for r in runs) for k in row["stages"]}
+            busy = ", ".join(f"{k} {v:.1f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1]))
             print(f"{'':<10} busy seconds by stage: {busy}")
+    if args.repeat > 1:
+        print("e2e/(m+io) of each round, in order:")
+        for name, values in per_round.items():
+            print(f"  {name:<10} " + " ".join(f"{v:.2f}" for v in values)
+                  + f"   median {statistics.median(values):.2f}, range {min(values):.2f}-{max(values):.2f}")
 
 
 if __name__ == "__main__":
