@@ -35,8 +35,9 @@ Printed per set and restorer (face mask of the crop only):
 
 ``--motion dis`` (or ``--match-size 128 --match-blocks 16 --motion-search 4``) computes the
 flicker table with another motion field in the same filter: OpenCV's dense DIS flow, or the
-block matcher on finer pictures. Neither is a stage (DIS runs on the host, the finer matcher
-costs about 13× more): they show how far a better motion field would take the filter.
+block matcher on finer pictures. Neither is a stage (DIS runs on the host; the finer matcher's
+cost, timed in a cost line against the stage's, is 1.5-2.4× the stage's on 128²): they show how
+far a better motion field would take the filter.
 """
 
 from __future__ import annotations
