@@ -11,7 +11,7 @@ import stat
 import subprocess
 import sys
 import textwrap
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -182,6 +182,47 @@ def test_the_changed_window_splices_what_the_whole_picture_would(pix_fmt, width,
         colour.splice_planes(target, source, mask, (top, left))
         for i in range(len(target.planes)):
             assert np.array_equal(colour.plane_view(target, i), colour.plane_view(expected, i)), (trial, i)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A ``colour.PictureLayout``: limited-range BT.709 YUV, upright."""
+
+    rgb_format: str
+    matrix: int = 1
+    full_range: bool = False
+    is_rgb: bool = False
+    rotation: int = 0
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv422p", "yuv444p", "yuv420p10le"])
+@pytest.mark.parametrize("width,height", [(64, 48), (50, 36), (37, 23), (40, 23)])
+def test_a_converted_window_splices_the_bytes_of_the_whole_converted_picture(pix_fmt, width, height):
+    """Converting only the changed window (widened to the chroma grid) and splicing it gives
+    the bytes that converting the whole picture and splicing it does; a picture of odd size
+    is converted whole."""
+    rng = np.random.default_rng(width * height + len(pix_fmt))
+    deep = "10" in pix_fmt
+    layout = _Layout("rgb48le" if deep else "rgb24")
+    for trial in range(10):
+        rgb = rng.integers(0, 1 << (16 if deep else 8), (height, width, 3)).astype(np.uint16 if deep else np.uint8)
+        y0, x0 = int(rng.integers(0, height)), int(rng.integers(0, width))
+        shape = int(rng.integers(1, height - y0 + 1)), int(rng.integers(1, width - x0 + 1))
+        changed = rng.random(shape) < 0.5
+        changed[0, 0] = True
+        expected, target = _random_picture(rng, pix_fmt, width, height), _random_picture(rng, pix_fmt, width, height)
+        for i in range(len(target.planes)):
+            colour.plane_view(expected, i)[...] = colour.plane_view(target, i)
+        colour.splice_planes(expected, colour.stored_to_frame(rgb, layout, pix_fmt), changed, (y0, x0))
+        window, at = colour.converted_window(rgb, (y0, x0), shape, layout, pix_fmt)
+        colour.splice_planes(target, window, changed, (y0, x0), at)
+        for i in range(len(target.planes)):
+            assert np.array_equal(colour.plane_view(target, i), colour.plane_view(expected, i)), (trial, i)
+        if width % 2 or height % 2:
+            assert (at, window.height, window.width) == ((0, 0), height, width)
+        else:  # the window on even rows and columns, not the picture
+            y1, x1 = y0 + shape[0], x0 + shape[1]
+            assert (at, window.height, window.width) == ((y0 - y0 % 2, x0 - x0 % 2), y1 + y1 % 2 - at[0], x1 + x1 % 2 - at[1])
 
 
 @pytest.mark.parametrize("rotation", [0, 90, 180, 270])

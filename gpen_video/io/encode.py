@@ -254,6 +254,7 @@ class VideoWriter:
         except av.FFmpegError as exc:
             raise write_error(out_path, exc) from None
         self._reformatter = VideoReformatter()
+        self._window_reformatter = VideoReformatter()  # its windows change size: another swscale context
         if not self.copy_streams:
             self._add_video(None)
             return
@@ -399,11 +400,14 @@ class VideoWriter:
         if found is None:
             return picture
         origin, changed = found
-        converted = self.to_av_frame(frame.rgb)
+        stored = frame.rgb
         if self.info.rotation:
             origin, changed = colour.stored_window(origin, changed, frame.rgb.shape[:2], self.info.rotation)
+            stored = np.rot90(stored, k=-self.info.rotation // 90)
+        converted, converted_at = colour.converted_window(stored, origin, changed.shape, self.info, self.pix_fmt,
+                                                          self._window_reformatter)
         picture.make_writable()
-        colour.splice_planes(picture, converted, changed, origin)
+        colour.splice_planes(picture, converted, changed, origin, converted_at)
         return picture
 
     # --- finishing ---

@@ -111,18 +111,23 @@ def paste_faces(
             dsize = (x1 - x0, y1 - y0)
             face = cv2.warpAffine(
                 crop, into, dsize, flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
-            )
+            ).astype(np.float32)
             mk = cv2.warpAffine(
                 mask, into, dsize, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT
             )
-            w = np.clip(mk, 0.0, 1.0) * np.float32(strength)  # [hw]
+            w = np.clip(mk, 0.0, 1.0, out=mk)
+            w *= np.float32(strength)  # [hw]
             at = (slice(y0 - gy0, y1 - gy0), slice(x0 - gx0, x1 - gx0))
-            weighted[at] += w[..., None] * face.astype(np.float32)
+            face *= w[..., None]
+            weighted[at] += face
             weight[at] += w
-        total = weight[..., None]
-        blended = weighted / np.maximum(total, 1.0) + (1.0 - np.minimum(total, 1.0)) * orig
-        blended = np.clip(np.rint(blended), 0.0, top).astype(rgb.dtype)
-        out[gy0:gy1, gx0:gx1] = np.where(total > 0, blended, rgb[gy0:gy1, gx0:gx1])
+        # in place, each step one pass over the region: where no mask reaches (weight 0) this
+        # gives ``orig`` exactly, so those pixels keep the frame's values
+        weighted /= np.maximum(weight, 1.0)[..., None]
+        orig *= (1.0 - np.minimum(weight, 1.0))[..., None]
+        weighted += orig
+        np.clip(np.rint(weighted, out=weighted), 0.0, top, out=weighted)
+        out[gy0:gy1, gx0:gx1] = weighted.astype(rgb.dtype)
     return out
 
 
