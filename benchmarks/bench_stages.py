@@ -41,7 +41,7 @@ STAGES = (("detect", "frame"), ("crop", "face"), ("stabilise", "face"), ("paste"
 
 
 class _Unfinished(Exception):
-    pass
+    """Leaves a ``VideoWriter`` without finishing its file (it then removes what it wrote)."""
 
 
 def measure(clip: Path, preset: str) -> dict[str, float]:
