@@ -187,9 +187,13 @@ def to_frame(rgb: np.ndarray, layout: PictureLayout, pix_fmt: str,
              reformatter: VideoReformatter | None = None) -> av.VideoFrame:
     """Upright RGB (H, W, 3) -> stored-orientation picture in ``pix_fmt``, with ``layout``'s
     matrix and range (the inverse of ``to_rgb``)."""
-    if layout.rotation:
-        rgb = np.rot90(rgb, k=-layout.rotation // 90)
-    return stored_to_frame(rgb, layout, pix_fmt, reformatter)
+    return stored_to_frame(stored_view(rgb, layout.rotation), layout, pix_fmt, reformatter)
+
+
+def stored_view(rgb: np.ndarray, rotation: int) -> np.ndarray:
+    """Upright RGB (H, W, 3) as the stored picture holds it, which a display rotation of
+    ``rotation`` degrees counterclockwise shows upright (a view, not a copy)."""
+    return np.rot90(rgb, k=-rotation // 90) if rotation else rgb
 
 
 def stored_to_frame(rgb: np.ndarray, layout: PictureLayout, pix_fmt: str,

@@ -400,11 +400,10 @@ class VideoWriter:
         if found is None:
             return picture
         origin, changed = found
-        stored = frame.rgb
         if self.info.rotation:
             origin, changed = colour.stored_window(origin, changed, frame.rgb.shape[:2], self.info.rotation)
-            stored = np.rot90(stored, k=-self.info.rotation // 90)
-        converted, converted_at = colour.converted_window(stored, origin, changed.shape, self.info, self.pix_fmt,
+        converted, converted_at = colour.converted_window(colour.stored_view(frame.rgb, self.info.rotation), origin,
+                                                          changed.shape, self.info, self.pix_fmt,
                                                           self._window_reformatter)
         picture.make_writable()
         colour.splice_planes(picture, converted, changed, origin, converted_at)
