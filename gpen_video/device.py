@@ -1,8 +1,10 @@
-"""Which compute device and precision a job runs on, and how much memory the device has free."""
+"""Which compute device and precision a job runs on, how much memory the device has free, and
+how many CPU threads a stage's thread may use."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -150,3 +152,47 @@ def keep_freed_heap() -> bool:
     # (threads that have already allocated keep theirs).
     return all(mallopt(option, value) for option, value in
                ((m_mmap_max, 0), (m_trim_threshold, 2**30), (m_arena_max, 1)))
+
+
+def limit_cpu_threads(count: int) -> bool:
+    """Run the calling thread's torch CPU operations on at most ``count`` threads; every other
+    thread keeps its own count.
+
+    torch's CPU thread pool is OpenMP's, whose thread count belongs to the calling thread, but
+    ``torch.set_num_threads`` also sets the process default (which threads that have not yet run
+    an operation take up, the restorer's among them) and drops oneDNN's cached kernels, so it
+    cannot limit one thread. The stages beside the restorer (decode, detection, crops, the
+    stabiliser, paste-back) run small tensor operations, where a second thread gains little
+    and its wake-ups and spinning take CPU time from GPEN and the encoder: the stabiliser took
+    21.8 CPU ms a face on two threads against 15.8 on one. Returns False where torch has no
+    OpenMP or its ``omp_set_num_threads`` cannot be found (nothing changed).
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    setter = _omp_set_num_threads()
+    if setter is None:
+        return False
+    torch.get_num_threads()  # a thread's first use sets its count from the process default: before ours
+    setter(count)
+    return True
+
+
+def light_stage_threads() -> int:
+    """torch CPU threads for a stage that runs no network: one for every eight of torch's
+    threads, at least one (``limit_cpu_threads`` says why so few)."""
+    return max(1, torch.get_num_threads() // 8)
+
+
+@functools.cache
+def _omp_set_num_threads() -> Callable[[int], None] | None:
+    """The OpenMP runtime's ``omp_set_num_threads`` that torch loaded, or None."""
+    import ctypes
+
+    if not torch.backends.openmp.is_available():
+        return None
+    try:
+        setter = ctypes.CDLL(None).omp_set_num_threads
+    except (OSError, AttributeError):
+        return None
+    setter.argtypes, setter.restype = [ctypes.c_int], None
+    return setter

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from gpen_video.device import light_stage_threads, limit_cpu_threads
+
 T = TypeVar("T")
 U = TypeVar("U")
 
@@ -82,13 +84,17 @@ class Stages:
         if self.timer is not None:
             self.timer.add(name, seconds)
 
-    def prefetch(self, items: Iterable[T], depth: int, *, name: str, timed: bool = False) -> Iterator[T]:
+    def prefetch(self, items: Iterable[T], depth: int, *, name: str, timed: bool = False,
+                 network: bool = False) -> Iterator[T]:
         """Iterate ``items`` in a background thread, at most ``depth`` items ahead of the consumer.
 
         Raising ``depth`` hides more jitter between stages at the cost of memory (each item may
         hold a frame). ``timed`` adds the time spent in ``next(items)`` to the timer: use it
         only for a source stage (one that does not itself wait on another queue), and
-        ``map`` elsewhere.
+        ``map`` elsewhere. ``network``: the stage runs a network (the restorer, the upscaler,
+        the face parser) and keeps torch's CPU thread count; any other stage's torch CPU
+        operations use ``device.light_stage_threads()`` threads (one for every eight, at least one):
+        small operations gain little from more and take CPU time from the network's.
         """
         q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         stopped = self.stopped
@@ -103,6 +109,8 @@ class Stages:
             return False
 
         def run() -> None:
+            if not network:
+                limit_cpu_threads(light_stage_threads())
             iterator = iter(items)
             try:
                 while not stopped.is_set():
@@ -143,9 +151,11 @@ class Stages:
 
         return consume()
 
-    def map(self, fn: Callable[[T], U], items: Iterable[T], *, name: str, depth: int) -> Iterator[U]:
-        """``fn`` over ``items`` in its own thread, timed under ``name``, ``depth`` results ahead."""
-        return self.prefetch(self.timed_map(fn, items, name=name), depth, name=name)
+    def map(self, fn: Callable[[T], U], items: Iterable[T], *, name: str, depth: int,
+            network: bool = False) -> Iterator[U]:
+        """``fn`` over ``items`` in its own thread, timed under ``name``, ``depth`` results ahead
+        (``network`` as for ``prefetch``)."""
+        return self.prefetch(self.timed_map(fn, items, name=name), depth, name=name, network=network)
 
     def timed_map(self, fn: Callable[[T], U], items: Iterable[T], *, name: str) -> Iterator[U]:
         """``map`` in the caller's thread that adds the time spent in ``fn`` to the timer."""

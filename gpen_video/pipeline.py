@@ -299,15 +299,17 @@ class FramePipeline:
             framed: Iterable[tuple[PlannedFrame, Frame]] = ((p, p.frame) for p in planned)
         else:
             framed = stages.prefetch(self.upscale.run(planned, _frame_of, stages, group_of,
-                                                      on_device=self.upscale_on_device), STAGE_DEPTH, name="upscale")
+                                                      on_device=self.upscale_on_device),
+                                    STAGE_DEPTH, name="upscale", network=True)
         cropped = stages.map(self._crop, framed, name="crop", depth=STAGE_DEPTH)
         # the restorer in a thread of its own: it is the slowest stage on a CPU, and the
         # stabiliser's and the paste's work would otherwise stall it (a 720p one-face job took
         # 11 % longer)
         batches = stages.prefetch(self._restore_in_batches(cropped, stages, group_of),
-                                  self._restored_depth(self.restorer.batch_size), name="restore")
+                                  self._restored_depth(self.restorer.batch_size), name="restore", network=True)
         restored = self._stabilise(batches, stages)
-        return stages.map(self._paste, _kept(restored, keep, counts), name="paste", depth=STAGE_DEPTH)
+        return stages.map(self._paste, _kept(restored, keep, counts), name="paste", depth=STAGE_DEPTH,
+                          network=self.masker is not None)
 
     @cached_property
     def weights_hash(self) -> str:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from gpen_video.device import limit_cpu_threads
 from gpen_video.engine import Stages, StageTimer
 from gpen_video.restore.restorer import Restorer
 
@@ -27,6 +28,55 @@ def test_stages_keep_order_and_run_concurrently():
     # two stages of 0.3 s each overlap: well under their 0.6 s sum
     assert time.perf_counter() - start < 0.55
     assert alive() == []
+
+
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch built without OpenMP")
+def test_light_stages_run_torch_on_few_threads_and_network_stages_keep_every_thread():
+    def seen():
+        x = torch.rand(256, 256)
+        yield torch.get_num_threads(), float((x @ x).sum())  # an operation on the stage's own threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(16)  # the process default every new thread starts from
+    try:
+        with Stages() as stages:
+            (light, _), = stages.map(lambda item: item, stages.prefetch(seen(), 1, name="decode"), name="crop", depth=1)
+            (network, _), = stages.prefetch(seen(), 1, name="restore", network=True)
+            (parse, _), = stages.map(lambda item: item, seen(), name="paste", depth=1, network=True)
+        assert (light, network, parse) == (2, 16, 16)  # light_stage_threads(): one for every eight
+        assert torch.get_num_threads() == 16  # the consumer's, and the process default, untouched
+        late = []
+        thread = threading.Thread(target=lambda: late.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert late == [16]
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch built without OpenMP")
+def test_limit_cpu_threads_limits_the_calling_thread_only():
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        seen = {}
+
+        def limited():
+            seen["limited"] = limit_cpu_threads(1)
+            x = torch.rand(512, 512)
+            seen["sum"] = float((x @ x).sum())
+            seen["in thread"] = torch.get_num_threads()
+
+        for target in (limited, lambda: seen.setdefault("after", torch.get_num_threads())):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join()
+        assert seen["limited"] and seen["in thread"] == 1
+        assert seen["after"] == 3 and torch.get_num_threads() == 3
+        with pytest.raises(ValueError, match="count must be >= 1"):
+            limit_cpu_threads(0)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_producer_error_reaches_the_consumer_and_stops_the_others():

