@@ -91,10 +91,11 @@ class Stages:
         Raising ``depth`` hides more jitter between stages at the cost of memory (each item may
         hold a frame). ``timed`` adds the time spent in ``next(items)`` to the timer: use it
         only for a source stage (one that does not itself wait on another queue), and
-        ``map`` elsewhere. ``network``: the stage runs a network (the restorer, the upscaler,
-        the face parser) and keeps torch's CPU thread count; any other stage's torch CPU
-        operations use ``device.light_stage_threads()`` threads (one for every eight, at least one):
-        small operations gain little from more and take CPU time from the network's.
+        ``map`` elsewhere. ``network``: the stage runs a torch network (the restorer, the
+        upscaler, the face parser, a torch detector) and keeps torch's CPU thread count; any
+        other stage's torch CPU operations use ``device.light_stage_threads()`` threads (one for
+        every eight, at least one): small operations gain little from more and take CPU time
+        from the network's.
         """
         q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         stopped = self.stopped

@@ -42,7 +42,7 @@ from typing import Protocol
 import numpy as np
 
 from gpen_video.engine import Stages
-from gpen_video.faces.detect import FaceDetector
+from gpen_video.faces.detect import FaceDetector, runs_torch_network
 from gpen_video.faces.fade import TrackFader
 from gpen_video.faces.pose import fade_reach
 from gpen_video.faces.follow import FollowingDetector, to_frame_pixels
@@ -366,7 +366,8 @@ class Plan(Iterator[PlannedFrame]):
         cuts = SceneCutDetector()
         try:
             observed = self._planner.observe(frames, segment_of=self._segment_of, stages=self._stages)
-            detected = self._stages.prefetch(observed, 2 * detect_batch, name="detect")
+            detected = self._stages.prefetch(observed, 2 * detect_batch, name="detect",
+                                             network=runs_torch_network(self._planner.detector))
             for n, seen in enumerate(itertools.chain(replay, detected)):
                 start = time.perf_counter()
                 frame = seen.frame

@@ -18,7 +18,10 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 
+from gpen_video.faces import retinaface
+from gpen_video.faces.detect import RetinaFaceDetector, TorchRetinaFace, create_detector, runs_torch_network
 from gpen_video.faces.scenes import SceneCutDetector, cut_signature
 from gpen_video.faces.smooth import smooth_tracks
 from gpen_video.faces.track import Tracker
@@ -450,3 +453,31 @@ def test_a_face_free_job_imports_no_scipy_nor_torchvision() -> None:
                "print(sorted({m.split('.')[0] for m in sys.modules} & {'scipy', 'torchvision'}))")
     run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, check=True)
     assert run.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(not torch.backends.openmp.is_available(), reason="torch built without OpenMP")
+def test_a_torch_detector_keeps_every_torch_thread_in_the_detect_thread():
+    class Counting(torch.nn.Module):
+        """The real network, noting the torch CPU threads of the thread that calls it."""
+
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net, self.threads = net, []
+
+        def forward(self, x: torch.Tensor):
+            self.threads.append(torch.get_num_threads())
+            return self.net(x)
+
+    counting = Counting(retinaface.load_mobile_from_onnx())
+    detector = RetinaFaceDetector(TorchRetinaFace(counting), detect_size=64)
+    frames = (Frame(i, 1000 + 2 * i, TIME_BASE, np.full((64, 64, 3), 90, np.uint8)) for i in range(4))
+    before = torch.get_num_threads()
+    torch.set_num_threads(16)  # the count a network keeps; the other stages get one for every eight
+    try:
+        planned, _ = run(Planner(detector, min_face=0), frames)
+    finally:
+        torch.set_num_threads(before)
+    assert len(planned) == 4 and counting.threads and set(counting.threads) == {16}
+    assert runs_torch_network(detector)
+    assert not runs_torch_network(create_detector("retinaface-mobile", engine="onnxruntime"))
+    assert not runs_torch_network(ScriptedDetector(lambda i: Detections.empty()))

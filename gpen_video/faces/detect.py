@@ -49,6 +49,12 @@ class FaceDetector(Protocol):
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]: ...
 
 
+def runs_torch_network(detector: FaceDetector) -> bool:
+    """Whether ``detector`` runs its network in torch (its thread then keeps torch's CPU threads,
+    ``engine.Stages.prefetch``); onnxruntime has threads of its own."""
+    return isinstance(detector, RetinaFaceDetector) and isinstance(detector.backend, TorchRetinaFace)
+
+
 def largest_first(det: Detections) -> Detections:
     """The same detections ordered by box area, largest first (ties keep the score order)."""
     areas = (det.boxes[:, 2] - det.boxes[:, 0]) * (det.boxes[:, 3] - det.boxes[:, 1])
