@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from gpen_video.faces.detect import create_detector
 from gpen_video.pipeline import STAGE_DEPTH
 from gpen_video.records import Frame
 from gpen_video.restore.restorer import Restorer
@@ -23,8 +24,18 @@ from gpen_video.warp.torch_warp import DevicePicture, TorchWarp
 from samples.make_demo import render_clip
 from tests.clips import make_clip
 from tests.devices import DEVICES
-from tests.test_upscale_pipeline import Brighter, detector, face_clip, pipeline_for  # noqa: F401 - fixtures
+from tests.test_upscale_pipeline import Brighter, one_face_clip, pipeline_for
 from tests.test_warp import face_at, frame_u8, similarity, widen
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return create_detector("retinaface-mobile", detect_size=320)
+
+
+@pytest.fixture(scope="module")
+def face_clip(tmp_path_factory) -> Path:
+    return one_face_clip(tmp_path_factory.mktemp("faces"))
 
 
 def small_frames(dtype: type, count: int = 3) -> list[Frame]:

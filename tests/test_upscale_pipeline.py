@@ -173,12 +173,16 @@ def test_cli_upscale_keeps_frames_pts_audio_and_tags(vfr_clip, gpen256_file, tmp
     assert luma_difference(got, lanczos).mean() < 1.5  # no face here: the frame is the Lanczos upscale
 
 
-@pytest.fixture(scope="module")
-def face_clip(tmp_path_factory) -> Path:
+def one_face_clip(folder: Path) -> Path:
     """1.4 s, 35 frames, one face, AAC audio: two segments (16 and 19 frames) of 0.64 s."""
-    path = tmp_path_factory.mktemp("faces") / "tape.mp4"
+    path = folder / "tape.mp4"
     render_clip(path, seconds=1.4, size=(320, 180), faces=1)
     return path
+
+
+@pytest.fixture(scope="module")
+def face_clip(tmp_path_factory) -> Path:
+    return one_face_clip(tmp_path_factory.mktemp("faces"))
 
 
 @pytest.mark.parametrize("warp", ["opencv", "torch"])

@@ -163,10 +163,10 @@ def test_ended_jobs_and_stale_uploads_expire(tmp_path: Path) -> None:
         (served / job.id).mkdir(parents=True)
         (served / job.id / job.output.name).write_bytes(b"result")
     stale, young = served / "0f3a-upload", served / "9c2e-upload"
-    for upload, age in ((stale, 8), (young, 0)):
-        upload.mkdir()
-        (upload / "clip.mp4").write_bytes(b"upload")
-        os.utime(upload, (now - age * day, now - age * day))
+    for folder, age in ((stale, 8), (young, 0)):
+        folder.mkdir()
+        (folder / "clip.mp4").write_bytes(b"upload")
+        os.utime(folder, (now - age * day, now - age * day))
 
     JobRunner(store, pipelines=None, served=served, keep_seconds=7 * day).expire()
 

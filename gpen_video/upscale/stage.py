@@ -20,6 +20,8 @@ larger frame: a 100 px face comes out as a 200 px face at 2×, with GPEN's detai
   (``restore.precision.choose_precision``); its tiles bound its memory.
 
 Example:
+    >>> from fractions import Fraction
+    >>> from gpen_video.upscale.upscaler import LanczosUpscaler
     >>> stage = UpscaleStage(LanczosUpscaler(2), name="lanczos")
     >>> stage.enlarge([Frame(0, 0, Fraction(1, 25), np.zeros((9, 16, 3), np.uint8))])[0].rgb.shape
     (18, 32, 3)
@@ -30,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from fractions import Fraction
 from typing import TypeVar
 
 import numpy as np
@@ -42,7 +43,7 @@ from gpen_video.engine import Stages
 from gpen_video.io.decode import VideoInfo
 from gpen_video.records import Frame, TrackedFace
 from gpen_video.restore.precision import check_faces, choose_precision
-from gpen_video.upscale.upscaler import LanczosUpscaler, NetworkUpscaler, UpscaleConfig, Upscaler, create_upscaler
+from gpen_video.upscale.upscaler import NetworkUpscaler, UpscaleConfig, Upscaler, create_upscaler
 from gpen_video.warp.torch_warp import DevicePicture, held_dtype
 
 T = TypeVar("T")
