@@ -2,6 +2,7 @@
 
     python benchmarks/bench_threads.py                 # the 720p one-face clip of run.py, 10 s
     python benchmarks/bench_threads.py --clip CLIP.mp4 --temporal off
+    python benchmarks/bench_threads.py --per-second    # also the cores busy in each second
 
 Runs one restore in this process (GPEN with random weights in the preset's architecture, at
 the pipeline's batch size and precision, as ``run.py``'s rows) and samples every thread's CPU
@@ -40,10 +41,12 @@ def thread_cpu(tid: int) -> float | None:
 
 
 class ThreadSampler:
-    """Samples every thread's CPU seconds until stopped; ``totals`` by thread label."""
+    """Samples every thread's CPU seconds until stopped; ``totals`` by thread label, and
+    ``per_second`` the cores the whole process kept busy."""
 
     def __init__(self, period: float = 0.05) -> None:
         self.period = period
+        self._ticks: list[tuple[float, float]] = []  # (wall clock, process CPU seconds)
         self._base = {int(tid): thread_cpu(int(tid)) or 0.0 for tid in os.listdir("/proc/self/task")}
         self._last: dict[int, float] = {}
         self._labels: dict[int, str] = {}
@@ -60,6 +63,7 @@ class ThreadSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._ticks.append((time.perf_counter(), time.process_time()))
             named = {t.native_id: t.name for t in threading.enumerate() if t.native_id}
             for entry in os.listdir("/proc/self/task"):
                 tid = int(entry)
@@ -77,6 +81,19 @@ class ThreadSampler:
                         pass
             self._stop.wait(self.period)
 
+    def per_second(self) -> list[float]:
+        """Cores busy in each whole second since the sampler started: the process's CPU time
+        (the sampler's own included, about 1 ms a tick), so threads that exited still count."""
+        if len(self._ticks) < 2:
+            return []
+        start = self._ticks[0][0]
+        out = []
+        for second in range(int(self._ticks[-1][0] - start)):
+            inside = [(t, c) for t, c in self._ticks if second <= t - start <= second + 1]
+            if len(inside) >= 2:
+                out.append((inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]))
+        return out
+
     def totals(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for tid, cpu in self._last.items():
@@ -92,6 +109,7 @@ def main() -> None:
     parser.add_argument("--model", default="GPEN-BFR-256")
     parser.add_argument("--temporal", choices=["on", "off"], default="on")
     parser.add_argument("--min-seconds", type=float, default=0.2, help="threads with less CPU are summed as 'the rest'")
+    parser.add_argument("--per-second", action="store_true", help="also print the cores busy in each second of the job")
     args = parser.parse_args()
 
     from benchmarks.run import _restorer
@@ -122,6 +140,11 @@ def main() -> None:
         else:
             rest += seconds
     print(f"  {'the rest':<32} {rest:6.1f} CPU s  {rest / cpu:6.1%}")
+    if args.per_second:
+        cores = sampler.per_second()
+        print("cores busy in each second of the job:")
+        for first in range(0, len(cores), 15):
+            print(f"  {first:3d} s: " + " ".join(f"{c:4.2f}" for c in cores[first:first + 15]))
 
 
 if __name__ == "__main__":
