@@ -299,7 +299,11 @@ def test_opencv_paste_matches_whole_frame_reference(astronaut_scene: tuple) -> N
     m = 0.7 * support(affine, size, (h, w))[..., None]
     expected = np.clip(np.rint(m * warped + (1 - m) * rgb8), 0, 255)
     got = warp.paste(crops, to_tensor(restored[None]), strength=0.7).rgb
-    assert np.abs(got.astype(int) - expected).max() <= 1
+    off = np.abs(got.astype(int) - expected)
+    touched = m[..., 0] > 0
+    # 1/32-px sample positions and the blend's float rounding flip a rounding now and then
+    assert off.max() <= 1 and off[touched].mean() < 0.01, (off.max(), off[touched].mean())
+    np.testing.assert_array_equal(got[~touched], rgb8[~touched])
 
 
 # ---------------------------------------------------------------------------- overlapping faces
@@ -397,6 +401,25 @@ def test_nothing_is_mutated(astronaut_scene: tuple, kind: str) -> None:
     np.testing.assert_array_equal(frame.rgb, copies[0])
     assert torch.equal(crops.pixels, copies[1]) and torch.equal(restored, copies[2])
     np.testing.assert_array_equal(masks, copies[3])
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_one_face_blend_is_the_overlap_blend(astronaut_scene: tuple, dtype: type) -> None:
+    """A face alone is blended by its own code path; joined by an overlapping face whose mask is
+    zero (so the weighted average has the same terms), the overlap path gives the same bytes."""
+    rgb8, lm = astronaut_scene
+    frame = widen(rgb8, dtype)
+    size, rng = 128, np.random.default_rng(3)
+    affines = OpenCVWarp(size).crop(as_frame(frame), [tracked(lm), tracked(lm + 25)]).affines
+    top = np.iinfo(dtype).max
+    restored = rng.integers(0, top + 1, (2, size, size, 3)).astype(dtype)
+    mask = np.clip(rng.uniform(-0.2, 1.2, (size, size)), 0, 1).astype(np.float32)
+    for strength in (1.0, 0.7):
+        alone = paste_faces(frame, affines[:1], restored[:1], smooth=[False], strength=strength, masks=mask[None])
+        joined = paste_faces(frame, affines, restored, smooth=[False, False], strength=strength,
+                             masks=np.stack([mask, np.zeros_like(mask)]))
+        np.testing.assert_array_equal(alone, joined)
+        assert np.abs(alone.astype(np.int64) - frame).max() > top // 4  # the face was pasted
 
 
 def test_opencv_paste_reads_only_face_regions(monkeypatch: pytest.MonkeyPatch) -> None:
