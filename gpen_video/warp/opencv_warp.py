@@ -120,7 +120,7 @@ def paste_faces(
     for (gx0, gy0, gx1, gy1), members in overlap_groups(regions):
         if len(members) == 1:
             # one face alone (W = w ≤ 1): w·f + (1 − w)·orig, the same float32 products, sum and
-            # rounding as below, in OpenCV's vectorised passes (about 20× numpy's here)
+            # rounding as below, in OpenCV's vectorised passes (a 358² region: 0.3 ms against 2.5)
             face, w = warped(members[0])
             w3 = cv2.merge([w, w, w])
             out[gy0:gy1, gx0:gx1] = cv2.add(
