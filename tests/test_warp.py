@@ -8,7 +8,7 @@ import pytest
 import torch
 from skimage import data
 
-from gpen_video.faces.align import source_region, template
+from gpen_video.faces.align import overlap_groups, paste_region, source_region, template
 from gpen_video.records import Frame, TrackedFace
 from gpen_video.restore.model import build_model
 from gpen_video.restore.restorer import Restorer
@@ -411,6 +411,8 @@ def test_one_face_blend_is_the_overlap_blend(astronaut_scene: tuple, dtype: type
     frame = widen(rgb8, dtype)
     size, rng = 128, np.random.default_rng(3)
     affines = OpenCVWarp(size).crop(as_frame(frame), [tracked(lm), tracked(lm + 25)]).affines
+    regions = [paste_region(a, size, *frame.shape[:2]) for a in affines]
+    assert [members for _, members in overlap_groups(regions)] == [[0, 1]]  # one group: the overlap path
     top = np.iinfo(dtype).max
     restored = rng.integers(0, top + 1, (2, size, size, 3)).astype(dtype)
     mask = np.clip(rng.uniform(-0.2, 1.2, (size, size)), 0, 1).astype(np.float32)
