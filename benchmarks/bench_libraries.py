@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 RUN = Path(__file__).with_name("run.py")
 HZ = 250
+ROWS = ("e2e", "model", "io")
 
 
 def profiled(row: list[str], data: Path) -> dict:
@@ -86,11 +87,11 @@ def main() -> None:
             e2e = profiled(["--measure", "e2e" if args.temporal == "on" else "e2e-off", *common], folder / "e2e.data")
             model = profiled(["--measure", "model", "--model-faces", str(e2e["faces"]), *common], folder / "model.data")
             io = profiled(["--measure", "io", *common], folder / "io.data")
-            for name, row in (("e2e", e2e), ("model", model), ("io", io)):
+            for name, row in zip(ROWS, (e2e, model, io)):
                 walls[name].append(row["seconds"])
-            rounds.append({name: seconds_by_library(folder / f"{name}.data") for name in ("e2e", "model", "io")})
+            rounds.append({name: seconds_by_library(folder / f"{name}.data") for name in ROWS})
     seconds = {r: {k: statistics.median(one[r].get(k, 0.0) for one in rounds)
-                   for k in set().union(*(one[r] for one in rounds))} for r in ("e2e", "model", "io")}
+                   for k in set().union(*(one[r] for one in rounds))} for r in ROWS}
 
     print(f"# CPU seconds by library, perf cpu-clock at {HZ} Hz; clip {clip.name}, temporal {args.temporal}, "
           f"{len(rounds)} round(s), medians")
@@ -98,15 +99,14 @@ def main() -> None:
           f"model {statistics.median(walls['model']):.1f} s, io {statistics.median(walls['io']):.1f} s")
     print(f"{'library':<28} {'e2e':>7} {'model':>7} {'io':>7} {'e2e-m-io':>9}")
     libraries = sorted(set().union(*seconds.values()), key=lambda k: -seconds["e2e"].get(k, 0.0))
-    shown = libraries[: args.rows]
-    for name in [*shown, "(the rest)", "total"]:
-        if name == "(the rest)":
-            cells = [sum(seconds[r].get(k, 0.0) for k in libraries[args.rows:]) for r in ("e2e", "model", "io")]
-        elif name == "total":
-            cells = [sum(seconds[r].values()) for r in ("e2e", "model", "io")]
-        else:
-            cells = [seconds[r].get(name, 0.0) for r in ("e2e", "model", "io")]
-        print(f"{name[:28]:<28} {cells[0]:>7.1f} {cells[1]:>7.1f} {cells[2]:>7.1f} {cells[0] - cells[1] - cells[2]:>9.1f}")
+
+    def summed(names: list[str]) -> list[float]:
+        return [sum(seconds[r].get(k, 0.0) for k in names) for r in ROWS]
+
+    table = [(name, summed([name])) for name in libraries[: args.rows]]
+    table += [("(the rest)", summed(libraries[args.rows:])), ("total", summed(libraries))]
+    for name, (e, m, i) in table:
+        print(f"{name[:28]:<28} {e:>7.1f} {m:>7.1f} {i:>7.1f} {e - m - i:>9.1f}")
 
 
 if __name__ == "__main__":
