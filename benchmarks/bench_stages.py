@@ -6,20 +6,24 @@
 
 On the CPU every stage shares the cores with GPEN and x264, so what ``run.py``'s one-face ratio
 has left beside them is these stages' CPU time. Each is timed alone here, on one torch and one
-OpenCV thread, over the decoded frames of the clip (decoder pictures, as in a job):
+OpenCV thread, over the decoded frames of the clip (decoder pictures, as in a job), on its
+second pass over them, when it reuses the memory of its first as a job's stages reuse that of
+earlier frames:
 
 - ``detect``: the planner's detection (``Planner.observe``: whole frames every K, crops around
   the faces between, the scene-cut thumbnail), per frame;
 - ``crop``: the aligned crops (``warp.crop``, the frame's RGB made on the way), per face;
-- ``stabilise``: the temporal stage (``TrackStabiliser``, streamed), per face;
+- ``stabilise``: the temporal stage (``TrackStabiliser``, streamed), per face, given the
+  restored faces in the restorer's memory layout (channels-last on the CPU);
 - ``paste``: paste-back into the frame (``warp.paste``), per face;
 - ``splice``: the writer's work before the encoder: the changed window compared with the
   decoded picture, converted to its pixel format and spliced in, per frame with a face;
 - ``all``: their sum over the clip, per frame.
 
 The crops have the side of ``--model`` (GPEN-BFR-256, as ``run.py`` on a CPU); the restored
-faces are the crops mirrored (GPEN is not run: its cost is ``run.py``'s model row). ``--against REV`` runs the same measurements on the package as it was at git revision
-REV (``git archive``), in child processes alternating with this tree's, and prints the ratio.
+faces are the crops mirrored (GPEN is not run: its cost is ``run.py``'s model row).
+``--against REV`` runs the same measurements on the package as it was at git revision REV
+(``git archive``), in child processes alternating with this tree's, and prints the ratio.
 """
 
 from __future__ import annotations
@@ -68,40 +72,58 @@ def measure(clip: Path, preset: str) -> dict[str, float]:
     def decoded():
         return list(reader.frames())
 
+    def second_pass(run):
+        """``run()``'s result and the seconds of its second call: the first call's memory is
+        freed by then and reused, as in a job, where each frame's buffers recycle the last
+        ones'. A first call also pays for touching fresh pages, which on a VM can cost as much
+        as the stage itself."""
+        run()
+        start = time.perf_counter()
+        result = run()
+        return result, time.perf_counter() - start
+
     frames = decoded()
-    start = time.perf_counter()
-    list(pipeline.planner.observe(frames))
-    ms["detect"] = (time.perf_counter() - start) * 1e3 / len(frames)
-    planned = [p for p in pipeline.planner.plan(decoded()) if p.faces]
+    _, seconds = second_pass(lambda: list(pipeline.planner.observe(frames)))
+    ms["detect"] = seconds * 1e3 / len(frames)
+    # a crop makes its frame's RGB, which the frame then keeps: each pass crops frames of its own
+    plans = [[p for p in pipeline.planner.plan(decoded()) if p.faces] for _ in range(2)]
+    planned: list = []
+
+    def cropped():
+        planned[:] = plans.pop(0)  # the first pass's frames, RGB and crops are freed here
+        return [pipeline.warp.crop(p.frame, p.faces) for p in planned]
+
+    crops, seconds = second_pass(cropped)
     faces = sum(len(p.faces) for p in planned)
+    ms["crop"] = seconds * 1e3 / faces
 
-    start = time.perf_counter()
-    crops = [pipeline.warp.crop(p.frame, p.faces) for p in planned]
-    ms["crop"] = (time.perf_counter() - start) * 1e3 / faces
+    # the restored faces in the layout the restorer returns them in (channels-last on the CPU)
+    layout = torch.channels_last if pipeline.restorer.channels_last else torch.contiguous_format
+    restored = [c.pixels.flip(-1).contiguous(memory_format=layout) for c in crops]
 
-    stabiliser = TrackStabiliser(pipeline.temporal)
-    start = time.perf_counter()
-    stable = {}
-    for index, c in enumerate(crops):
-        done = stabiliser.push(index, {f.track_id: (c.pixels[j:j + 1], c.pixels[j:j + 1].flip(-1))
-                                       for j, f in enumerate(c.faces)})
-        stable.update(done)
-    stable.update(stabiliser.finish())
-    ms["stabilise"] = (time.perf_counter() - start) * 1e3 / faces
+    def stabilised():
+        stabiliser = TrackStabiliser(pipeline.temporal)
+        stable = {}
+        for index, (c, r) in enumerate(zip(crops, restored)):
+            stable.update(stabiliser.push(index, {f.track_id: (c.pixels[j:j + 1], r[j:j + 1])
+                                                  for j, f in enumerate(c.faces)}))
+        stable.update(stabiliser.finish())
+        return stable
 
-    start = time.perf_counter()
-    pasted = [pipeline.warp.paste(c, torch.stack([stable[i][f.track_id] for f in c.faces]), strength=config.strength)
-              for i, c in enumerate(crops)]
-    ms["paste"] = (time.perf_counter() - start) * 1e3 / faces
+    stable, seconds = second_pass(stabilised)
+    ms["stabilise"] = seconds * 1e3 / faces
+
+    pasted, seconds = second_pass(lambda: [
+        pipeline.warp.paste(c, torch.stack([stable[i][f.track_id] for f in c.faces]), strength=config.strength)
+        for i, c in enumerate(crops)])
+    ms["paste"] = seconds * 1e3 / faces
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
             with VideoWriter(Path(tmp) / "out.mp4", reader.info, codec=config.codec, crf=config.crf,
                              preset=config.preset, overwrite=True, copy_streams=False) as writer:
-                start = time.perf_counter()
-                for frame in pasted:
-                    writer._spliced(frame, frame.source)
-                ms["splice"] = (time.perf_counter() - start) * 1e3 / len(pasted)
+                _, seconds = second_pass(lambda: [writer._spliced(frame, frame.source) for frame in pasted])
+                ms["splice"] = seconds * 1e3 / len(pasted)
                 raise _Unfinished  # nothing was encoded: the writer leaves no file
         except _Unfinished:
             pass

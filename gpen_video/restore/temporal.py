@@ -275,9 +275,11 @@ def _prepared(source: torch.Tensor, restored: torch.Tensor, settings: TemporalSe
     """The per-frame half of ``stabilise``: colour-fixed crops [M,3,S,S], pooled sources
     [M,3,g,g] and the sources at the side motion is matched on [M,3,m,m]. Per frame, so
     computed once per frame however many windows it serves."""
-    src = source.to(restored.device)
+    # contiguous: the restorer hands channels-last crops on the CPU, and the warps and sums
+    # that read each frame up to 2·reach + 1 times ran 1.5-4× slower on that layout
+    src, res = source.to(restored.device).contiguous(), restored.contiguous()
     small = F.adaptive_avg_pool2d(src.float(), min(MATCH_SIZE, src.shape[-1]))
-    return colour_fix(restored, src, settings.colour_grid), _pooled(src, settings.motion_grid), small
+    return colour_fix(res, src, settings.colour_grid), _pooled(src, settings.motion_grid), small
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -349,10 +351,11 @@ def motion_field(a: torch.Tensor, b: torch.Tensor, search: int) -> torch.Tensor:
 def _sampling_grid(field: torch.Tensor, match_size: int, size: int) -> torch.Tensor:
     """``grid_sample``'s grid [T,size,size,2] that moves each pixel by ``field`` [T,2,B,B]
     (pixels of ``match_size``), interpolated bilinearly to ``size`` (as ``F.interpolate``, by
-    one separable product that gives the grid's own layout at once)."""
+    one separable product), laid out contiguously: ``grid_sample`` reads such a grid 1.4× as
+    fast as the product's strided result."""
     spread, base = _grid_parts(field.shape[-1], size, field.device)
     d = torch.einsum("by,tcbe,ex->tyxc", spread, field * (2.0 / match_size), spread)  # [T,S,S,2]
-    return d.add_(base)
+    return d.contiguous().add_(base)
 
 
 @functools.lru_cache(maxsize=8)
