@@ -86,15 +86,10 @@ def measure(clip: Path, preset: str) -> dict[str, float]:
     _, seconds = second_pass(lambda: list(pipeline.planner.observe(frames)))
     ms["detect"] = seconds * 1e3 / len(frames)
     # a crop makes its frame's RGB, which the frame then keeps: each pass crops frames of its own
+    # (popped: the first pass's frames, RGB and crops are freed before the second)
     plans = [[p for p in pipeline.planner.plan(decoded()) if p.faces] for _ in range(2)]
-    planned: list = []
-
-    def cropped():
-        planned[:] = plans.pop(0)  # the first pass's frames, RGB and crops are freed here
-        return [pipeline.warp.crop(p.frame, p.faces) for p in planned]
-
-    crops, seconds = second_pass(cropped)
-    faces = sum(len(p.faces) for p in planned)
+    crops, seconds = second_pass(lambda: [pipeline.warp.crop(p.frame, p.faces) for p in plans.pop(0)])
+    faces = sum(len(c.faces) for c in crops)
     ms["crop"] = seconds * 1e3 / faces
 
     # the restored faces in the layout the restorer returns them in (channels-last on the CPU)
